@@ -1,0 +1,5 @@
+import sys
+
+from jgptq.cli import main
+
+sys.exit(main())

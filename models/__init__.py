@@ -1,0 +1,1 @@
+"""Flax NNX models (the Llama family) that run float or packed GPTQ weights."""
