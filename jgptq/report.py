@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable
 from typing import Any
 
 REPORT_FILENAME = "quantization_report.json"
@@ -112,6 +111,12 @@ class QuantizationReport:
             "time_s": float(sum(m.time_s for m in quantized)),
         }
 
+    def summary(self) -> dict[str, Any]:
+        """A small JSON-ready dict without per-module entries: totals, config, calibration, timings,
+        environment and ``extra`` (what goes into a checkpoint's ``quantization_config.meta``)."""
+        return {"totals": self.totals(), "config": self.config, "calibration": self.calibration,
+                "timings": self.timings, "environment": self.environment, "extra": self.extra}
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (module entries as dicts, plus ``"totals"``)."""
         out = dataclasses.asdict(self)
@@ -203,12 +208,3 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)
     raise TypeError(f"report value of type {type(obj).__name__} is not JSON serializable: {obj!r}")
-
-
-def merge_timings(*timings: Iterable[tuple[str, float]]) -> dict[str, float]:
-    """Sum several ``(phase, seconds)`` streams into one dict."""
-    out: dict[str, float] = {}
-    for stream in timings:
-        for k, v in stream:
-            out[k] = out.get(k, 0.0) + float(v)
-    return out
