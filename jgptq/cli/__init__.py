@@ -11,7 +11,9 @@ import importlib
 import sys
 
 # subcommand -> (module, one-line help). Add a line when a subcommand module lands.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "quantize": ("jgptq.cli.quantize", "Quantize a model with GPTQ (default: SmolLM2-135M) and write a checkpoint + report"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
