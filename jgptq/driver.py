@@ -159,26 +159,22 @@ def _embed_batches(params: Any, ids: jax.Array, model_config: Any) -> jax.Array:
 
 @partial(jax.jit, static_argnames=("model_config", "names"))
 def _hessian_pass(layer: Any, hs: jax.Array, mask: jax.Array, model_config: Any,
-                  names: tuple[str, ...]) -> dict[str, jax.Array]:
-    """Run one block over all batches; return ``{name: Σ_t x_t x_tᵀ}`` over unmasked tokens.
+                  names: tuple[str, ...]) -> dict[str, Any]:
+    """Run one block over all batches; return ``{name: HessianState}`` over unmasked tokens.
 
-    Shapes: ``hs [nb, B, S, D]`` fp32, ``mask [nb, B, S]`` bool; sums are fp32 ``[in, in]``.
-    Activations of masked tokens are zeroed before the outer product, so padding never counts.
+    Shapes: ``hs [nb, B, S, D]`` fp32, ``mask [nb, B, S]`` bool; each state holds the reference's
+    ``H = 2 Σ_t x_t x_tᵀ / N`` (``N`` sequences, padding rows included; the scale does not matter)
+    and a finiteness flag. Masked tokens contribute nothing (``jgptq.hessian_update``).
     """
+    from jgptq.hessian import hessian_init, hessian_update
     from jgptq.models import llama
 
     def body(acc, xs):
         h, m = xs
         _, captured = llama.decoder_block(layer, h, _positions(m), m, model_config, capture=True)
-        out = {}
-        for name in names:
-            x = captured[name].astype(jnp.float32)
-            x = jnp.where(m[..., None], x, 0.0).reshape(-1, x.shape[-1])
-            out[name] = acc[name] + jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST)
-        return out, None
+        return {name: hessian_update(acc[name], captured[name], m, check=False) for name in names}, None
 
-    dims = {name: _captured_dim(layer, name) for name in names}
-    init = {name: jnp.zeros((d, d), jnp.float32) for name, d in dims.items()}
+    init = {name: hessian_init(_captured_dim(layer, name)) for name in names}
     acc, _ = jax.lax.scan(body, init, (hs, mask))
     return acc
 
@@ -204,26 +200,31 @@ def _captured_dim(layer: Any, name: str) -> int:
     raise KeyError(f"no linear reads captured input {name!r}")
 
 
-def _column_losses(delta: jax.Array, sigma: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Per output column ``Σ_t ((W-Q)ᵀx_t)²_o / T``: ``delta [in, out]``, ``sigma [in, in]`` -> ``[out]``."""
-    hd = jnp.dot(sigma, delta, precision=jax.lax.Precision.HIGHEST)
-    return jnp.sum(delta * hd, axis=0) / tokens
+def _column_losses(delta: jax.Array, h: jax.Array, scale: jax.Array) -> jax.Array:
+    """Per output column ``scale · Σ_i,j delta[i,o] h[i,j] delta[j,o]``: ``[in, out]``, ``[in, in]`` -> ``[out]``."""
+    hd = jnp.dot(h, delta, precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum(delta * hd, axis=0) * scale
 
 
 @partial(jax.jit, static_argnames=("config",))
-def _quantize_gptq(w: jax.Array, sigma: jax.Array, tokens: jax.Array, config: Any) -> dict[str, Any]:
-    """GPTQ (and RTN for comparison) of ``w [in, out]`` with ``H = 2 Σ / T``; losses per column."""
+def _quantize_gptq(w: jax.Array, h: jax.Array, nsamples: jax.Array, tokens: jax.Array,
+                   config: Any) -> dict[str, Any]:
+    """GPTQ (and RTN for comparison) of ``w [in, out]`` with ``H [in, in]``; losses per column.
+
+    ``H = 2 Σ_t x_t x_tᵀ / nsamples`` (``jgptq.hessian``), so the report's loss
+    ``tr(ΔWᵀ Σ ΔW) / tokens`` is ``tr(ΔWᵀ H ΔW) · nsamples / (2 · tokens)``.
+    """
     from jgptq.gptq import gptq, rtn
 
-    h = sigma * (2.0 / tokens)
     qw = gptq(w, h, config)
     q = qw.dequantize().astype(jnp.float32)
     q_rtn = rtn(w, config).dequantize().astype(jnp.float32)
+    scale = nsamples.astype(jnp.float32) / (2.0 * tokens)
     return {
         "params": qw.to_params(),
         "dequant": q,
-        "loss": _column_losses(w - q, sigma, tokens),
-        "rtn_loss": _column_losses(w - q_rtn, sigma, tokens),
+        "loss": _column_losses(w - q, h, scale),
+        "rtn_loss": _column_losses(w - q_rtn, h, scale),
         "damp": jnp.asarray(qw.damp, jnp.float32),
     }
 
@@ -400,12 +401,17 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
                     continue
                 names = tuple(sorted({llama.LINEAR_INPUT[m] for m, _ in active}))
                 t0 = time.perf_counter()
-                sums = _hessian_pass(layer, hs, mask, model, names)
+                states = _hessian_pass(layer, hs, mask, model, names)
                 tokens = jnp.sum(mask, dtype=jnp.float32)
-                jax.block_until_ready(sums)
+                finite = jax.device_get({k: st.finite for k, st in states.items()})
+                bad = [k for k, ok in finite.items() if not ok]
+                if bad:
+                    raise FloatingPointError(
+                        f"block {i}: NaN/Inf in the calibration activations feeding {bad}; check the "
+                        "weights and the model dtype (fp16 overflow)")
                 timings["hessian"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                reports, new = _quantize_shared(i, layer, active, sums, tokens)
+                reports, new = _quantize_shared(i, layer, active, states, tokens)
                 timings["quantize"] += time.perf_counter() - t0
                 modules.extend(reports)
                 for m, (pk, deq) in new.items():
@@ -442,7 +448,7 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
 
 
 def _quantize_shared(i: int, layer: dict[str, Any], active: Sequence[tuple[str, Any]],
-                     sums: Mapping[str, jax.Array], tokens: jax.Array,
+                     states: Mapping[str, Any], tokens: jax.Array,
                      ) -> tuple[list[ModuleReport], dict[str, tuple[Any, jax.Array]]]:
     """Quantize linears that read the same input, concatenated along ``out`` per distinct setting."""
     from jgptq.models import llama
@@ -457,7 +463,7 @@ def _quantize_shared(i: int, layer: dict[str, Any], active: Sequence[tuple[str, 
         widths = [int(lin["kernel"].shape[1]) for lin in lins]
         w = jnp.concatenate([lin["kernel"].astype(jnp.float32) for lin in lins], axis=1)
         t0 = time.perf_counter()
-        res = _quantize_gptq(w, sums[inp], tokens, cfg)
+        res = _quantize_gptq(w, states[inp].h, states[inp].nsamples, tokens, cfg)
         res = jax.block_until_ready(res)
         dt = time.perf_counter() - t0
         loss, rtn_loss, damp = jax.device_get((res["loss"], res["rtn_loss"], res["damp"]))
