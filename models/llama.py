@@ -1,0 +1,489 @@
+"""The Llama family (Llama 2/3/3.1, Mistral, Qwen2/2.5, SmolLM2) in JAX: pure functions and NNX modules.
+
+The math lives once, in pure functions over a *params tree* (DESIGN.md): :func:`embed`,
+:func:`decoder_block`, :func:`final_logits`, :func:`forward` (full recomputation) and
+:func:`forward_step` (with a KV cache). A linear entry of the tree is a LIN dict or an NNX linear
+module (see :func:`jgptq.models.quant_linear.linear`), so the NNX modules (:class:`LlamaForCausalLM`)
+run exactly these functions over a tree whose linears are their own submodules.
+
+Shapes: ``B`` batch, ``T`` tokens in this call, ``S`` KV-cache slots, ``D`` hidden size, ``H`` query
+heads, ``KV`` key/value heads, ``hd`` head dim, ``V`` vocabulary.
+
+Masks and positions: ``mask [B, T]`` marks valid (non-padding) tokens; padding may be on either
+side. Positions are ``cumsum(mask) - 1`` (clipped at 0), so a padded row computes exactly what the
+same tokens compute unpadded. Attention is causal in slot order and never attends to padding; with
+``sliding_window`` (Mistral) a query at position p sees keys at positions ``> p - window``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jgptq.models.config import LlamaConfig
+from jgptq.models.quant_linear import Linear, QuantLinear, linear, linear_from_params
+
+__all__ = [
+    "LINEAR_GROUPS", "LINEAR_INPUT", "LINEAR_NAMES", "embed", "decoder_block", "final_logits",
+    "forward", "forward_step", "init_cache", "positions_from_mask", "rms_norm", "rope_inv_freq",
+    "LlamaForCausalLM", "DecoderLayer", "Attention", "MLP", "RMSNorm", "check_params",
+]
+
+# GPTQ's true-sequential order: each inner list shares one input (and one Hessian).
+LINEAR_GROUPS: list[list[str]] = [
+    ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.up_proj", "mlp.gate_proj"],
+    ["mlp.down_proj"],
+]
+# linear name -> name of its captured input in decoder_block(..., capture=True)
+LINEAR_INPUT: dict[str, str] = {
+    "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in", "self_attn.q_proj": "attn_in",
+    "self_attn.o_proj": "o_in", "mlp.up_proj": "mlp_in", "mlp.gate_proj": "mlp_in",
+    "mlp.down_proj": "down_in",
+}
+LINEAR_NAMES: tuple[str, ...] = tuple(n for g in LINEAR_GROUPS for n in g)
+
+_NEG = -1e30  # finite "minus infinity": fully masked rows (left padding) stay NaN-free
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------------
+def rms_norm(scale: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, statistics in fp32: ``scale * x / sqrt(mean(x^2) + eps)`` in x.dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return jnp.asarray(scale).astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """RoPE inverse frequencies ``[hd/2]`` (float32, radians per position), with scaling applied."""
+    hd = config.head_dim
+    inv = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd))))
+    inv = inv.astype(np.float32)
+    s = config.rope_scaling
+    if s.rope_type == "linear":
+        inv = inv / np.float32(s.factor)
+    elif s.rope_type == "llama3":
+        old = np.float32(s.original_max_position_embeddings)
+        low_wavelen = old / np.float32(s.low_freq_factor)
+        high_wavelen = old / np.float32(s.high_freq_factor)
+        wavelen = np.float32(2 * math.pi) / inv
+        scaled = np.where(wavelen > low_wavelen, inv / np.float32(s.factor), inv)
+        smooth = (old / wavelen - np.float32(s.low_freq_factor)) / np.float32(s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / np.float32(s.factor) + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def _rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE: ``x [B, T, n, hd]``, ``positions [B, T]`` int -> same shape and dtype."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """Token positions ``[B, T]`` int32 from a validity mask ``[B, T]``: ``max(cumsum(mask) - 1, 0)``."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slot: jax.Array, k_valid: jax.Array,
+               q_pos: jax.Array, k_pos: jax.Array, config: LlamaConfig) -> jax.Array:
+    """Grouped-query attention.
+
+    Args:
+      q: ``[B, T, H, hd]``; k, v: ``[B, S, KV, hd]``.
+      q_slot: ``[T]`` slot index of each query (keys occupy slots ``0..S-1``); causal in slots.
+      k_valid: ``[B, S]`` bool, keys that may be attended to.
+      q_pos: ``[B, T]``, k_pos: ``[B, S]`` token positions (used by the sliding window).
+    Returns:
+      ``[B, T, H * hd]`` in q.dtype.
+    """
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, t, kvh, h // kvh, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(hd))
+    s = k.shape[1]
+    allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & k_valid[:, None, :]  # [B, T, S]
+    if config.sliding_window is not None:
+        allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < config.sliding_window
+    scores = jnp.where(allowed[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * hd)
+
+
+def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Array, config: LlamaConfig,
+           *, kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
+           k_valid: jax.Array | None = None, k_pos: jax.Array | None = None, capture: bool = False):
+    """One decoder block; with ``kv`` the new keys/values are written at slot ``index`` first.
+
+    Returns ``(h, new_kv_or_None, captured_or_None)``.
+    """
+    b, t, _ = h.shape
+    attn, mlp = lp["self_attn"], lp["mlp"]
+    x = rms_norm(lp["input_layernorm"]["scale"], h, config.rms_norm_eps)
+    q = linear(attn["q_proj"], x).reshape(b, t, config.num_heads, config.head_dim)
+    k = linear(attn["k_proj"], x).reshape(b, t, config.num_kv_heads, config.head_dim)
+    v = linear(attn["v_proj"], x).reshape(b, t, config.num_kv_heads, config.head_dim)
+    inv_freq = rope_inv_freq(config)
+    q = _rope(q, q_pos, inv_freq)
+    k = _rope(k, q_pos, inv_freq)
+    if kv is None:
+        q_slot = jnp.arange(t)
+        o = _attention(q, k, v, q_slot, mask.astype(bool), q_pos, q_pos, config)
+        new_kv = None
+    else:
+        kc, vc = kv
+        kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, index, 0, 0))
+        vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, index, 0, 0))
+        q_slot = index + jnp.arange(t)
+        o = _attention(q, kc.astype(q.dtype), vc.astype(q.dtype), q_slot, k_valid, q_pos, k_pos, config)
+        new_kv = (kc, vc)
+    h = h + linear(attn["o_proj"], o)
+    x2 = rms_norm(lp["post_attention_layernorm"]["scale"], h, config.rms_norm_eps)
+    act = jax.nn.silu(linear(mlp["gate_proj"], x2)) * linear(mlp["up_proj"], x2)
+    h = h + linear(mlp["down_proj"], act)
+    captured = {"attn_in": x, "o_in": o, "mlp_in": x2, "down_in": act} if capture else None
+    return h, new_kv, captured
+
+
+# ---------------------------------------------------------------------------------------------
+# driver-facing functional interface
+# ---------------------------------------------------------------------------------------------
+def embed(params: Mapping[str, Any], ids: jax.Array) -> jax.Array:
+    """Token embeddings: ``ids [B, T]`` int -> ``[B, T, D]`` in the embedding's dtype."""
+    return jnp.take(jnp.asarray(params["embed_tokens"]["embedding"]), ids, axis=0)
+
+
+def decoder_block(layer_params: Mapping[str, Any], h: jax.Array, positions: jax.Array | None,
+                  mask: jax.Array | None, config: LlamaConfig, capture: bool = False):
+    """Run one decoder block on hidden states (pure; jit with ``config``/``capture`` static).
+
+    Args:
+      layer_params: one entry of ``params["layers"]`` (float or quantized LINs).
+      h: ``[B, T, D]`` hidden states (their dtype is the compute dtype).
+      positions: ``[B, T]`` int token positions, or None for ``positions_from_mask(mask)``.
+      mask: ``[B, T]`` valid tokens (bool/int), or None for all valid.
+      capture: also return the inputs of the block's linears.
+    Returns:
+      ``h [B, T, D]``, or ``(h, captured)`` with ``captured`` = {"attn_in": [B,T,D] (q/k/v input),
+      "o_in": [B,T,H*hd], "mlp_in": [B,T,D] (gate/up input), "down_in": [B,T,F]}.
+    """
+    b, t, _ = h.shape
+    if mask is None:
+        mask = jnp.ones((b, t), dtype=bool)
+    if positions is None:
+        positions = positions_from_mask(mask)
+    out, _, captured = _block(layer_params, h, positions, mask, config, capture=capture)
+    return (out, captured) if capture else out
+
+
+def final_logits(params: Mapping[str, Any], h: jax.Array, config: LlamaConfig) -> jax.Array:
+    """Final RMSNorm and LM head: ``h [B, T, D]`` -> logits ``[B, T, V]`` float32."""
+    x = rms_norm(params["norm"]["scale"], h, config.rms_norm_eps)
+    if config.tie_word_embeddings:
+        e = jnp.asarray(params["embed_tokens"]["embedding"]).astype(x.dtype)
+        return jnp.einsum("btd,vd->btv", x, e, preferred_element_type=jnp.float32)
+    head = params["lm_head"]
+    if not callable(head) and "kernel" in head:
+        y = jnp.matmul(x, jnp.asarray(head["kernel"]).astype(x.dtype), preferred_element_type=jnp.float32)
+        if head.get("bias") is not None:
+            y = y + jnp.asarray(head["bias"]).astype(jnp.float32)
+        return y
+    return linear(head, x).astype(jnp.float32)
+
+
+def forward(params: Mapping[str, Any], ids: jax.Array, mask: jax.Array | None, config: LlamaConfig) -> jax.Array:
+    """Full forward pass (no cache): ``ids [B, T]`` -> logits ``[B, T, V]`` float32."""
+    b, t = ids.shape
+    if mask is None:
+        mask = jnp.ones((b, t), dtype=bool)
+    positions = positions_from_mask(mask)
+    h = embed(params, ids)
+    for lp in params["layers"]:
+        h, _, _ = _block(lp, h, positions, mask, config)
+    return final_logits(params, h, config)
+
+
+def init_cache(config: LlamaConfig, batch: int, slots: int, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """An empty KV cache: ``k``/``v`` lists (one per layer) of ``[B, S, KV, hd]``, ``valid [B, S]``
+    bool, and ``index`` (int32 scalar, the next slot to write)."""
+    shape = (batch, slots, config.num_kv_heads, config.head_dim)
+    return {
+        "k": [jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
+        "v": [jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
+        "valid": jnp.zeros((batch, slots), dtype=bool),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def forward_step(params: Mapping[str, Any], ids: jax.Array, mask: jax.Array, cache: Mapping[str, Any],
+                 config: LlamaConfig, last_only: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+    """Append ``ids [B, T]`` (validity ``mask [B, T]``) at slot ``cache["index"]`` and run the model.
+
+    Positions continue from the valid tokens already in the cache. Returns logits ``[B, T, V]``
+    (``[B, 1, V]`` of the last slot when ``last_only``) float32 and the updated cache. All
+    rows write the same slots, so batches should be left-padded for decoding.
+    """
+    index = cache["index"]
+    b, t = ids.shape
+    valid = jax.lax.dynamic_update_slice(cache["valid"], mask.astype(bool), (0, index))
+    k_pos = positions_from_mask(valid)
+    q_pos = jax.lax.dynamic_slice(k_pos, (0, index), (b, t))
+    h = embed(params, ids)
+    new_k, new_v = [], []
+    for lp, kc, vc in zip(params["layers"], cache["k"], cache["v"]):
+        h, (kc, vc), _ = _block(lp, h, q_pos, mask, config, kv=(kc, vc), index=index, k_valid=valid, k_pos=k_pos)
+        new_k.append(kc)
+        new_v.append(vc)
+    if last_only:
+        h = h[:, -1:]
+    logits = final_logits(params, h, config)
+    return logits, {"k": new_k, "v": new_v, "valid": valid, "index": index + t}
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter checking
+# ---------------------------------------------------------------------------------------------
+def _lin_shape(lin: Mapping[str, Any]) -> tuple[int, int]:
+    if "kernel" in lin:
+        return tuple(lin["kernel"].shape)  # type: ignore[return-value]
+    return (lin["g_idx"].shape[0], lin["qweight"].shape[1])
+
+
+def check_params(params: Mapping[str, Any], config: LlamaConfig) -> None:
+    """Check a params tree against a config: every tensor present, shapes right, floats finite.
+
+    Raises:
+      ValueError: naming the first missing/extra/misshaped tensor (``layers.3.self_attn.q_proj``)
+        or one with NaN/Inf values.
+    """
+    from jgptq.models.quant_linear import is_quantized, quant_bits
+
+    c = config
+    d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+
+    def need(tree: Mapping[str, Any], key: str, where: str) -> Any:
+        if not isinstance(tree, Mapping) or key not in tree:
+            raise ValueError(f"params are missing {where}{key}")
+        return tree[key]
+
+    def check_array(x: Any, shape: tuple[int, ...], name: str) -> None:
+        if tuple(x.shape) != shape:
+            raise ValueError(f"params {name} has shape {tuple(x.shape)}, expected {shape} for this config")
+        if jnp.issubdtype(x.dtype, jnp.floating) and not bool(np.isfinite(np.asarray(x, dtype=np.float32)).all()):
+            raise ValueError(f"params {name} contains NaN or Inf values")
+
+    def check_lin(lin: Mapping[str, Any], shape: tuple[int, int], bias: bool, name: str) -> None:
+        if is_quantized(lin):
+            quant_bits(lin)
+        else:
+            check_array(lin["kernel"], shape, name + ".kernel")
+        got = _lin_shape(lin)
+        if got != shape:
+            raise ValueError(f"params {name} is [{got[0]}, {got[1]}] (in, out), expected {list(shape)}")
+        if bias and lin.get("bias") is None:
+            raise ValueError(f"params are missing {name}.bias (this config has biases there)")
+        if not bias and lin.get("bias") is not None:
+            raise ValueError(f"params have an unexpected {name}.bias (this config has no bias there)")
+        if lin.get("bias") is not None:
+            check_array(lin["bias"], (shape[1],), name + ".bias")
+
+    check_array(need(need(params, "embed_tokens", ""), "embedding", "embed_tokens."), (v, d), "embed_tokens.embedding")
+    check_array(need(need(params, "norm", ""), "scale", "norm."), (d,), "norm.scale")
+    if c.tie_word_embeddings:
+        if "lm_head" in params:
+            raise ValueError("params have lm_head but the config ties it to the embeddings "
+                             "(tie_word_embeddings=True); drop one of them")
+    else:
+        check_lin(need(params, "lm_head", ""), (d, v), False, "lm_head")
+    layers = need(params, "layers", "")
+    if len(layers) != c.num_layers:
+        raise ValueError(f"params have {len(layers)} layers, config says num_layers={c.num_layers}")
+    shapes = {
+        "self_attn.q_proj": ((d, c.q_size), c.qkv_bias), "self_attn.k_proj": ((d, c.kv_size), c.qkv_bias),
+        "self_attn.v_proj": ((d, c.kv_size), c.qkv_bias), "self_attn.o_proj": ((c.q_size, d), c.o_bias),
+        "mlp.gate_proj": ((d, f), c.mlp_bias), "mlp.up_proj": ((d, f), c.mlp_bias),
+        "mlp.down_proj": ((f, d), c.mlp_bias),
+    }
+    for i, lp in enumerate(layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            check_array(need(need(lp, norm, f"layers.{i}."), "scale", f"layers.{i}.{norm}."), (d,),
+                        f"layers.{i}.{norm}.scale")
+        for name, (shape, bias) in shapes.items():
+            mod, proj = name.split(".")
+            lin = need(need(lp, mod, f"layers.{i}."), proj, f"layers.{i}.{mod}.")
+            check_lin(lin, shape, bias, f"layers.{i}.{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# NNX modules
+# ---------------------------------------------------------------------------------------------
+def _cast(x: Any, dtype: Any | None) -> jax.Array:
+    x = jnp.asarray(x)
+    if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(dtype)
+    return x
+
+
+def _cast_lin(lin: Mapping[str, Any], dtype: Any | None) -> dict[str, Any]:
+    if "kernel" in lin:
+        return {k: _cast(x, dtype) for k, x in lin.items() if x is not None}
+    out = {k: jnp.asarray(x) for k, x in lin.items() if x is not None}
+    if out.get("bias") is not None:
+        out["bias"] = _cast(out["bias"], dtype)
+    return out
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned ``scale [D]``."""
+
+    def __init__(self, scale: Any, eps: float):
+        self.scale = nnx.Param(jnp.asarray(scale))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(self.scale[...], x, self.eps)
+
+
+class Attention(nnx.Module):
+    """The four attention projections (float :class:`Linear` or GPTQ :class:`QuantLinear`)."""
+
+    def __init__(self, p: Mapping[str, Any], dtype: Any | None, use_kernels: bool):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, linear_from_params(_cast_lin(p[name], dtype), use_kernel=use_kernels))
+
+    def tree(self) -> dict[str, Linear | QuantLinear]:
+        return {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj, "o_proj": self.o_proj}
+
+
+class MLP(nnx.Module):
+    """SwiGLU MLP projections."""
+
+    def __init__(self, p: Mapping[str, Any], dtype: Any | None, use_kernels: bool):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, name, linear_from_params(_cast_lin(p[name], dtype), use_kernel=use_kernels))
+
+    def tree(self) -> dict[str, Linear | QuantLinear]:
+        return {"gate_proj": self.gate_proj, "up_proj": self.up_proj, "down_proj": self.down_proj}
+
+
+class DecoderLayer(nnx.Module):
+    """One decoder block; ``__call__`` runs :func:`decoder_block` over this module's tree."""
+
+    def __init__(self, config: LlamaConfig, p: Mapping[str, Any], dtype: Any | None = None,
+                 use_kernels: bool = True):
+        self.config = config
+        self.input_layernorm = RMSNorm(_cast(p["input_layernorm"]["scale"], dtype), config.rms_norm_eps)
+        self.self_attn = Attention(p["self_attn"], dtype, use_kernels)
+        self.post_attention_layernorm = RMSNorm(_cast(p["post_attention_layernorm"]["scale"], dtype),
+                                                config.rms_norm_eps)
+        self.mlp = MLP(p["mlp"], dtype, use_kernels)
+
+    def tree(self) -> dict[str, Any]:
+        """The layer-params tree with this module's linears in place of LIN dicts."""
+        return {
+            "input_layernorm": {"scale": self.input_layernorm.scale[...]},
+            "self_attn": self.self_attn.tree(),
+            "post_attention_layernorm": {"scale": self.post_attention_layernorm.scale[...]},
+            "mlp": self.mlp.tree(),
+        }
+
+    def __call__(self, h: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
+                 capture: bool = False):
+        return decoder_block(self.tree(), h, positions, mask, self.config, capture)
+
+    def to_params(self) -> dict[str, Any]:
+        return {
+            "input_layernorm": {"scale": self.input_layernorm.scale[...]},
+            "self_attn": {k: m.to_params() for k, m in self.self_attn.tree().items()},
+            "post_attention_layernorm": {"scale": self.post_attention_layernorm.scale[...]},
+            "mlp": {k: m.to_params() for k, m in self.mlp.tree().items()},
+        }
+
+
+class LlamaForCausalLM(nnx.Module):
+    """A Llama-family causal LM over float or packed GPTQ weights.
+
+    Build with :meth:`from_params`; ``to_params()`` gives the params tree back. Calling the module
+    (``model(ids, mask)``) runs :func:`forward`; :meth:`step` runs :func:`forward_step` with a KV
+    cache. The module is a pytree, so it can be passed straight to ``jax.jit``.
+    """
+
+    def __init__(self, config: LlamaConfig, params: Mapping[str, Any], *, dtype: Any | None = None,
+                 use_kernels: bool = True, check: bool = True):
+        if check:
+            check_params(params, config)
+        self.config = config
+        self.embed_tokens = nnx.Param(_cast(params["embed_tokens"]["embedding"], dtype))
+        self.layers = nnx.List([DecoderLayer(config, lp, dtype, use_kernels) for lp in params["layers"]])
+        self.norm = RMSNorm(_cast(params["norm"]["scale"], dtype), config.rms_norm_eps)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else linear_from_params(_cast_lin(params["lm_head"], dtype), use_kernel=use_kernels))
+
+    @classmethod
+    def from_params(cls, config: LlamaConfig, params: Mapping[str, Any], *, dtype: Any | None = None,
+                    use_kernels: bool = True) -> "LlamaForCausalLM":
+        """Build from a params tree (DESIGN.md); float arrays are cast to ``dtype`` when given.
+
+        Packed GPTQ tensors stay as they are; their linears ask the Pallas dispatch for a kernel
+        unless ``use_kernels=False``.
+        """
+        return cls(config, params, dtype=dtype, use_kernels=use_kernels)
+
+    @property
+    def dtype(self) -> Any:
+        """The compute dtype (that of the embedding table)."""
+        return self.embed_tokens[...].dtype
+
+    def tree(self) -> dict[str, Any]:
+        """The params tree with this module's linears in place of LIN dicts (input of the pure functions)."""
+        t: dict[str, Any] = {
+            "embed_tokens": {"embedding": self.embed_tokens[...]},
+            "layers": [layer.tree() for layer in self.layers],
+            "norm": {"scale": self.norm.scale[...]},
+        }
+        if self.lm_head is not None:
+            t["lm_head"] = self.lm_head
+        return t
+
+    def to_params(self) -> dict[str, Any]:
+        """The plain params tree (DESIGN.md) of this model."""
+        p: dict[str, Any] = {
+            "embed_tokens": {"embedding": self.embed_tokens[...]},
+            "layers": [layer.to_params() for layer in self.layers],
+            "norm": {"scale": self.norm.scale[...]},
+        }
+        if self.lm_head is not None:
+            p["lm_head"] = self.lm_head.to_params()
+        return p
+
+    def __call__(self, ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Logits ``[B, T, V]`` float32 for ``ids [B, T]`` (``mask [B, T]`` valid tokens)."""
+        return forward(self.tree(), ids, mask, self.config)
+
+    def step(self, ids: jax.Array, mask: jax.Array, cache: Mapping[str, Any], last_only: bool = False):
+        """:func:`forward_step` on this model: ``(logits, new_cache)``."""
+        return forward_step(self.tree(), ids, mask, cache, self.config, last_only)
+
+    def init_cache(self, batch: int, slots: int) -> dict[str, Any]:
+        """An empty KV cache for ``batch`` rows and ``slots`` positions in the compute dtype."""
+        return init_cache(self.config, batch, slots, self.dtype)
+
+
+def layer_names(config: LlamaConfig) -> Sequence[str]:
+    """Dotted names of every linear in the model, in block order (``layers.0.self_attn.k_proj``, ...)."""
+    return [f"layers.{i}.{n}" for i in range(config.num_layers) for n in LINEAR_NAMES]

@@ -1,0 +1,196 @@
+"""Linear layers for float and packed GPTQ weights: a pure function and the NNX modules.
+
+A LIN (DESIGN.md) is either float ``{"kernel": [in, out], "bias"?: [out]}`` or quantized
+``{"qweight": int32 [in*bits/32, out], "scales": [G, out], "zeros": uint8 [G, out],
+"g_idx": int32 [in], "bias"?: [out]}``.
+
+* :func:`linear` applies a LIN dict (or an NNX linear module) to activations; quantized dicts go
+  through the XLA dequantize path (``jgptq.pack.dequantize_linear``).
+* :class:`Linear` / :class:`QuantLinear` are the NNX modules built from LIN dicts
+  (:func:`linear_from_params`). ``QuantLinear`` asks ``jgptq.pallas_kernels.dispatch.prepare`` once
+  at build time for a kernel; when one fits, calls go to ``dispatch.matmul``, otherwise to the same
+  XLA dequantize path. The model code does not change when kernels land.
+
+Packed integers and their scales/zeros are held as :class:`QuantState` variables, not
+``nnx.Param``, so ``nnx.state(model, nnx.Param)`` (an optimizer, LoRA) sees only float weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = [
+    "QuantState", "PreparedKernel", "Linear", "QuantLinear", "linear", "linear_from_params",
+    "quant_bits", "is_quantized", "dequantize",
+]
+
+_QUANT_KEYS = ("qweight", "scales", "zeros", "g_idx")
+
+
+class QuantState(nnx.Variable):
+    """Non-trainable state of a quantized linear: packed codes, scales, zeros, g_idx."""
+
+
+class PreparedKernel(nnx.Variable):
+    """A kernel's own repacked copy of a quantized weight (pytree from ``dispatch.prepare``)."""
+
+
+def is_quantized(lin: Mapping[str, Any]) -> bool:
+    """True for a quantized LIN dict (has ``qweight``), False for a float one (has ``kernel``)."""
+    if "qweight" in lin:
+        return True
+    if "kernel" in lin:
+        return False
+    raise ValueError(f"a linear layer's params need 'kernel' (float) or 'qweight' (GPTQ); got keys {sorted(lin)}")
+
+
+def quant_bits(lin: Mapping[str, Any]) -> int:
+    """Code width of a quantized LIN: ``32 * qweight.shape[0] // g_idx.shape[0]``, with shape checks.
+
+    Raises:
+      ValueError: a missing tensor, inconsistent shapes, or a width other than 2/3/4/8.
+    """
+    missing = [k for k in _QUANT_KEYS if k not in lin]
+    if missing:
+        raise ValueError(f"quantized linear params are missing {missing}; got keys {sorted(lin)}")
+    qweight, scales, zeros, g_idx = (lin[k] for k in _QUANT_KEYS)
+    if qweight.ndim != 2 or scales.ndim != 2 or zeros.ndim != 2 or g_idx.ndim != 1:
+        raise ValueError(
+            f"quantized linear expects qweight [in*bits/32, out], scales/zeros [G, out], g_idx [in]; got "
+            f"qweight {tuple(qweight.shape)}, scales {tuple(scales.shape)}, zeros {tuple(zeros.shape)}, "
+            f"g_idx {tuple(g_idx.shape)}")
+    k = g_idx.shape[0]
+    bits, rem = divmod(32 * qweight.shape[0], k)
+    if rem or bits not in (2, 3, 4, 8):
+        raise ValueError(
+            f"qweight has {qweight.shape[0]} rows for in_features={k} (from g_idx): that is "
+            f"{32 * qweight.shape[0] / k:g} bits per weight; only 2, 3, 4 and 8 bits are supported")
+    n = qweight.shape[1]
+    if scales.shape != zeros.shape or scales.shape[1] != n:
+        raise ValueError(
+            f"scales {tuple(scales.shape)} and zeros {tuple(zeros.shape)} must both be [G, out={n}]")
+    if qweight.dtype != jnp.int32:
+        raise ValueError(f"qweight must be int32 (GPTQ row packing), got {qweight.dtype}")
+    if "bias" in lin and lin["bias"] is not None and tuple(lin["bias"].shape) != (n,):
+        raise ValueError(f"bias has shape {tuple(lin['bias'].shape)}, expected ({n},)")
+    return bits
+
+
+def dequantize(lin: Mapping[str, Any], dtype: Any) -> jax.Array:
+    """Dequantized weight ``[in, out]`` in ``dtype``: ``(codes - zeros[g_idx]) * scales[g_idx]``."""
+    from jgptq.pack import dequantize_linear
+
+    return dequantize_linear({k: lin[k] for k in _QUANT_KEYS}, dtype)
+
+
+def _add_bias(y: jax.Array, bias: Any) -> jax.Array:
+    return y if bias is None else y + jnp.asarray(bias).astype(y.dtype)
+
+
+def linear(lin: Mapping[str, Any] | Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """Apply a linear layer: ``x[..., in] -> [..., out]`` in ``x.dtype``.
+
+    ``lin`` is a LIN dict (float ``kernel`` or quantized GPTQ tensors, XLA dequantize path) or an
+    NNX linear module (anything callable), so the functional and module paths share one code path.
+    """
+    if callable(lin):
+        return lin(x)
+    if is_quantized(lin):
+        w = dequantize(lin, x.dtype)
+    else:
+        w = jnp.asarray(lin["kernel"]).astype(x.dtype)
+    return _add_bias(jnp.matmul(x, w), lin.get("bias"))
+
+
+class Linear(nnx.Module):
+    """Float linear layer: ``y = x @ kernel + bias``; ``kernel`` is ``[in, out]``."""
+
+    def __init__(self, kernel: Any, bias: Any | None = None):
+        kernel = jnp.asarray(kernel)
+        if kernel.ndim != 2:
+            raise ValueError(f"kernel must be [in, out], got shape {tuple(kernel.shape)}")
+        self.kernel = nnx.Param(kernel)
+        if bias is not None:
+            bias = jnp.asarray(bias)
+            if bias.shape != (kernel.shape[1],):
+                raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({kernel.shape[1]},)")
+        self.bias = None if bias is None else nnx.Param(bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.kernel.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.kernel.shape[1]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x[..., in] -> [..., out]`` in ``x.dtype``."""
+        y = jnp.matmul(x, self.kernel[...].astype(x.dtype))
+        return _add_bias(y, None if self.bias is None else self.bias[...])
+
+    def to_params(self) -> dict[str, jax.Array]:
+        d = {"kernel": self.kernel[...]}
+        if self.bias is not None:
+            d["bias"] = self.bias[...]
+        return d
+
+
+def _prepare_kernel(lin: Mapping[str, Any], bits: int) -> Any | None:
+    try:
+        from jgptq.pallas_kernels import dispatch
+    except ImportError:
+        return None
+    return dispatch.prepare(lin, bits=bits, backend=jax.default_backend())
+
+
+class QuantLinear(nnx.Module):
+    """GPTQ linear layer over packed weights: ``y = x @ dequant(W) + bias``.
+
+    Args:
+      lin: quantized LIN dict (``qweight`` int32 ``[in*bits/32, out]``, ``scales`` ``[G, out]``,
+        ``zeros`` uint8 ``[G, out]`` true zero points, ``g_idx`` int32 ``[in]``, optional ``bias``).
+      use_kernel: ask the Pallas dispatch for a kernel (default). False forces the XLA path.
+    """
+
+    def __init__(self, lin: Mapping[str, Any], *, use_kernel: bool = True):
+        self.bits = quant_bits(lin)
+        self.in_features = int(lin["g_idx"].shape[0])
+        self.out_features = int(lin["qweight"].shape[1])
+        for k in _QUANT_KEYS:
+            setattr(self, k, QuantState(jnp.asarray(lin[k])))
+        bias = lin.get("bias")
+        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
+        prepared = _prepare_kernel(lin, self.bits) if use_kernel else None
+        self.prepared = None if prepared is None else PreparedKernel(prepared)
+
+    def _lin(self) -> dict[str, jax.Array]:
+        return {k: getattr(self, k)[...] for k in _QUANT_KEYS}
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x[..., in] -> [..., out]`` in ``x.dtype``."""
+        if self.prepared is not None:
+            from jgptq.pallas_kernels import dispatch
+
+            y = dispatch.matmul(x, self.prepared.get_value())
+        else:
+            y = jnp.matmul(x, dequantize(self._lin(), x.dtype))
+        return _add_bias(y, None if self.bias is None else self.bias[...])
+
+    def to_params(self) -> dict[str, jax.Array]:
+        d = self._lin()
+        if self.bias is not None:
+            d["bias"] = self.bias[...]
+        return d
+
+
+def linear_from_params(lin: Mapping[str, Any], *, use_kernel: bool = True) -> Linear | QuantLinear:
+    """Build the NNX module for a LIN dict (float → :class:`Linear`, GPTQ → :class:`QuantLinear`)."""
+    if is_quantized(lin):
+        return QuantLinear(lin, use_kernel=use_kernel)
+    return Linear(lin["kernel"], lin.get("bias"))
+
