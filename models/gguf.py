@@ -187,13 +187,14 @@ def load_gguf(
 
     Args:
       path: the ``.gguf`` file.
-      dtype: dtype of the returned JAX arrays (default float32). Dequantization itself is fp32.
+      dtype: dtype of the returned host (NumPy) arrays: ``"float32"`` (default), ``"bfloat16"``
+        (``ml_dtypes.bfloat16``), ``"float16"`` or a dtype. Dequantization itself is fp32.
       tokenizer: build the Hugging Face tokenizer stored in the file
         (``AutoTokenizer.from_pretrained(dir, gguf_file=name)``; a few seconds). ``None`` is
         returned when False or when the file holds no tokenizer.
 
     Returns:
-      ``params`` as in DESIGN.md: ``embed_tokens.embedding [V, D]``, a list of ``layers`` with
+      ``params`` as in DESIGN.md, host NumPy arrays: ``embed_tokens.embedding [V, D]``, a list of ``layers`` with
       kernels ``[in, out]``, ``norm.scale [D]``, and ``lm_head.kernel [D, V]`` unless the
       embeddings are tied (no ``output.weight`` in the file).
 
@@ -201,13 +202,14 @@ def load_gguf(
       GGUFError: unsupported architecture, a missing / unexpected / wrongly shaped tensor, or
         NaN/Inf weights; ``FileNotFoundError`` for a missing file.
     """
-    import jax.numpy as jnp
     from gguf import GGUFReader
+
+    from jgptq.models.hf import resolve_dtype
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
-    dtype = jnp.float32 if dtype is None else dtype
+    dtype = resolve_dtype("float32" if dtype is None else dtype)
     reader = GGUFReader(path)
     meta = read_gguf_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
@@ -240,8 +242,8 @@ def load_gguf(
         used.add(name)
         return _dequantized(tensors[name])
 
-    def put(x: np.ndarray) -> Any:
-        return jnp.asarray(np.ascontiguousarray(x), dtype=dtype)
+    def put(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=dtype)
 
     params: dict[str, Any] = {"embed_tokens": {"embedding": put(take("token_embd.weight", (V, D)))}}
     layers = []

@@ -13,6 +13,7 @@ import sys
 # subcommand -> (module, one-line help). Add a line when a subcommand module lands.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("jgptq.cli.quantize", "Quantize a model with GPTQ (default: SmolLM2-135M) and write a checkpoint + report"),
+    "eval": ("jgptq.cli.eval", "Perplexity of a float or GPTQ model on an evaluation corpus"),
 }
 
 
