@@ -467,6 +467,14 @@ def _quantize_shared(i: int, layer: dict[str, Any], active: Sequence[tuple[str, 
         res = jax.block_until_ready(res)
         dt = time.perf_counter() - t0
         loss, rtn_loss, damp = jax.device_get((res["loss"], res["rtn_loss"], res["damp"]))
+        if not np.isfinite(damp):
+            from jgptq.linalg import CholeskyError
+
+            raise CholeskyError(
+                f"block {i}, {mods}: the damped Hessian of {inp!r} ({w.shape[0]}x{w.shape[0]}, "
+                f"{int(tokens)} tokens) is not positive definite for any damping up to "
+                f"{cfg.damp_max:g}; use more or longer calibration samples, a larger damp_percent, "
+                f"or skip these modules with a dynamic rule")
         if not np.isfinite(loss).all():
             raise FloatingPointError(f"GPTQ produced a non-finite loss in block {i} for {mods}; "
                                      "check the calibration data and weights for NaN/Inf")
