@@ -82,18 +82,19 @@ def load(path: str | os.PathLike, dtype: Any = "float32", *, tokenizer: bool = T
     Returns:
       :class:`LoadedModel` (unpacks as ``config, params, tokenizer``).
     """
+    from jgptq.models.hf import load_hf, resolve_dtype
+
     kind = model_kind(path)
+    dtype = resolve_dtype(dtype)
     if kind == "gguf":
         from jgptq.models.gguf import load_gguf
 
-        config, params, tok = load_gguf(path, dtype=dtype)
+        config, params, tok = load_gguf(path, dtype=dtype, tokenizer=tokenizer)
         return LoadedModel(config, params, tok, kind)
     if kind == "gptq":
         from jgptq.models.gptq_folder import load_gptq_folder
 
         config, params, tok, info = load_gptq_folder(path, dtype=dtype)
         return LoadedModel(config, params, tok, kind, info)
-    from jgptq.models.hf import load_hf
-
     config, params, tok = load_hf(path, dtype=dtype, tokenizer=tokenizer)
     return LoadedModel(config, params, tok, kind)
