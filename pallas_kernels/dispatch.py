@@ -4,42 +4,163 @@ Contract used by ``jgptq.models`` (see DESIGN.md, "LIN (quantized)"):
 
 * ``prepare(lin, *, bits, backend)`` runs on the host once per layer. ``lin`` is the GPTQ LIN dict
   (``qweight`` int32 ``[K*bits/32, N]`` GPTQ row packing, ``scales`` ``[G, N]``, ``zeros`` uint8
-  ``[G, N]`` true zero points, ``g_idx`` int32 ``[K]``). It returns the kernel's own prepared
-  pytree, or ``None`` when no kernel fits this backend / bits / shape; the caller then uses its XLA
+  ``[G, N]`` true zero points, ``g_idx`` int32 ``[K]``). It returns a :class:`Prepared` pytree, or
+  ``None`` when no kernel fits this backend / bits / shape; the caller then uses its XLA
   dequantize path.
 * ``matmul(x, prepared)`` computes ``x[..., K] @ dequant(W)[K, N] -> [..., N]`` in ``x.dtype``;
-  it applies the act-order permutation of ``x`` itself.
+  it applies the act-order permutation of ``x`` itself. ``bias`` is the caller's business.
 
-This first version returns ``None`` everywhere (no kernel yet); kernels are added behind it.
+Choice of kernel:
+
+| backend | bits | kernel |
+|---|---|---|
+| ``gpu`` (CUDA) | 2, 4, 8 | :mod:`gptq_matmul_gpu` (Pallas, Triton lowering); for M above a threshold, one XLA dequantize + cuBLAS dot when that is faster |
+| ``tpu`` | 2, 4, 8 | :mod:`gptq_matmul_tpu` (Pallas TPU) |
+| ``cpu`` | – | None (XLA path); ``interpret=True`` forces the kernels through the Pallas interpreter (tests) |
+| any | 3 | None: 3-bit words straddle fields (a 96-bit stream), no kernel; XLA path |
+
+Also None when ``g_idx`` has groups of unequal sizes (no contiguous permutation exists) or the
+group size is not a multiple of 16.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 
-__all__ = ["prepare", "matmul"]
+from .repack import PackedGPTQ, SUPPORTED_BITS, dequantize_packed, pack_gptq_linear
+
+__all__ = ["Prepared", "prepare", "matmul", "xla_matmul", "LARGE_M_GPU"]
+
+# Above this many tokens the GPU path dequantizes once and calls XLA's dot (cuBLAS), which was
+# faster than the Pallas kernel there on an H100 (benchmarks/RESULTS.md, "Pallas kernels").
+LARGE_M_GPU = 1 << 30
+
+_GPU_NAMES = ("gpu", "cuda", "rocm")
 
 
-def prepare(lin: Mapping[str, Any], *, bits: int, backend: str | None = None) -> Any | None:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A layer prepared for one kernel (pytree; ``packed`` holds the arrays).
+
+    Attributes:
+      packed: the repacked weights (:class:`repack.PackedGPTQ`).
+      backend: ``"gpu"`` or ``"tpu"``.
+      interpret: run the kernel through the Pallas interpreter (CPU tests).
+      large_m: token count from which ``matmul`` uses the XLA dequantize + dot path instead.
+    """
+
+    packed: PackedGPTQ
+    backend: str = dataclasses.field(metadata=dict(static=True))
+    interpret: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    large_m: int = dataclasses.field(default=LARGE_M_GPU, metadata=dict(static=True))
+
+    @property
+    def in_features(self) -> int:
+        return self.packed.k
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.n
+
+
+def _normalize_backend(backend: str | None) -> str:
+    b = (backend or jax.default_backend()).lower()
+    if b in _GPU_NAMES:
+        return "gpu"
+    return b
+
+
+def prepare(
+    lin: Mapping[str, Any],
+    *,
+    bits: int,
+    backend: str | None = None,
+    interpret: bool = False,
+    large_m: int | None = None,
+) -> Prepared | None:
     """Repack a GPTQ LIN dict into a kernel layout, or return None when no kernel fits.
 
     Args:
-      lin: GPTQ LIN dict (see module docstring). Extra keys (``bias``) are ignored.
+      lin: GPTQ LIN dict (module docstring). Extra keys (``bias``) are ignored.
       bits: code width (2, 3, 4 or 8).
-      backend: ``"gpu"``, ``"tpu"`` or ``"cpu"``; default ``jax.default_backend()``.
+      backend: ``"gpu"``/``"cuda"``, ``"tpu"`` or ``"cpu"``; default ``jax.default_backend()``.
+      interpret: use the Pallas interpreter (lets CPU tests run the GPU or TPU kernel).
+      large_m: override the GPU large-M threshold (tests, tuning).
 
     Returns:
-      A prepared pytree for :func:`matmul`, or ``None`` (use the XLA path).
+      A :class:`Prepared` for :func:`matmul`, or ``None`` (use the XLA path).
+
+    Raises:
+      ValueError: missing keys, shapes that disagree, or NaN/Inf scales.
     """
-    del lin, bits, backend
-    return None
+    missing = [k for k in ("qweight", "scales", "zeros", "g_idx") if k not in lin]
+    if missing:
+        raise ValueError(
+            f"prepare() needs a quantized LIN dict with qweight/scales/zeros/g_idx; missing {missing} "
+            f"(keys seen: {sorted(lin)}). Float LINs have no kernel."
+        )
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 2, 3, 4 or 8; got {bits}.")
+    b = _normalize_backend(backend)
+    if bits not in SUPPORTED_BITS:
+        return None
+    if b == "gpu":
+        layout = "nk"
+    elif b == "tpu":
+        layout = "kn"
+    else:
+        return None
+    packed = pack_gptq_linear(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=bits, layout=layout)
+    if packed is None:
+        return None
+    thr = LARGE_M_GPU if large_m is None else int(large_m)
+    return Prepared(packed=packed, backend=b, interpret=interpret, large_m=thr)
 
 
-def matmul(x: jax.Array, prepared: Any) -> jax.Array:
-    """``x[..., K] @ W[K, N] -> [..., N]`` with the kernel chosen by :func:`prepare`."""
-    raise ValueError(
-        "pallas_kernels.dispatch.matmul got a prepared value but no kernel is implemented yet; "
-        f"prepare() returns None in this version (got {type(prepared).__name__}). Use the XLA path."
-    )
+def xla_matmul(x: jax.Array, packed: PackedGPTQ) -> jax.Array:
+    """XLA path on the packed layout: dequantize the whole weight in ``x.dtype``, then one dot."""
+    k = packed.k
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if packed.perm is not None:
+        x2 = jnp.take(x2, packed.perm, axis=1)
+    x2 = jnp.pad(x2, ((0, 0), (0, packed.k_pad - k)))
+    w = dequantize_packed(packed, x.dtype)
+    y = jnp.dot(x2, w, preferred_element_type=jnp.float32)[:, : packed.n]
+    return y.astype(x.dtype).reshape(*lead, packed.n)
+
+
+def matmul(x: jax.Array, prepared: Prepared) -> jax.Array:
+    """``x[..., K] @ W[K, N] -> [..., N]`` in ``x.dtype`` with the kernel chosen by :func:`prepare`.
+
+    bf16 / fp16 activations go through the kernel; other dtypes (fp32) through :func:`xla_matmul`
+    in that dtype. Jit-compatible; the path is picked from static shapes.
+    """
+    if not isinstance(prepared, Prepared):
+        raise ValueError(
+            f"matmul() needs the value returned by prepare(); got {type(prepared).__name__}. "
+            "When prepare() returned None, use the XLA path instead."
+        )
+    packed = prepared.packed
+    if x.shape[-1] != packed.k:
+        raise ValueError(f"x must be [..., K={packed.k}]; got shape {tuple(x.shape)}.")
+    m = math.prod(x.shape[:-1])
+    if x.dtype not in (jnp.bfloat16, jnp.float16) or m == 0:
+        return xla_matmul(x, packed)
+    if prepared.backend == "gpu":
+        if m >= prepared.large_m:
+            return xla_matmul(x, packed)
+        from .gptq_matmul_gpu import gptq_matmul_gpu
+
+        return gptq_matmul_gpu(x, packed, interpret=prepared.interpret)
+    if prepared.backend == "tpu":
+        from .gptq_matmul_tpu import gptq_matmul_tpu
+
+        return gptq_matmul_tpu(x, packed, interpret=prepared.interpret)
+    raise ValueError(f"unknown backend {prepared.backend!r} in Prepared; expected 'gpu' or 'tpu'.")

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from jgptq.pallas_kernels.repack import PackedGPTQ, dequantize_packed, pack_gptq_linear
+from .repack import PackedGPTQ, dequantize_packed, pack_gptq_linear
 
 __all__ = ["GPUConfig", "default_config", "gptq_matmul_gpu", "reference", "main"]
 
@@ -47,6 +47,8 @@ class GPUConfig:
       block_n: output features per program (power of two, divides ``Np``).
       split_k: number of K partitions (divides the number of K blocks); partials summed in XLA.
       num_warps, num_stages: Triton launch parameters.
+      dequant: ``"magic"`` (exponent-bit tricks, no int->float instructions) or ``"convert"``
+        (plain conversions; a fallback should a lowering reject the bit casts).
     """
 
     variant: str = "dot"
@@ -55,6 +57,7 @@ class GPUConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    dequant: str = "magic"
 
 
 def _num_sms() -> int:
@@ -90,10 +93,12 @@ def default_config(m: int, packed: PackedGPTQ) -> GPUConfig:
     return GPUConfig(variant="dot", block_m=bm, block_n=bn, split_k=split, num_warps=warps, num_stages=3)
 
 
-def _magic_operand(w: jax.Array, j: int, bits: int, dtype: Any) -> tuple[jax.Array, float]:
+def _magic_operand(w: jax.Array, j: int, bits: int, dtype: Any, mode: str) -> tuple[jax.Array, float]:
     """Field ``j`` of int32 words ``w`` as ``dtype`` values ``q + offset``; returns (values, offset)."""
     mask = (1 << bits) - 1
     q = jax.lax.shift_right_logical(w, jnp.int32(bits * j)) & jnp.int32(mask) if j else w & jnp.int32(mask)
+    if mode == "convert":
+        return q.astype(jnp.float32).astype(dtype), 0.0
     if dtype == jnp.float16:
         return jax.lax.bitcast_convert_type((q | jnp.int32(0x6400)).astype(jnp.int16), jnp.float16), 1024.0
     if bits <= 7:  # bf16: 0x4300 is 128.0 with 7 mantissa bits free
@@ -101,8 +106,11 @@ def _magic_operand(w: jax.Array, j: int, bits: int, dtype: Any) -> tuple[jax.Arr
     return q.astype(jnp.float32).astype(dtype), 0.0  # 8-bit into bf16: 0..255 is exact
 
 
-def _magic_f32(w: jax.Array, j: int, bits: int) -> jax.Array:
+def _magic_f32(w: jax.Array, j: int, bits: int, mode: str) -> jax.Array:
     """Field ``j`` of int32 words ``w`` as fp32 ``256 + q`` (bits placed at mantissa bit 15)."""
+    if mode == "convert":
+        q = jax.lax.shift_right_logical(w, jnp.int32(bits * j)) & jnp.int32((1 << bits) - 1)
+        return q.astype(jnp.float32) + 256.0
     mask = ((1 << bits) - 1) << 15
     sh = bits * j - 15
     if sh > 0:
@@ -115,7 +123,7 @@ def _magic_f32(w: jax.Array, j: int, bits: int) -> jax.Array:
 
 
 def _kernel(x_ref, xc_ref, w_ref, s_ref, z_ref, o_ref, *, bits, slab, chunk, group_size,
-            blocks_per_split, variant, block_m, block_n):
+            blocks_per_split, variant, block_m, block_n, dequant):
     p = 32 // bits
     blk = p * slab
     runs = blk // chunk  # runs of one group per block
@@ -135,7 +143,7 @@ def _kernel(x_ref, xc_ref, w_ref, s_ref, z_ref, o_ref, *, bits, slab, chunk, gro
                     k0 = pl.multiple_of(b * blk + j * slab, slab)
                     xj = x_ref[:, pl.ds(k0, slab)]  # [bm, S]
                     with jax.named_scope("dequant"):
-                        qj, offset = _magic_operand(w, j, bits, cdt)
+                        qj, offset = _magic_operand(w, j, bits, cdt, dequant)
                     with jax.named_scope("mma"):
                         t_ = jax.lax.dot_general(qj, xj, (((1,), (1,)), ((), ())),
                                                  preferred_element_type=jnp.float32)  # [bn, bm]
@@ -161,7 +169,7 @@ def _kernel(x_ref, xc_ref, w_ref, s_ref, z_ref, o_ref, *, bits, slab, chunk, gro
                     k0 = pl.multiple_of(b * blk + j * slab, slab)
                     xj = x_ref[:, pl.ds(k0, slab)].astype(jnp.float32)  # [1, S]
                     with jax.named_scope("dequant_fma"):
-                        v = _magic_f32(w, j, bits) * xj
+                        v = _magic_f32(w, j, bits, dequant) * xj
                     part = v if part is None else part + v
                 g = (b * blk + r * chunk) // group_size
                 s = s_ref[:, pl.ds(g, 1)].astype(jnp.float32)  # [bn, 1]
@@ -187,6 +195,8 @@ def _validate(x: jax.Array, packed: PackedGPTQ, cfg: GPUConfig) -> None:
         raise ValueError(f"x must be bfloat16 or float16 (cast first); got {x.dtype}.")
     if x.ndim < 1 or x.shape[-1] != packed.k:
         raise ValueError(f"x must be [..., K={packed.k}]; got shape {tuple(x.shape)}.")
+    if cfg.dequant not in ("magic", "convert"):
+        raise ValueError(f"config.dequant must be 'magic' or 'convert'; got {cfg.dequant!r}.")
     if cfg.variant not in _VARIANTS:
         raise ValueError(f"config.variant must be one of {_VARIANTS}; got {cfg.variant!r}.")
     nb = packed.k_pad // ((32 // packed.bits) * packed.slab)
@@ -245,7 +255,7 @@ def _forward(x2: jax.Array, packed: PackedGPTQ, cfg: GPUConfig, interpret: bool)
     grid = (mp // bm, packed.n_pad // bn, split)
     kernel = functools.partial(
         _kernel, bits=bits, slab=slab, chunk=chunk, group_size=packed.group_size,
-        blocks_per_split=nb // split, variant=cfg.variant, block_m=bm, block_n=bn,
+        blocks_per_split=nb // split, variant=cfg.variant, block_m=bm, block_n=bn, dequant=cfg.dequant,
     )
     in_specs = [
         pl.BlockSpec((bm, packed.k_pad), lambda i, j, s: (i, 0)),
