@@ -121,8 +121,7 @@ def test_kv_cache_decoding_equals_full_recomputation(tiny_hf_model, variant):
 def test_greedy_generation_matches_transformers(tiny_hf_model, variant):
     m = tiny_hf_model(variant)
     cfg, params, _ = load_hf(m.folder)
-    rng = np.random.default_rng(14)
-    prompts = [rng.integers(3, V, size=n).tolist() for n in (9, 3, 14)]
+    prompts = _llama_prompts()
     ours = generate(params, cfg, prompts, 12, eos_token_id=[])  # from a params tree
     for p, o in zip(prompts, ours):
         with torch.no_grad():
@@ -131,37 +130,46 @@ def test_greedy_generation_matches_transformers(tiny_hf_model, variant):
         assert o == ref[0, len(p):].tolist()
 
 
+# These share the "llama" model and the batch/prompt shapes of the greedy test, so they reuse its
+# compiled prefill/decode functions.
+def _llama_prompts() -> list[list[int]]:
+    rng = np.random.default_rng(14)
+    return [rng.integers(3, V, size=n).tolist() for n in (9, 3, 14)]
+
+
 def test_generation_stops_at_eos_and_streams(tiny_hf_model):
     m = tiny_hf_model("llama")
     cfg, params, _ = load_hf(m.folder)
     model = LlamaForCausalLM.from_params(cfg, params)
-    prompts = [[5, 9, 33], [100, 7, 8, 9, 10]]
-    free = generate(model, None, prompts, 10, eos_token_id=[])
+    prompts = _llama_prompts()
+    free = generate(model, None, prompts, 12, eos_token_id=[])
     eos = free[0][3]  # the 4th token of row 0 becomes EOS: row 0 must stop there
     assert eos not in free[0][:3]
     steps: list[list[int | None]] = []
-    got = generate(model, None, prompts, 10, eos_token_id=eos, stream=steps.append)
+    got = generate(model, None, prompts, 12, eos_token_id=eos, stream=steps.append)
     assert got[0] == free[0][:4]
-    cut = free[1].index(eos) + 1 if eos in free[1] else 10
-    assert got[1] == free[1][:cut]
+    for i in (1, 2):
+        cut = free[i].index(eos) + 1 if eos in free[i] else 12
+        assert got[i] == free[i][:cut]
     # stream: one entry per row per step, None after a row finished, same tokens as returned
-    for i in range(2):
+    for i in range(3):
         streamed = [s[i] for s in steps]
         assert [t for t in streamed if t is not None] == got[i]
         assert all(t is None for t in streamed[len(got[i]):])
 
 
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny_hf_model):
-    m = tiny_hf_model("qwen2")
+    m = tiny_hf_model("llama")
     cfg, params, _ = load_hf(m.folder)
     model = LlamaForCausalLM.from_params(cfg, params)
-    prompts = [[5, 9, 33], [100, 7]]
-    a = generate(model, None, prompts, 10, temperature=1.0, seed=3, eos_token_id=[])
-    b = generate(model, None, prompts, 10, temperature=1.0, seed=3, eos_token_id=[])
-    c = generate(model, None, prompts, 10, temperature=1.0, seed=4, eos_token_id=[])
+    prompts = _llama_prompts()
+    a = generate(model, None, prompts, 12, temperature=1.0, seed=3, eos_token_id=[])
+    b = generate(model, None, prompts, 12, temperature=1.0, seed=3, eos_token_id=[])
+    c = generate(model, None, prompts, 12, temperature=1.0, seed=4, eos_token_id=[])
     assert a == b and a != c
-    greedy = generate(model, None, prompts, 10, eos_token_id=[])
-    assert generate(model, None, prompts, 10, temperature=0.7, top_p=1e-6, seed=5, eos_token_id=[]) == greedy
+    greedy = generate(model, None, prompts, 12, eos_token_id=[])
+    assert a != greedy
+    assert generate(model, None, prompts, 12, temperature=0.7, top_p=1e-6, seed=5, eos_token_id=[]) == greedy
 
 
 def test_decoder_block_interface_matches_torch_layer(tiny_hf_model):
