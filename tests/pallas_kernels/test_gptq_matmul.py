@@ -223,16 +223,17 @@ def test_dispatch_contract():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("bits,gs,act_order,k,n", [
-    (4, 128, False, 576, 1536), (4, 128, True, 1536, 576), (4, 32, False, 4096, 4096),
-    (4, -1, False, 4096, 1024), (8, 128, True, 2048, 1024), (2, 64, False, 1024, 512),
+@pytest.mark.parametrize("bits,gs,act_order,k,n,dtype", [
+    (4, 128, False, 576, 1536, jnp.bfloat16), (4, 128, True, 1536, 576, jnp.bfloat16),
+    (4, 32, False, 4096, 4096, jnp.float16), (4, -1, False, 4096, 1024, jnp.bfloat16),
+    (8, 128, True, 2048, 1024, jnp.bfloat16), (8, 64, False, 1024, 512, jnp.float16),
+    (2, 64, False, 1024, 512, jnp.bfloat16),
 ])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_gpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
     lin, w64 = make(40 + k, k, n, bits, gs, act_order)
     prep = dispatch.prepare(lin, bits=bits, backend="gpu")
     packed = prep.packed
-    for m in (1, 5, 16, 33, 200):
+    for m in (1, 5, 33, 200):
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
         ref64 = np.asarray(x, np.float64) @ w64
         cfgs = [None] + ([GPUConfig(variant="gemv", block_m=1, block_n=128)] if m == 1 else [])

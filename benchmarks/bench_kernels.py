@@ -1,0 +1,267 @@
+"""Benchmark the GPTQ dequant-matmul kernels against XLA bf16, XLA dequant and PyTorch baselines.
+
+Usage (on a GPU machine)::
+
+    python benchmarks/bench_kernels.py --shapes 8192x28672,4096x4096 --ms 1,16,64,256 --out DIR
+
+Every point is the median over trials of (wall time of ``reps`` back-to-back launches of one
+jitted function that runs the op once on each of ``C`` weight copies) / (reps*C), with ``C`` chosen
+so the copies exceed the L2 cache (50 MB on an H100): with the GPU busy end to end, this is
+device time per op, launch gaps inside an executable included. PyTorch points are timed with
+CUDA events over the same rotation. Bandwidth = (weights + scales + zeros + x + y bytes) / time.
+Weights are GPTQ 4-bit g128 asymmetric (random codes, scales, zeros); activations bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from jgptq.pallas_kernels import dispatch, repack  # noqa: E402
+from jgptq.pallas_kernels.gptq_matmul_gpu import GPUConfig, default_config, gptq_matmul_gpu, random_gptq_linear  # noqa: E402
+
+L2_BYTES = 50 * 2**20
+INTERPRET = jax.default_backend() != "gpu"  # CPU smoke runs go through the Pallas interpreter
+ROTATE_BYTES = 3 * L2_BYTES
+
+
+def _copies(nbytes: int, cap: int = 16) -> int:
+    return max(2, min(cap, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+
+
+def time_jax(fn, args, copies: int, trials: int = 7, min_s: float = 0.02) -> float:
+    """Median seconds per op; ``fn(*args)`` runs ``copies`` ops."""
+    out = fn(*args)
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = time.perf_counter() - t0
+    reps = max(3, min(200, int(min_s / max(one, 1e-6))))
+    res = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        res.append((time.perf_counter() - t0) / (reps * copies))
+    return statistics.median(res)
+
+
+def time_torch(fn, n_copies: int, trials: int = 7) -> float:
+    import torch
+
+    for i in range(n_copies):
+        fn(i)
+    torch.cuda.synchronize()
+    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    st.record()
+    for i in range(n_copies):
+        fn(i)
+    en.record()
+    torch.cuda.synchronize()
+    one = st.elapsed_time(en) / 1e3
+    reps = max(3, min(200, int(0.02 / max(one, 1e-6))))
+    res = []
+    for _ in range(trials):
+        st.record()
+        for _ in range(reps):
+            for i in range(n_copies):
+                fn(i)
+        en.record()
+        torch.cuda.synchronize()
+        res.append(st.elapsed_time(en) / 1e3 / (reps * n_copies))
+    return statistics.median(res)
+
+
+def candidate_configs(m: int, packed: repack.PackedGPTQ, sweep: bool) -> list[GPUConfig]:
+    """The default config first, then (with ``sweep``) a small hand-picked neighbourhood."""
+    base = default_config(m, packed)
+    if not sweep:
+        return [base]
+    nb = packed.k_pad // ((32 // packed.bits) * packed.slab)
+    c = [base]
+    if m <= 16:
+        for bn in (64, 128, 256):
+            for split in (1, 2, 4):
+                c.append(GPUConfig("dot", 16, bn, split, 4, 3))
+        c.append(GPUConfig("dot", 16, 128, 2, 4, 4))
+        c.append(GPUConfig("dot", 16, 128, 2, 8, 3))
+        if m == 1:
+            for bn, split in ((64, 1), (128, 1), (64, 4), (128, 2)):
+                c.append(GPUConfig("gemv", 1, bn, split, 4, 3))
+    elif m <= 64:
+        for bn, split, w in ((64, 1, 4), (128, 1, 4), (128, 2, 4), (64, 2, 4), (128, 1, 8)):
+            c.append(GPUConfig("dot", 64, bn, split, w, 3))
+    else:
+        for bm, bn, w, st in ((128, 128, 8, 3), (64, 128, 4, 3), (128, 256, 8, 3), (128, 128, 4, 4), (64, 256, 8, 3)):
+            c.append(GPUConfig("dot", bm, bn, 1, w, st))
+    out = []
+    for cfg in c:
+        if nb % cfg.split_k == 0 and packed.n_pad % cfg.block_n == 0 and cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def bench_shape(k: int, n: int, ms: list[int], *, sweep: bool, slabs: list[int | None], torch_ok: bool,
+                rows: list[dict], max_cfgs: int) -> None:
+    lin0 = random_gptq_linear(jax.random.key(0), k, n, bits=4, group_size=128)
+    wbytes = lin0["qweight"].nbytes + lin0["scales"].nbytes + lin0["zeros"].nbytes
+    c_q = _copies(wbytes)
+    c_bf = _copies(k * n * 2)
+    lins = [lin0] + [random_gptq_linear(jax.random.key(i + 1), k, n, bits=4, group_size=128) for i in range(c_q - 1)]
+    ws_bf = [jax.random.normal(jax.random.key(100 + i), (k, n), jnp.bfloat16) * 0.02 for i in range(c_bf)]
+
+    def rec(m, name, t, nbytes, err=None, cfg=None):
+        row = dict(K=k, N=n, M=m, variant=name, us=t * 1e6, GBps=nbytes / t / 1e9, err=err,
+                   cfg=None if cfg is None else dataclasses.asdict(cfg))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for m in ms:
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+        io = m * k * 2 + m * n * 2
+        # XLA bf16
+        f = jax.jit(lambda x, ws: [x @ w for w in ws])
+        rec(m, "xla_bf16", time_jax(f, (x, ws_bf), c_bf), k * n * 2 + io)
+        # XLA dequant (GPTQ int32 unpacked in-graph, gather by g_idx, then dot)
+
+        def xla_deq(x, ls):
+            outs = []
+            for l in ls:
+                codes = repack.unpack_gptq_qweight(l["qweight"], 4).astype(jnp.float32)
+                g = l["g_idx"]
+                w = (l["scales"].astype(jnp.float32)[g] * (codes - l["zeros"].astype(jnp.float32)[g])).astype(x.dtype)
+                outs.append(jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
+            return outs
+
+        rec(m, "xla_dequant", time_jax(jax.jit(xla_deq), (x, lins), c_q), wbytes + io)
+        for slab in slabs:
+            packs = [repack.pack_gptq_linear(l["qweight"], l["scales"], l["zeros"], l["g_idx"], bits=4,
+                                             layout="nk", slab=slab) for l in lins]
+            p0 = packs[0]
+            ref = dispatch.xla_matmul(x.astype(jnp.float32), p0)
+            pbytes = p0.words.nbytes + p0.scales.nbytes + p0.zeros.nbytes + io
+            cfgs = candidate_configs(m, p0, sweep)[:max_cfgs]
+            best = None
+            for cfg in cfgs:
+                name = (f"pallas[S{p0.slab},{cfg.variant},bm{cfg.block_m},bn{cfg.block_n},sk{cfg.split_k},"
+                        f"w{cfg.num_warps},st{cfg.num_stages}]")
+                try:
+                    fk = jax.jit(lambda x, ps, cfg=cfg: [gptq_matmul_gpu(x, p, config=cfg, interpret=INTERPRET)
+                                                         for p in ps])
+                    y = fk(x, packs[:1])[0].astype(jnp.float32)
+                    err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+                    t = time_jax(fk, (x, packs), c_q)
+                    rec(m, name, t, pbytes, err, cfg)
+                    if best is None or t < best[0]:
+                        best = (t, name)
+                except Exception as e:  # keep going: report the failure
+                    print(f"FAILED {name}: {type(e).__name__}: {str(e)[:800]}", flush=True)
+                    rows.append(dict(K=k, N=n, M=m, variant=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            # what the model gets: dispatch with default config
+            preps = [dispatch.Prepared(packed=p, backend="gpu", interpret=INTERPRET) for p in packs]
+            try:
+                fd = jax.jit(lambda x, ps: [dispatch.matmul(x, p) for p in ps])
+                rec(m, f"dispatch[S{p0.slab}]", time_jax(fd, (x, preps), c_q), pbytes)
+            except Exception as e:
+                print(f"FAILED dispatch: {type(e).__name__}: {str(e)[:800]}", flush=True)
+        if torch_ok:
+            try:
+                bench_torch(k, n, m, c_bf, c_q, io, rec)
+            except Exception as e:
+                print(f"FAILED torch: {type(e).__name__}: {str(e)[:800]}", flush=True)
+                traceback.print_exc()
+
+
+def bench_torch(k, n, m, c_bf, c_q, io, rec):
+    import torch
+
+    dev = "cuda"
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(c_bf)]
+    rec(m, "torch_bf16", time_torch(lambda i: torch.nn.functional.linear(x, ws[i]), c_bf), k * n * 2 + io)
+    # tinygemm: int4 g128 asym, packed once
+    gs = 128
+    packed, sz = [], []
+    for i in range(c_q):
+        q = torch.randint(0, 16, (n, k), device=dev, dtype=torch.int32)
+        try:
+            wq = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+        except Exception:
+            wq = torch.ops.aten._convert_weight_to_int4pack(q, 8)
+        packed.append(wq)
+        s = torch.rand(k // gs, n, 2, device=dev, dtype=torch.bfloat16)
+        sz.append(s)
+    fn = lambda i: torch.ops.aten._weight_int4pack_mm(x, packed[i], gs, sz[i])  # noqa: E731
+    fn(0)
+    rec(m, "torch_tinygemm", time_torch(fn, c_q), k * n // 2 + (k // gs) * n * 4 + io)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="8192x28672,4096x4096,4096x14336,14336x4096")
+    ap.add_argument("--ms", default="1,16,64,256,1024,4096")
+    ap.add_argument("--sweep", action="store_true", help="try several tile configs per point")
+    ap.add_argument("--sweep-shapes", default="", help="only sweep these shapes (KxN,...); default all")
+    ap.add_argument("--max-cfgs", type=int, default=12)
+    ap.add_argument("--slabs", default="auto", help="comma list of slab sizes (auto = repack.choose_slab)")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
+    slabs = [None if s == "auto" else int(s) for s in args.slabs.split(",")]
+    torch_ok = not args.no_torch
+    if torch_ok:
+        try:
+            import torch
+
+            torch_ok = torch.cuda.is_available()
+            if torch_ok:
+                print(f"torch {torch.__version__} {torch.cuda.get_device_name()}", flush=True)
+        except Exception:
+            torch_ok = False
+    rows: list[dict] = []
+    for shp in args.shapes.split(","):
+        k, n = map(int, shp.split("x"))
+        sw = args.sweep and (not args.sweep_shapes or shp in args.sweep_shapes.split(","))
+        bench_shape(k, n, [int(m) for m in args.ms.split(",")], sweep=sw, slabs=slabs if sw else [None],
+                    torch_ok=torch_ok, rows=rows, max_cfgs=args.max_cfgs)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    summarize(rows)
+
+
+def summarize(rows: list[dict]) -> None:
+    """Print, per (K, N, M): bf16 baseline, best Pallas config, dispatch, XLA dequant, torch."""
+    keys = sorted({(r["K"], r["N"], r["M"]) for r in rows})
+    print(f"\n{'K':>6} {'N':>6} {'M':>5} | {'xla_bf16':>9} {'xla_deq':>9} {'torch_bf16':>10} {'tinygemm':>9} | "
+          f"{'best_pallas':>11} {'GB/s':>6} {'vs_bf16':>7} {'dispatch':>9} | best config")
+    for key in keys:
+        rs = [r for r in rows if (r["K"], r["N"], r["M"]) == key and "us" in r]
+        get = lambda name: next((r["us"] for r in rs if r["variant"] == name), float("nan"))  # noqa: E731
+        pal = [r for r in rs if r["variant"].startswith("pallas")]
+        best = min(pal, key=lambda r: r["us"]) if pal else None
+        disp = min((r["us"] for r in rs if r["variant"].startswith("dispatch")), default=float("nan"))
+        bf = get("xla_bf16")
+        print(f"{key[0]:6d} {key[1]:6d} {key[2]:5d} | {bf:9.1f} {get('xla_dequant'):9.1f} {get('torch_bf16'):10.1f} "
+              f"{get('torch_tinygemm'):9.1f} | {best['us'] if best else float('nan'):11.1f} "
+              f"{best['GBps'] if best else float('nan'):6.0f} {bf / best['us'] if best else float('nan'):7.2f} "
+              f"{disp:9.1f} | {best['variant'] if best else '-'}")
+
+
+if __name__ == "__main__":
+    main()
