@@ -59,12 +59,13 @@ def hessian_update(state: HessianState, x: jax.Array, mask: jax.Array | None = N
         raise ValueError(f"{where}activations must have shape [..., {n}] (in_features of the "
                          f"Hessian), got {tuple(x.shape)}")
     t = x.shape[0] if x.ndim >= 3 else 1
+    lead = tuple(x.shape[:-1])
     x = jnp.asarray(x).astype(jnp.float32).reshape(-1, n)
     if mask is not None:
         mask = jnp.asarray(mask)
-        if tuple(mask.shape) != tuple(x.shape[:-1]) and mask.size != x.shape[0]:
-            raise ValueError(f"{where}mask must have shape {tuple(x.shape[:-1])} (the activations "
-                             f"without the feature axis), got {tuple(mask.shape)}")
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"{where}mask must have shape {lead} (the activations without the "
+                             f"feature axis), got {tuple(mask.shape)}")
         keep = mask.reshape(-1).astype(bool)
         x = jnp.where(keep[:, None], x, 0.0)
     finite = jnp.all(jnp.isfinite(x))
