@@ -1,0 +1,159 @@
+"""Sampling, bucketing, argument checks, the ``jgptq generate`` command line, and the real model."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jgptq.models.generate import bucket_length, generate, sample_logits
+from jgptq.models.hf import load_hf
+from jgptq.models.llama import LlamaForCausalLM
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def test_temperature_sampling_follows_softmax():
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
+    n = 20000
+    keys = jax.random.split(jax.random.key(0), 1)[0]
+    toks = np.asarray(sample_logits(jnp.broadcast_to(jnp.asarray(logits), (n, 6)), keys, 0.8, 1.0,
+                                    greedy=False, use_top_p=False))
+    freq = np.bincount(toks, minlength=6) / n
+    expected = _softmax(logits.astype(np.float64) / 0.8)
+    assert (np.abs(freq - expected) <= 4 * np.sqrt(expected * (1 - expected) / n) + 1e-3).all(), (freq, expected)
+
+
+def test_top_p_keeps_the_nucleus_and_renormalizes():
+    logits = np.array([0.3, 2.0, -1.0, 1.2, 0.0, -2.0], np.float32)
+    p = _softmax(logits.astype(np.float64))
+    order = np.argsort(-p)  # 1, 3, 0, 4, 2, 5
+    top_p = p[order[0]] + p[order[1]] + 0.5 * p[order[2]]  # nucleus = first three tokens
+    n = 20000
+    toks = np.asarray(sample_logits(jnp.broadcast_to(jnp.asarray(logits), (n, 6)), jax.random.key(1), 1.0, top_p,
+                                    greedy=False, use_top_p=True))
+    freq = np.bincount(toks, minlength=6) / n
+    nucleus = order[:3]
+    assert set(np.flatnonzero(freq)) == set(nucleus)
+    expected = np.zeros(6)
+    expected[nucleus] = p[nucleus] / p[nucleus].sum()
+    assert (np.abs(freq - expected) <= 4 * np.sqrt(expected * (1 - expected) / n) + 1e-3).all(), (freq, expected)
+    greedy = np.asarray(sample_logits(jnp.asarray(logits[None]), jax.random.key(2), 1.0, 1.0, greedy=True,
+                                      use_top_p=False))
+    assert greedy.tolist() == [1]
+
+
+def test_bucket_length():
+    assert [bucket_length(n) for n in (1, 8, 9, 200, 256, 257, 700)] == [8, 8, 16, 256, 256, 512, 768]
+    with pytest.raises(ValueError, match="positive"):
+        bucket_length(0)
+
+
+def test_generate_argument_errors(tiny_hf_model):
+    cfg, params, _ = load_hf(tiny_hf_model("llama").folder)
+    model = LlamaForCausalLM.from_params(cfg, params)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, None, [[1, 2], []], 4)
+    with pytest.raises(ValueError, match=r"prompt 0 has token ids outside \[0, 256\): \[256\]"):
+        generate(model, None, [[1, 256]], 4)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, None, [[1]], 4, top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, None, [[1]], 0)
+    with pytest.raises(ValueError, match="needs its LlamaConfig"):
+        generate(params, None, [[1]], 4)
+
+
+def _tiny_tokenizer(folder):
+    """A word-level tokenizer for the tiny models' 256-token vocabulary: words w3..w255."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 256)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+@pytest.fixture()
+def tiny_folder_with_tokenizer(tiny_hf_model, tmp_path):
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_hf_model("smollm2").folder, folder)
+    return folder, _tiny_tokenizer(folder)
+
+
+def test_cli_streams_the_greedy_continuation(tiny_folder_with_tokenizer, capsys):
+    from jgptq.cli import main
+
+    folder, tok = tiny_folder_with_tokenizer
+    cfg, params, _ = load_hf(folder)
+    prompt = "w5 w9 w33 w7"
+    ids = tok(prompt)["input_ids"]
+    expected = generate(params, cfg, [ids], 10, eos_token_id=[cfg.eos_token_ids[0], tok.eos_token_id])
+    assert main(["generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", "10"]) == 0
+    out = capsys.readouterr().out
+    assert out == tok.decode(expected[0], skip_special_tokens=True) + "\n"
+    assert len(out.split()) >= 3
+
+
+def test_cli_batch_of_prompts(tiny_folder_with_tokenizer, capsys):
+    from jgptq.cli import main
+
+    folder, tok = tiny_folder_with_tokenizer
+    cfg, params, _ = load_hf(folder)
+    prompts = ["w5 w9 w33 w7", "w100"]
+    expected = generate(params, cfg, [tok(p)["input_ids"] for p in prompts], 6,
+                        eos_token_id=[cfg.eos_token_ids[0], tok.eos_token_id])
+    assert main(["generate", "--model", str(folder), "--prompt", prompts[0], "--prompt", prompts[1],
+                 "--max-new-tokens", "6", "--stats"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == "".join(f"--- [{i}] {p!r}\n{tok.decode(e, skip_special_tokens=True)}\n"
+                              for i, (p, e) in enumerate(zip(prompts, expected)))
+    assert "tokens/s" in cap.err
+
+
+def test_cli_rejects_bad_arguments(tiny_folder_with_tokenizer):
+    from jgptq.cli import main
+
+    folder, _ = tiny_folder_with_tokenizer
+    with pytest.raises(SystemExit, match="--top-p"):
+        main(["generate", "--model", str(folder), "--prompt", "w5", "--top-p", "1.5"])
+    with pytest.raises(SystemExit, match="--chat: this tokenizer has no chat template"):
+        main(["generate", "--model", str(folder), "--prompt", "w5", "--chat"])
+
+
+@pytest.mark.slow
+def test_real_smollm2_greedy_chat_matches_transformers(smollm2_gguf_path):
+    """SmolLM2-135M-Instruct (GGUF): our greedy chat reply equals transformers' (fp32, CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import jgptq.models as models
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    cfg, params, tok = models.load(smollm2_gguf_path, dtype="float32")
+    assert tok is not None
+    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    eos = sorted(set(cfg.eos_token_ids) | {tok.eos_token_id})
+    ours = generate(params, cfg, [ids, ids[-5:]], 24, eos_token_id=eos)
+    ref_model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf_path.parent), gguf_file=smollm2_gguf_path.name,
+                                                     dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = ref_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+    ref_ids = ref[0, len(ids):].tolist()
+    if ref_ids[-1] in eos:
+        ref_ids = ref_ids[: ref_ids.index(ref_ids[-1]) + 1]
+    assert ours[0] == ref_ids, (tok.decode(ours[0]), tok.decode(ref_ids))
+    assert "Paris" in tok.decode(ours[0])
