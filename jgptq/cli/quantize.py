@@ -18,6 +18,7 @@ from typing import Any
 ACCEL_CALIB = (128, 2048)
 CPU_CALIB = (16, 512)
 CPU_EVAL_WINDOWS = 4
+CPU_EVAL_SEQLEN = 512
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward batch")
     g.add_argument("--eval", dest="eval_data", default="brown",
                    help="perplexity data after quantizing (brown | wikitext2 | c4 | file)")
+    g.add_argument("--eval-seqlen", type=int, default=None,
+                   help=f"perplexity window length (default 2048; {CPU_EVAL_SEQLEN} on a CPU)")
     g.add_argument("--eval-windows", type=int, default=None,
                    help=f"evaluate on the first N windows only (default: all; {CPU_EVAL_WINDOWS} on a CPU)")
     g.add_argument("--no-eval", action="store_true", help="skip the fp / RTN / GPTQ perplexity comparison")
@@ -137,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     eval_windows = args.eval_windows
     if eval_windows is None and on_cpu:
         eval_windows = CPU_EVAL_WINDOWS
+    eval_seqlen = args.eval_seqlen or (CPU_EVAL_SEQLEN if on_cpu else 2048)
 
     model_config, params, tokenizer, label = load_model(args.model, say)
 
@@ -159,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.no_eval:
         report.extra["perplexity"] = _evaluate(args, params, qparams, config, model_config, tokenizer, dynamic,
-                                               mode, seqlen, eval_windows, say)
+                                               mode, eval_seqlen, eval_windows, say)
 
     t0 = time.perf_counter()
     out = export_gptq(args.out, model_config, qparams, config, tokenizer=tokenizer, report=report,
@@ -209,7 +213,8 @@ def _evaluate(args: argparse.Namespace, params: Any, qparams: Any, config: Any, 
     out: dict[str, Any] = {"data": args.eval_data, "windows": n_windows, "seqlen": eval_seqlen}
     for name, p in models.items():
         t0 = time.perf_counter()
-        out[name] = float(model_perplexity(model_config, p, ids, seqlen=eval_seqlen))
+        out[name] = float(model_perplexity(model_config, p, ids, seqlen=eval_seqlen,
+                                           progress=not args.quiet).ppl)
         say(f"  {name:>4}: ppl {out[name]:.3f} ({time.perf_counter() - t0:.1f}s)")
     return out
 
