@@ -65,7 +65,16 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def _field_value(field: Any) -> Any:
     """A GGUF metadata field as a Python scalar, string or list (strings decoded as UTF-8)."""
-    return field.contents()
+    if hasattr(field, "contents"):  # gguf >= 0.11
+        return field.contents()
+    from gguf import GGUFValueType
+
+    values = [field.parts[i] for i in field.data]
+    if field.types[-1] == GGUFValueType.STRING:
+        values = [bytes(v).decode("utf-8") for v in values]
+    else:
+        values = [v.tolist()[0] for v in values]
+    return values if field.types[0] == GGUFValueType.ARRAY else values[0]
 
 
 def read_gguf_metadata(reader: Any) -> dict[str, Any]:
