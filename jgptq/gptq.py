@@ -43,6 +43,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from jgptq import linalg
 from jgptq.config import GPTQConfig
@@ -128,7 +129,7 @@ def _to_storage(p: GridParams) -> tuple[jax.Array, jax.Array]:
 # the solver
 
 def _solve_impl(w: jax.Array, h: jax.Array, maxq: jax.Array, sym: jax.Array,
-                desc_act: jax.Array, config: GPTQConfig, unroll: int):
+                desc_act: jax.Array, config: GPTQConfig, unroll: int, impl: str = "xla"):
     """Jittable GPTQ on arrays; ``maxq``, ``sym``, ``desc_act`` are runtime values (``config``'s
     copies of them are ignored). Returns ``(codes uint8 [in,out], scales f16 [G,out],
     zeros u8 [G,out], g_idx i32 [in], column_loss f32 [out], damp f32 [], ok bool [])``."""
@@ -201,6 +202,16 @@ def _solve_impl(w: jax.Array, h: jax.Array, maxq: jax.Array, sym: jax.Array,
             zeros_buf = jax.lax.dynamic_update_slice(zeros_buf, cand.zero, (g_lo, 0))
             cur_scale, cur_zero = row_scale[bs - 1], row_zero[bs - 1]
 
+        if impl != "xla":
+            err1, q1 = _block_pallas(w1, u1t.T, row_scale, row_zero, maxq,
+                                     interpret=(impl == "pallas_interpret"))
+            col_loss = col_loss + 0.5 * jnp.sum(err1 * err1, axis=0)
+            codes = jax.lax.dynamic_update_slice(codes, q1, (i1, 0))
+            u_rows = jax.lax.dynamic_slice(u_pad, (i1, 0), (bs, n_pad))
+            upd = jnp.dot(u_rows.T, err1, precision=HIGHEST)
+            w_big = w_big.at[:n_pad].add(-upd)
+            return w_big, codes, scales_buf, zeros_buf, col_loss, cur_scale, cur_zero
+
         def column(i, c):
             err1, q1, loss = c
             # left-looking: row i after the in-block updates of rows < i (err1 rows >= i are 0)
@@ -245,7 +256,86 @@ def _solve_impl(w: jax.Array, h: jax.Array, maxq: jax.Array, sym: jax.Array,
     return codes, scales, zeros, g_idx, col_loss, damp, ok
 
 
-_solve = jax.jit(_solve_impl, static_argnames=("config", "unroll"))
+_solve = jax.jit(_solve_impl, static_argnames=("config", "unroll", "impl"))
+
+
+# --------------------------------------------------------------------------------------------
+# the in-block column loop as one Pallas kernel (GPU, Triton lowering)
+
+PALLAS_TILE_N = 32
+
+
+def _rint(x: jax.Array) -> jax.Array:
+    """Round half to even (== ``jnp.round``) from floor only; exact for ``|x| < 2^22``."""
+    f = jnp.floor(x + 0.5)
+    odd = (f - 2.0 * jnp.floor(f * 0.5)) == 1.0
+    return jnp.where(((f - x) == 0.5) & odd, f - 1.0, f)
+
+
+def _block_kernel(w_ref, u_ref, s_ref, z_ref, mq_ref, e_ref, q_ref):
+    """One tile of output channels through the ``bs`` sequential steps of a block.
+
+    ``w_ref``/``s_ref``/``z_ref`` ``[bs, tn]`` (block rows, scales, zeros), ``u_ref [bs, bs]`` (the
+    block of ``U``), ``mq_ref [1, tn]`` (maxq); writes errors ``e_ref`` and codes ``q_ref``
+    ``[bs, tn]``. Left-looking like the XLA loop: ``w_i = w_i^0 - U[:, i]^T E``.
+    """
+    bs, tn = w_ref.shape
+    rows = jax.lax.broadcasted_iota(jnp.int32, (bs, tn), 0)
+    mq = mq_ref[...]
+
+    def body(i, e_acc):
+        u_col = u_ref[:, pl.ds(i, 1)]                                   # [bs, 1]
+        w = w_ref[pl.ds(i, 1), :] - jnp.sum(u_col * e_acc, axis=0)[None, :]
+        s = s_ref[pl.ds(i, 1), :]
+        z = z_ref[pl.ds(i, 1), :]
+        d = u_ref[pl.ds(i, 1), pl.ds(i, 1)]                              # [1, 1]
+        code = jnp.minimum(jnp.maximum(_rint(w / s) + z, 0.0), mq)
+        e = (w - s * (code - z)) / d
+        q_ref[pl.ds(i, 1), :] = code
+        return jnp.where(rows == i, e, e_acc)
+
+    e_ref[...] = jax.lax.fori_loop(0, bs, body, jnp.zeros((bs, tn), jnp.float32))
+
+
+def _block_pallas(w1: jax.Array, u1: jax.Array, row_scale: jax.Array, row_zero: jax.Array,
+                  maxq: jax.Array, *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """``(err1 [bs, out] f32, codes [bs, out] uint8)`` of one block via :func:`_block_kernel`."""
+    bs, n_out = w1.shape
+    tn = PALLAS_TILE_N
+    n_pad = -(-n_out // tn) * tn
+    pad = ((0, 0), (0, n_pad - n_out))
+    w1 = jnp.pad(w1, pad)
+    row_scale = jnp.pad(row_scale, pad, constant_values=1.0)
+    row_zero = jnp.pad(row_zero, pad)
+    mq = jnp.full((1, n_pad), maxq, jnp.float32)
+    tile = pl.BlockSpec((bs, tn), lambda j: (0, j))
+    kwargs = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=1)
+    err, codes = pl.pallas_call(
+        _block_kernel,
+        out_shape=(jax.ShapeDtypeStruct((bs, n_pad), jnp.float32),
+                   jax.ShapeDtypeStruct((bs, n_pad), jnp.float32)),
+        grid=(n_pad // tn,),
+        in_specs=[tile, pl.BlockSpec((bs, bs), lambda j: (0, 0)), tile, tile,
+                  pl.BlockSpec((1, tn), lambda j: (0, j))],
+        out_specs=(tile, tile),
+        interpret=interpret,
+        name="gptq_block",
+        **kwargs,
+    )(w1, u1, row_scale, row_zero, mq)
+    return err[:, :n_out], codes[:, :n_out].astype(jnp.uint8)
+
+
+IMPLS = ("xla", "pallas", "pallas_interpret")
+
+
+def default_impl(config: GPTQConfig) -> str:
+    """In-block loop implementation: the XLA ``fori_loop`` (everywhere) or the Pallas kernel
+    (``"pallas"``, GPU only, power-of-two ``block_size``)."""
+    return "xla"
 
 
 def default_unroll() -> int:
@@ -254,16 +344,20 @@ def default_unroll() -> int:
 
 
 def gptq_columns(w: jax.Array, h: jax.Array, config: GPTQConfig, *, unroll: int | None = None,
-                 name: str | None = None) -> tuple[QuantizedWeight, jax.Array]:
+                 impl: str | None = None, name: str | None = None
+                 ) -> tuple[QuantizedWeight, jax.Array]:
     """Like :func:`gptq`, also returning the loss per output channel ``[out]`` (float32).
 
     Under ``jit`` nothing is checked that needs values (NaN inputs, Cholesky failure): a failed
     factorisation then shows as NaN ``loss``/``damp``.
     """
     _check_inputs(w, h, config, name)
+    impl = default_impl(config) if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     codes, scales, zeros, g_idx, col_loss, damp, ok = _solve(
         w, h, *_runtime(config), config=_structural(config),
-        unroll=default_unroll() if unroll is None else unroll)
+        unroll=default_unroll() if unroll is None else unroll, impl=impl)
     if not _is_tracer(w, h) and not bool(ok):
         tried = linalg.damp_schedule(config.damp_percent, config.damp_auto_increment,
                                      config.damp_max)
