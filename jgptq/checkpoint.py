@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +280,7 @@ def _lin_bits(name: str, lin: Mapping[str, Any]) -> int:
     return bits
 
 
-def gptq_tensors(name: str, lin: Mapping[str, Any], *, checkpoint_format: str, group_size: int,
+def gptq_tensors(name: str, lin: Mapping[str, Any], *, checkpoint_format: str, bits: int, group_size: int,
                  sym: bool, desc_act: bool) -> dict[str, np.ndarray]:
     """One quantized LIN dict -> its checkpoint tensors ``{name.qweight, .qzeros, .scales, .g_idx}``.
 
@@ -296,7 +296,9 @@ def gptq_tensors(name: str, lin: Mapping[str, Any], *, checkpoint_format: str, g
     missing = [k for k in ("qweight", "scales", "zeros", "g_idx") if k not in lin]
     if missing:
         raise CheckpointError(f"{name}: quantized linear lacks {missing}; expected the LIN dict of DESIGN.md")
-    bits = _lin_bits(name, lin)
+    if _lin_bits(name, lin) != bits:
+        raise CheckpointError(f"{name} holds {_lin_bits(name, lin)}-bit codes but the quantization config says "
+                              f"{bits} bits for it; pass the GPTQConfig (and dynamic rules) used to quantize")
     qweight = np.asarray(lin["qweight"])
     g_idx = np.asarray(lin["g_idx"])
     scales = np.asarray(lin["scales"])
@@ -358,13 +360,13 @@ def _lookup(tree: Any, path: tuple[Any, ...]) -> Any:
 
 
 def hf_tensors(config: Any, params: Mapping[str, Any], *, float_dtype: str | None = "float16",
-               quant: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+               quant: Callable[[str], Mapping[str, Any] | None] | None = None) -> dict[str, np.ndarray]:
     """The params pytree (DESIGN.md) -> Hugging Face state-dict names and NumPy arrays.
 
     Names and shapes come from the model config (``jgptq.models.hf.hf_to_params_names``): a float LIN
     ``kernel [in, out]`` becomes ``.weight [out, in]``; a quantized LIN becomes its GPTQ tensors
-    (``quant`` holds ``checkpoint_format``, ``group_size``, ``sym``, ``desc_act``; required when the
-    params hold quantized linears). ``float_dtype=None`` keeps each array's dtype. Raises
+    (``quant(hf_module_name)`` gives that module's ``checkpoint_format``, ``bits``, ``group_size``, ``sym``,
+    ``desc_act``, or None when it must stay float; required when the params hold quantized linears). ``float_dtype=None`` keeps each array's dtype. Raises
     :class:`CheckpointError` for a missing, misshaped or non-finite tensor.
     """
     from jgptq.models.hf import hf_to_params_names
@@ -376,16 +378,24 @@ def hf_tensors(config: Any, params: Mapping[str, Any], *, float_dtype: str | Non
         where = ".".join(map(str, path))
         if path[-1] == "kernel":
             lin = _lookup(params, path[:-1])
+            prefix = name.rsplit(".", 1)[0]
+            settings = quant(prefix) if quant is not None else None
             if _is_quantized_lin(lin):
                 if quant is None:
                     raise CheckpointError(f"params {where[:-7]} is quantized; write GPTQ checkpoints with export_gptq")
-                prefix = name.rsplit(".", 1)[0]
-                out.update(gptq_tensors(prefix, lin, **quant))
+                if settings is None:
+                    raise CheckpointError(f"params {where[:-7]} is quantized but the dynamic rules leave {prefix} "
+                                          "in float; pass the rules used to quantize")
+                out.update(gptq_tensors(prefix, lin, **settings))
                 if (int(np.asarray(lin["g_idx"]).shape[0]), int(np.asarray(lin["qweight"]).shape[1])) != shape[::-1]:
                     raise CheckpointError(f"params {where[:-7]} is a [{np.asarray(lin['g_idx']).shape[0]}, "
                                           f"{np.asarray(lin['qweight']).shape[1]}] (in, out) linear, expected "
                                           f"{list(shape[::-1])} from the config")
                 continue
+            if settings is not None and path[0] == "layers":
+                raise CheckpointError(f"params {where[:-7]} is float but the quantization config quantizes {prefix}: "
+                                      "readers would look for its qweight. Pass the dynamic rules that skipped it "
+                                      "(GPTQModel style, e.g. {'-:.*down_proj': {}})")
         value = _lookup(params, path)
         if value is None:
             raise CheckpointError(f"params are missing {where} (written as {name})")
@@ -409,7 +419,7 @@ def _config_get(config: Any, name: str, default: Any) -> Any:
 
 
 def quantization_config_dict(quant_config: Any, *, checkpoint_format: str, lm_head: bool = False,
-                             report: Any = None) -> dict[str, Any]:
+                             report: Any = None, dynamic: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``quantization_config`` / ``quantize_config.json`` dict for a jgptq ``GPTQConfig`` (or mapping).
 
     Carries the keys every reader needs (``quant_method``, ``bits``, ``group_size``, ``desc_act``,
@@ -434,7 +444,7 @@ def quantization_config_dict(quant_config: Any, *, checkpoint_format: str, lm_he
         summary = _report_summary(report)
         if summary:
             meta["jgptq_report"] = summary
-    return {
+    d = {
         "quant_method": "gptq",
         "bits": bits,
         "group_size": int(_config_get(quant_config, "group_size", 128)),
@@ -451,6 +461,9 @@ def quantization_config_dict(quant_config: Any, *, checkpoint_format: str, lm_he
         "model_file_base_name": "model",
         "meta": meta,
     }
+    if dynamic:
+        d["dynamic"] = {str(k): dict(v or {}) for k, v in dynamic.items()}
+    return d
 
 
 def _report_summary(report: Any) -> dict[str, Any]:
@@ -503,6 +516,19 @@ def _quantized_lins(tree: Any, prefix: str = "") -> Iterator[tuple[str, Mapping[
             yield from _quantized_lins(child, f"{prefix}.{i}")
 
 
+def _gptq_config(quant_config: Any) -> Any:
+    from jgptq.config import GPTQConfig
+
+    if isinstance(quant_config, GPTQConfig):
+        return quant_config
+    if isinstance(quant_config, Mapping):
+        try:
+            return GPTQConfig.from_dict(quant_config)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"quant_config is not a valid GPTQ config: {e}") from e
+    raise CheckpointError(f"quant_config must be a jgptq.GPTQConfig or a dict, got {type(quant_config).__name__}")
+
+
 def _choose_format(lins: list[tuple[str, Mapping[str, Any]]], checkpoint_format: str) -> str:
     if checkpoint_format in CHECKPOINT_FORMATS:
         return checkpoint_format
@@ -524,7 +550,8 @@ def _choose_format(lins: list[tuple[str, Mapping[str, Any]]], checkpoint_format:
 def export_gptq(out_dir: str | os.PathLike, config: Any, params: Mapping[str, Any], quant_config: Any, *,
                 tokenizer: Any = None, report: Any = None, checkpoint_format: str = "auto",
                 dtype: str = "float16", generation_config: Mapping[str, Any] | None = None,
-                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False) -> Path:
+                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
+                dynamic: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """Write a GPTQ checkpoint folder that transformers / optimum / GPTQModel / vLLM load unchanged.
 
     Args:
@@ -543,12 +570,16 @@ def export_gptq(out_dir: str | os.PathLike, config: Any, params: Mapping[str, An
       generation_config: extra ``generation_config.json`` fields (bos/eos/pad ids come from ``config``).
       max_shard_size: shard the weights above this many bytes (int or e.g. ``"2GB"``).
       overwrite: replace an existing ``out_dir``.
+      dynamic: the GPTQModel-style per-module rules used to quantize (``jgptq.quantize(dynamic=...)``;
+        ``"-:regex"`` = left in float, ``"+:regex": {"bits": 8}`` = overrides). Written into the configs
+        (GPTQModel and vLLM honour it) and used to check each module.
 
     Returns:
       The folder path.
 
     Raises:
-      CheckpointError: nothing quantized, mixed bit widths, a linear that disagrees with
+      CheckpointError: nothing quantized, a module whose bit width or float/quantized state disagrees
+        with ``quant_config``/``dynamic``, a linear that disagrees with
         ``quant_config`` (group layout, sym zeros), zero points v1 cannot store, NaN/Inf, fp16 overflow,
         or an existing ``out_dir``.
     """
@@ -560,19 +591,25 @@ def export_gptq(out_dir: str | os.PathLike, config: Any, params: Mapping[str, An
     lins = list(_quantized_lins(params))
     if not lins:
         raise CheckpointError("params hold no quantized linear (no 'qweight'); use export_hf for float models")
-    bits = int(_config_get(quant_config, "bits", 4))
-    bits_seen = {_lin_bits(name, lin) for name, lin in lins}
-    if bits_seen != {bits}:
-        raise CheckpointError(f"quant_config.bits={bits} but the params hold {sorted(bits_seen)}-bit linears; "
-                              "mixed precision is not supported by this exporter")
+    qc = _gptq_config(quant_config)
     fmt = _choose_format(lins, checkpoint_format)
-    group_size = int(_config_get(quant_config, "group_size", 128))
-    sym = bool(_config_get(quant_config, "sym", True))
-    desc_act = bool(_config_get(quant_config, "desc_act", False))
-    qdict = quantization_config_dict(quant_config, checkpoint_format=fmt,
-                                     lm_head=_is_quantized_lin(params.get("lm_head")), report=report)
-    tensors = hf_tensors(config, params, float_dtype=dtype,
-                         quant={"checkpoint_format": fmt, "group_size": group_size, "sym": sym, "desc_act": desc_act})
+    lm_head_q = _is_quantized_lin(params.get("lm_head"))
+
+    def settings(module: str) -> dict[str, Any] | None:
+        from jgptq.driver import resolve_dynamic
+
+        if module == "lm_head" and not lm_head_q:
+            return None
+        mc = resolve_dynamic(module, qc, dynamic) if dynamic else qc
+        if mc is None:
+            return None
+        return {"checkpoint_format": fmt, "bits": mc.bits, "group_size": mc.group_size, "sym": mc.sym,
+                "desc_act": mc.desc_act}
+
+    bits = qc.bits
+    group_size, desc_act = qc.group_size, qc.desc_act
+    qdict = quantization_config_dict(qc, checkpoint_format=fmt, lm_head=lm_head_q, report=report, dynamic=dynamic)
+    tensors = hf_tensors(config, params, float_dtype=dtype, quant=settings)
     hf_config = config.to_hf()
     hf_config.update(torch_dtype=dtype, dtype=dtype, quantization_config=qdict)
     st_meta = {"quantizer": f"jgptq:{__version__}", "gptq_bits": str(bits), "gptq_group_size": str(group_size),

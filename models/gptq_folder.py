@@ -40,6 +40,7 @@ __all__ = [
     "GPTQInfo",
     "QUANT_CONFIG_FILES",
     "find_weight_files",
+    "module_config",
     "is_gptq_folder",
     "load_gptq_folder",
     "read_quant_config",
@@ -69,7 +70,7 @@ class GPTQInfo:
       weight_files: the safetensors files read, in order.
       config_sources: which files provided the quantization config.
       warnings: things worth knowing that do not prevent a correct load.
-      raw: the quantization config dict as read.
+      raw: the quantization config dict as read (``raw.get("dynamic")`` holds per-module rules).
     """
 
     quant_config: GPTQConfig
@@ -181,9 +182,9 @@ def _parse_quant_config(path: Path, q: Mapping[str, Any], override_format: str |
     if q.get("pack_dtype", "int32") != "int32":
         raise GPTQFolderError(f"{path}: pack_dtype={q.get('pack_dtype')!r}; only int32-packed GPTQ checkpoints "
                               "are supported (the format vLLM/transformers read)")
-    if q.get("dynamic"):
-        raise GPTQFolderError(f"{path}: per-module 'dynamic' overrides {q.get('dynamic')!r} (mixed precision) are "
-                              "not supported by this loader")
+    dynamic = q.get("dynamic") or None
+    if dynamic is not None and not isinstance(dynamic, Mapping):
+        raise GPTQFolderError(f"{path}: 'dynamic' must be an object of regex -> overrides, got {dynamic!r}")
     if "sym" not in q:
         notes.append("quantization config has no 'sym'; assuming sym=True (AutoGPTQ's default)")
     meta = q.get("meta") or {}
@@ -192,6 +193,11 @@ def _parse_quant_config(path: Path, q: Mapping[str, Any], override_format: str |
         quantizer = [quantizer]
     try:
         qc = GPTQConfig.from_dict({k: v for k, v in q.items() if k != "dynamic"})
+        for pattern, overrides in (dynamic or {}).items():
+            re.compile(pattern[2:] if pattern[:2] in ("+:", "-:") else pattern)
+            qc.replace(**dict(overrides or {}))
+    except re.error as e:
+        raise GPTQFolderError(f"{path}: a 'dynamic' rule is not a valid regex: {e}") from e
     except (ValueError, TypeError) as e:
         raise GPTQFolderError(f"{path}: the quantization config is not understood: {e}") from e
     fmt = override_format or _FORMATS.get(declared or "gptq")
@@ -201,6 +207,20 @@ def _parse_quant_config(path: Path, q: Mapping[str, Any], override_format: str |
         notes.append(f"zero points decoded as {override_format!r} (override) although the files declare "
                      f"{declared or 'gptq'!r}")
     return qc, fmt, declared, tuple(str(x) for x in quantizer), bool(q.get("lm_head", False)), notes
+
+
+def module_config(name: str, qc: GPTQConfig, dynamic: Mapping[str, Any] | None) -> GPTQConfig | None:
+    """The settings of module ``name`` (``model.layers.0.mlp.down_proj``) under GPTQModel ``dynamic`` rules.
+
+    The first rule whose regex matches from the start of the name wins: ``"-:regex"`` = not quantized
+    (None); ``"+:regex"`` or a bare regex = ``qc`` with the rule's overrides. No match = ``qc``.
+    """
+    for pattern, overrides in (dynamic or {}).items():
+        negative = pattern.startswith("-:")
+        regex = pattern[2:] if pattern[:2] in ("+:", "-:") else pattern
+        if re.match(regex, name):
+            return None if negative else qc.replace(**dict(overrides or {}))
+    return qc
 
 
 def find_weight_files(path: str | os.PathLike, base_names: tuple[str, ...] = ()) -> str:
@@ -345,6 +365,7 @@ def load_gptq_folder(path: str | os.PathLike, dtype: Any = None, *, tokenizer: b
         raise GPTQFolderError(f"{path} declares no quantization (no quantize_config.json and no "
                               "config.json quantization_config); load it as a float model")
     qc, fmt, declared, quantizer, lm_head_q, notes = _parse_quant_config(path, q, checkpoint_format)
+    dynamic = q.get("dynamic") or None
     hf_model = {k: v for k, v in hf.items() if k != "quantization_config"}
     try:
         config = LlamaConfig.from_hf(hf_model)
@@ -368,7 +389,11 @@ def load_gptq_folder(path: str | os.PathLike, dtype: Any = None, *, tokenizer: b
         node = node.setdefault(ppath[-2], {})
         prefix = name.rsplit(".", 1)[0]
         if ppath[-1] == "kernel" and f"{prefix}.qweight" in t:
-            node.update(_quantized(prefix, t, shape[1], shape[0], qc, fmt, stats))
+            mc = module_config(prefix, qc, dynamic)
+            if mc is None:
+                raise GPTQFolderError(f"{path}: {prefix} is stored quantized but the 'dynamic' rules say it is not "
+                                      "quantized; the config does not match the weights")
+            node.update(_quantized(prefix, t, shape[1], shape[0], mc, fmt, stats))
             used.update(f"{prefix}.{k}" for k in ("qweight", "qzeros", "scales", "g_idx"))
             continue
         if ppath[-1] == "kernel" and name not in t:
@@ -381,7 +406,7 @@ def load_gptq_folder(path: str | os.PathLike, dtype: Any = None, *, tokenizer: b
         value = _float(name, t[name], shape, dtype)
         if ppath[-1] == "kernel":
             value = np.ascontiguousarray(value.T)
-            stats["float_linears"] += ppath[0] == "layers"
+            stats["float_linears"] += ppath[0] == "layers" and module_config(prefix, qc, dynamic) is not None
         node[ppath[-1]] = value
     if config.tie_word_embeddings and "lm_head.weight" in tensor_names:
         used.add("lm_head.weight")  # transformers ignores it too when the embeddings are tied
@@ -406,7 +431,8 @@ def load_gptq_folder(path: str | os.PathLike, dtype: Any = None, *, tokenizer: b
                      "(the v1 'zero - 1' wraparound); if the writer let the subtraction borrow across fields, the "
                      "neighbouring zeros are off by one as well — re-export as gptq_v2")
     if stats["float_linears"]:
-        notes.append(f"{stats['float_linears']} decoder linear(s) are stored in float (not quantized)")
+        notes.append(f"{stats['float_linears']} decoder linear(s) are stored in float although no 'dynamic' "
+                     "rule excludes them from quantization; engines may expect them quantized")
     for note in notes:
         warnings.warn(f"{path}: {note}", stacklevel=2)
 

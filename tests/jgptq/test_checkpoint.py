@@ -289,7 +289,7 @@ def test_export_refuses_inconsistent_params(tmp_path: Path) -> None:
     params, _ = tiny_params(10, 4, 32, sym=False, act_order=False)
     with pytest.raises(CheckpointError, match="sym=True requires every zero point = 8"):
         export_gptq(tmp_path / "b", cfg, params, GPTQConfig(bits=4, group_size=32, sym=True))
-    with pytest.raises(CheckpointError, match="holds \\[4\\]-bit|4\\]-bit linears"):
+    with pytest.raises(CheckpointError, match="holds 4-bit codes but the quantization config says 3 bits"):
         export_gptq(tmp_path / "c", cfg, params, GPTQConfig(bits=3, group_size=32, sym=False))
     params["layers"][0]["mlp"]["up_proj"]["scales"] = params["layers"][0]["mlp"]["up_proj"]["scales"].copy()
     params["layers"][0]["mlp"]["up_proj"]["scales"][0, 3] = np.nan
@@ -438,3 +438,33 @@ def test_dispatch_through_models_load(folder: Path) -> None:
 
     loaded = loading.load(folder, tokenizer=False)
     assert loaded.kind == "gptq" and loaded.quant_info.bits == 4
+
+
+def test_dynamic_rules_mixed_bits_and_float_modules(tmp_path: Path) -> None:
+    """GPTQModel-style ``dynamic``: layer 0's down_proj left in float, layer 1's MLP at 8 bits."""
+    rng = np.random.default_rng(12)
+    params, _ = tiny_params(12, 4, 32, sym=True, act_order=False)
+    params["layers"][0]["mlp"]["down_proj"] = {"kernel": rng.normal(size=(128, 64)).astype(np.float32)}
+    raw8 = {}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        n_in, n_out = SHAPES[f"mlp.{proj}"]
+        q = gp.random_quantized(rng, n_in, n_out, 8, 32, True, False)
+        raw8[proj] = q
+        params["layers"][1]["mlp"][proj] = {"qweight": gp.pack_rows(q["codes"], 8), "scales": q["scales"],
+                                            "zeros": q["zeros"], "g_idx": q["g_idx"]}
+    dynamic = {"-:model\\.layers\\.0\\.mlp\\.down_proj": {}, "+:model\\.layers\\.1\\.mlp\\..*": {"bits": 8}}
+    qc = GPTQConfig(bits=4, group_size=32, sym=True)
+    with pytest.raises(CheckpointError, match="is float but the quantization config quantizes"):
+        export_gptq(tmp_path / "nodyn", config(), params, qc)
+    out = export_gptq(tmp_path / "dyn", config(), params, qc, dynamic=dynamic, dtype="float32")
+    q = json.loads((out / "quantize_config.json").read_text())
+    assert q["dynamic"] == dynamic
+    t = read_folder(out)
+    assert "model.layers.0.mlp.down_proj.weight" in t and "model.layers.0.mlp.down_proj.qweight" not in t
+    assert t["model.layers.1.mlp.up_proj.qweight"].shape == (64 * 8 // 32, 128)
+    np.testing.assert_array_equal(t["model.layers.1.mlp.up_proj.qzeros"].view(np.uint32), 0x7F7F7F7F)
+    _, back, _, _ = load_gptq_folder(out, tokenizer=False)
+    np.testing.assert_array_equal(back["layers"][0]["mlp"]["down_proj"]["kernel"],
+                                  params["layers"][0]["mlp"]["down_proj"]["kernel"])
+    np.testing.assert_array_equal(gp.unpack_rows(back["layers"][1]["mlp"]["down_proj"]["qweight"], 8),
+                                  raw8["down_proj"]["codes"])
