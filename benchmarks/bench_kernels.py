@@ -34,6 +34,7 @@ from jgptq.pallas_kernels import dispatch, repack  # noqa: E402
 from jgptq.pallas_kernels.gptq_matmul_gpu import GPUConfig, default_config, gptq_matmul_gpu, random_gptq_linear  # noqa: E402
 
 L2_BYTES = 50 * 2**20
+BASELINES = True
 INTERPRET = jax.default_backend() != "gpu"  # CPU smoke runs go through the Pallas interpreter
 ROTATE_BYTES = 3 * L2_BYTES
 
@@ -94,14 +95,13 @@ def candidate_configs(m: int, packed: repack.PackedGPTQ, sweep: bool) -> list[GP
     nb = packed.k_pad // ((32 // packed.bits) * packed.slab)
     c = [base]
     if m <= 16:
-        for bn in (64, 128, 256):
-            for split in (1, 2, 4):
-                c.append(GPUConfig("dot", 16, bn, split, 4, 3))
-        c.append(GPUConfig("dot", 16, 128, 2, 4, 4))
-        c.append(GPUConfig("dot", 16, 128, 2, 8, 3))
+        for bn, split, w, st in ((64, 2, 4, 3), (128, 4, 4, 3), (128, 4, 4, 4), (64, 4, 4, 4), (64, 2, 4, 5),
+                                 (128, 4, 8, 3), (32, 4, 4, 3)):
+            c.append(GPUConfig("dot", 16, bn, split, w, st))
+        c.append(GPUConfig("dot", 16, 128, 4, 4, 3, dequant="convert"))
         if m == 1:
-            for bn, split in ((64, 1), (128, 1), (64, 4), (128, 2)):
-                c.append(GPUConfig("gemv", 1, bn, split, 4, 3))
+            for bn, split, w in ((64, 2, 4), (128, 4, 4), (32, 4, 4), (64, 4, 2)):
+                c.append(GPUConfig("gemv", 1, bn, split, w, 3))
     elif m <= 64:
         for bn, split, w in ((64, 1, 4), (128, 1, 4), (128, 2, 4), (64, 2, 4), (128, 1, 8)):
             c.append(GPUConfig("dot", 64, bn, split, w, 3))
@@ -147,7 +147,8 @@ def bench_shape(k: int, n: int, ms: list[int], *, sweep: bool, slabs: list[int |
                 outs.append(jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
             return outs
 
-        rec(m, "xla_dequant", time_jax(jax.jit(xla_deq), (x, lins), c_q), wbytes + io)
+        if BASELINES:
+            rec(m, "xla_dequant", time_jax(jax.jit(xla_deq), (x, lins), c_q), wbytes + io)
         for slab in slabs:
             packs = [repack.pack_gptq_linear(l["qweight"], l["scales"], l["zeros"], l["g_idx"], bits=4,
                                              layout="nk", slab=slab) for l in lins]
@@ -219,9 +220,12 @@ def main() -> None:
     ap.add_argument("--max-cfgs", type=int, default=12)
     ap.add_argument("--slabs", default="auto", help="comma list of slab sizes (auto = repack.choose_slab)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-xla-dequant", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
+    global BASELINES
+    BASELINES = not args.no_xla_dequant
     slabs = [None if s == "auto" else int(s) for s in args.slabs.split(",")]
     torch_ok = not args.no_torch
     if torch_ok:

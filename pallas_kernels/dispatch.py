@@ -38,7 +38,7 @@ __all__ = ["Prepared", "prepare", "matmul", "xla_matmul", "LARGE_M_GPU"]
 
 # Above this many tokens the GPU path dequantizes once and calls XLA's dot (cuBLAS), which was
 # faster than the Pallas kernel there on an H100 (benchmarks/RESULTS.md, "Pallas kernels").
-LARGE_M_GPU = 1 << 30
+LARGE_M_GPU = 128
 
 _GPU_NAMES = ("gpu", "cuda", "rocm")
 

@@ -9,7 +9,7 @@ K contiguous, scales / zeros ``[Np, Gp]``). Two variants share one grid
   "magic" (``0x4300 | q`` is the bf16 ``128 + q``; ``0x6400 | q`` the fp16 ``1024 + q``), no
   int->float conversion. The group's scale and zero are applied to the fp32 dot result:
   ``acc += (Σ_k x_k (q_k + o) - (z + o) Σ_k x_k) * s`` over each run of channels of one group,
-  with the run sums ``Σ_k x_k`` precomputed in XLA.
+  with the run sums ``Σ_k x_k`` taken from the same x tiles in-kernel.
 * ``"gemv"`` (M == 1): the same algebra with fp32 FMAs on CUDA cores (``0x43800000 | q<<15`` is
   the fp32 ``256 + q``), no tensor-core tile padding.
 
@@ -71,17 +71,17 @@ def default_config(m: int, packed: PackedGPTQ) -> GPUConfig:
     """Heuristic tile choice for ``m`` tokens (tuned on an H100; see benchmarks/RESULTS.md)."""
     nb = packed.k_pad // ((32 // packed.bits) * packed.slab)
     if m <= 16:
-        bm, bn, warps = 16, 128, 4
+        bm, bn, warps = 16, 64, 4
     elif m <= 32:
         bm, bn, warps = 32, 128, 4
     elif m <= 64:
-        bm, bn, warps = 64, 128, 4
+        bm, bn, warps = 64, 64, 4
     else:
         bm, bn, warps = 128, 128, 8
     while packed.n_pad % bn:
         bn //= 2
     programs = -(-m // bm) * (packed.n_pad // bn)
-    target = 2 * _num_sms()
+    target = 6 * _num_sms()  # H100, 8192x28672, M=1: ~900 programs beat 450 and 1800
     split = 1
     for d in range(1, min(nb, 16) + 1):
         if nb % d == 0:
@@ -122,7 +122,7 @@ def _magic_f32(w: jax.Array, j: int, bits: int, mode: str) -> jax.Array:
     return jax.lax.bitcast_convert_type((v & jnp.int32(mask)) | jnp.int32(0x43800000), jnp.float32)
 
 
-def _kernel(x_ref, xc_ref, w_ref, s_ref, z_ref, o_ref, *, bits, slab, chunk, group_size,
+def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, bits, slab, chunk, group_size,
             blocks_per_split, variant, block_m, block_n, dequant):
     p = 32 // bits
     blk = p * slab
@@ -137,6 +137,7 @@ def _kernel(x_ref, xc_ref, w_ref, s_ref, z_ref, o_ref, *, bits, slab, chunk, gro
             w = w_ref[:, pl.ds(pl.multiple_of(b * slab, slab), slab)]  # [bn, S] int32
             for r in range(runs):
                 d = None
+                xs = None
                 offset = 0.0
                 for jj in range(per_run):
                     j = r * per_run + jj
@@ -147,11 +148,12 @@ def _kernel(x_ref, xc_ref, w_ref, s_ref, z_ref, o_ref, *, bits, slab, chunk, gro
                     with jax.named_scope("mma"):
                         t_ = jax.lax.dot_general(qj, xj, (((1,), (1,)), ((), ())),
                                                  preferred_element_type=jnp.float32)  # [bn, bm]
+                    xsum = jnp.sum(xj.astype(jnp.float32), axis=1)[None, :]  # [1, bm]
                     d = t_ if d is None else d + t_
+                    xs = xsum if xs is None else xs + xsum
                 g = (b * blk + r * chunk) // group_size
                 s = s_ref[:, pl.ds(g, 1)].astype(jnp.float32)  # [bn, 1]
                 z = z_ref[:, pl.ds(g, 1)].astype(jnp.float32) + offset
-                xs = xc_ref[pl.ds(b * runs + r, 1), :]  # [1, bm]
                 acc = acc + (d - z * xs) * s
             return acc
 
@@ -164,6 +166,7 @@ def _kernel(x_ref, xc_ref, w_ref, s_ref, z_ref, o_ref, *, bits, slab, chunk, gro
             w = w_ref[:, pl.ds(pl.multiple_of(b * slab, slab), slab)]  # [bn, S] int32
             for r in range(runs):
                 part = None
+                xrun = None
                 for jj in range(per_run):
                     j = r * per_run + jj
                     k0 = pl.multiple_of(b * blk + j * slab, slab)
@@ -171,10 +174,11 @@ def _kernel(x_ref, xc_ref, w_ref, s_ref, z_ref, o_ref, *, bits, slab, chunk, gro
                     with jax.named_scope("dequant_fma"):
                         v = _magic_f32(w, j, bits, dequant) * xj
                     part = v if part is None else part + v
+                    xrun = xj if xrun is None else xrun + xj
                 g = (b * blk + r * chunk) // group_size
                 s = s_ref[:, pl.ds(g, 1)].astype(jnp.float32)  # [bn, 1]
                 z = z_ref[:, pl.ds(g, 1)].astype(jnp.float32) + 256.0
-                xs = xc_ref[pl.ds(b * runs + r, 1), :]  # [1, 1]
+                xs = jnp.sum(xrun, axis=1, keepdims=True)  # [1, 1]
                 acc2 = acc2 + part * s
                 accz = accz + z * s * xs
             return acc2, accz
@@ -248,8 +252,8 @@ def _forward(x2: jax.Array, packed: PackedGPTQ, cfg: GPUConfig, interpret: bool)
     mp = -(-m // bm) * bm
     if packed.perm is not None:
         x2 = jnp.take(x2, packed.perm, axis=1)
-    x2 = jnp.pad(x2, ((0, mp - m), (0, packed.k_pad - packed.k)))
-    xc = x2.astype(jnp.float32).reshape(mp, packed.k_pad // chunk, chunk).sum(-1).T  # [Kp/C, Mp]
+    if mp != m or packed.k_pad != packed.k:
+        x2 = jnp.pad(x2, ((0, mp - m), (0, packed.k_pad - packed.k)))
     gp = packed.scales.shape[1]
     split = cfg.split_k
     grid = (mp // bm, packed.n_pad // bn, split)
@@ -259,7 +263,6 @@ def _forward(x2: jax.Array, packed: PackedGPTQ, cfg: GPUConfig, interpret: bool)
     )
     in_specs = [
         pl.BlockSpec((bm, packed.k_pad), lambda i, j, s: (i, 0)),
-        pl.BlockSpec((packed.k_pad // chunk, bm), lambda i, j, s: (0, i)),
         pl.BlockSpec((bn, packed.k_pad // p), lambda i, j, s: (j, 0)),
         pl.BlockSpec((bn, gp), lambda i, j, s: (j, 0)),
         pl.BlockSpec((bn, gp), lambda i, j, s: (j, 0)),
@@ -280,7 +283,7 @@ def _forward(x2: jax.Array, packed: PackedGPTQ, cfg: GPUConfig, interpret: bool)
         out = pl.pallas_call(
             kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec,
             interpret=interpret, name=f"gptq{bits}_{cfg.variant}", **params,
-        )(x2, xc, packed.words, packed.scales, packed.zeros)
+        )(x2, packed.words, packed.scales, packed.zeros)
     if split > 1:
         out = out.sum(0).astype(x2.dtype)
     return out[:m, : packed.n]

@@ -90,14 +90,15 @@ def analyze_g_idx(g_idx: Any, num_groups: int) -> GroupLayout | None:
 def choose_slab(k: int, group_size: int, bits: int) -> int | None:
     """Pick the slab ``S`` (words per block row) for this K / group size; None if none fits.
 
-    Candidates are 128, 64, 32, 16 (powers of two ≥ 16 keep Triton dots legal); ``S`` must divide
-    the group size (a slab must not straddle groups) and the block ``B = P*S`` must divide, or be a
-    multiple of, the group size (so a block holds whole "runs" of one group). Among those we take the largest whose
-    K padding stays within 1/16 of K, else the one with least padding.
+    Candidates, in order of preference, are 32, 16, 64, 128 (powers of two ≥ 16 keep Triton dots
+    legal; 32 was fastest on an H100, 128 overflows shared memory there); ``S`` must divide the
+    group size (a slab must not straddle groups) and the block ``B = P*S`` must divide, or be a
+    multiple of, the group size (so a block holds whole "runs" of one group). We take the first
+    whose K padding stays within 1/16 of K, else the one with least padding.
     """
     p = 32 // bits
     options = [
-        s for s in (128, 64, 32, 16)
+        s for s in (32, 16, 64, 128)
         if group_size >= k or (group_size % s == 0 and (group_size % (p * s) == 0 or (p * s) % group_size == 0))
     ]
     if not options:
