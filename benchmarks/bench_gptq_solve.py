@@ -40,10 +40,12 @@ DEFAULT_SHAPES = ["4096x4096", "11008x4096", "4096x11008"]
 QUICK_SHAPES = ["512x512", "1024x1024", "2048x1024"]
 
 
-def make_problem(n_out: int, n_in: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
-    """Correlated problem generated on the default device: ``w [in, out]``, ``h [in, in]``."""
+def make_problem(n_out: int, n_in: int, seed: int = 0, tokens_factor: float = 4.0
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Correlated problem generated on the default device: ``w [in, out]``, ``h [in, in]`` from
+    ``T = tokens_factor * in`` tokens (``tokens_factor <= 0``: ``T = in + 512``, nearly singular)."""
     k = jax.random.split(jax.random.PRNGKey(seed), 5)
-    t = n_in + 512
+    t = int(tokens_factor * n_in) if tokens_factor > 0 else n_in + 512
     feat = jnp.exp(0.5 * jax.random.normal(k[0], (n_in,)))
     mix = jax.random.normal(k[1], (64, n_in)) * 0.5
     x = jax.random.normal(k[2], (t, n_in)) * feat + jax.random.normal(k[3], (t, 64)) @ mix
@@ -79,6 +81,17 @@ def reference_agreement(w, h, cfg: GPTQConfig, codes) -> float:
     return equal
 
 
+def factor_residual(h: jax.Array, damp: float = 0.01) -> float:
+    """max |U^T U H_d - I| in float64 for the device's damped inverse factor ``U``."""
+    from jgptq import linalg
+
+    u, _, _ = jax.jit(lambda h: linalg.damped_inverse_factor(h, damp))(h)
+    u = np.asarray(u, np.float64)
+    hd = np.asarray(h, np.float64)
+    hd = hd + damp * np.mean(np.diag(hd)) * np.eye(len(hd))
+    return float(np.abs(u.T @ (u @ hd) - np.eye(len(hd))).max())
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -106,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-shapes", nargs="*", default=None,
                    help="run the NumPy reference only for these shapes (default: all that fit "
                         "--ref-max-in)")
+    p.add_argument("--tokens-factor", type=float, default=4.0,
+                   help="calibration tokens per input feature (0: in+512 tokens, the first GPU run)")
+    p.add_argument("--check-factor", action="store_true",
+                   help="print max|U^T U (H + damp) - I| of the device factor (float64 check)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
 
@@ -127,12 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     meta = dict(jax=jax.__version__, backend=backend, device=device, commit=git_commit(),
                 machine=platform.machine(), cpus=os.cpu_count(), bits=args.bits,
-                group_size=args.group_size, sym=args.sym,
+                group_size=args.group_size, sym=args.sym, tokens_factor=args.tokens_factor,
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     with jax.default_matmul_precision("highest"):
         for shape in shapes:
             n_out, n_in = (int(v) for v in shape.lower().split("x"))
-            w, h = make_problem(n_out, n_in)
+            w, h = make_problem(n_out, n_in, tokens_factor=args.tokens_factor)
+            if args.check_factor:
+                print(f"# {shape}: factor residual {factor_residual(h):.3e}", flush=True)
             for act in acts:
                 cfg = GPTQConfig(bits=args.bits, group_size=args.group_size, sym=args.sym,
                                  desc_act=act)
