@@ -468,3 +468,86 @@ def test_dynamic_rules_mixed_bits_and_float_modules(tmp_path: Path) -> None:
                                   params["layers"][0]["mlp"]["down_proj"]["kernel"])
     np.testing.assert_array_equal(gp.unpack_rows(back["layers"][1]["mlp"]["down_proj"]["qweight"], 8),
                                   raw8["down_proj"]["codes"])
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_convert_gptq_v1_to_v2_and_back(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from jgptq.cli import main
+
+    ref = load_gptq_folder(folder, tokenizer=False)[1]
+    assert main(["convert", str(folder), "--out", str(tmp_path / "v2"), "--format", "gptq_v2"]) == 0
+    assert "written as gptq_v2" in capsys.readouterr().out
+    t = read_folder(tmp_path / "v2")
+    assert np.all(t["model.layers.0.self_attn.q_proj.qzeros"].view(np.uint32) == 0x88888888)
+    _assert_same_quantized(load_gptq_folder(tmp_path / "v2", tokenizer=False)[1], ref)
+    assert main(["convert", str(tmp_path / "v2"), "--out", str(tmp_path / "v1"), "--format", "gptq"]) == 0
+    assert read_folder(tmp_path / "v1")["model.layers.0.self_attn.q_proj.qzeros"].view(np.uint32)[0, 0] == 0x77777777
+    assert main(["convert", str(tmp_path / "v2"), "--out", str(tmp_path / "v1")]) == 1  # exists
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_convert_repairs_mislabelled_file(folder: Path, tmp_path: Path) -> None:
+    from jgptq.cli import main
+
+    def to_v2(t: dict[str, np.ndarray]) -> None:
+        for k in [k for k in t if k.endswith(".qzeros")]:
+            t[k] = gp.pack_cols(np.full((t[k].shape[0], t[k].shape[1] * 8), 8), 4)
+
+    _rewrite(folder, to_v2)
+    assert main(["convert", str(folder), "--out", str(tmp_path / "bad")]) == 1
+    with pytest.warns(UserWarning, match="override"):
+        assert main(["convert", str(folder), "--out", str(tmp_path / "fixed"), "--read-format", "gptq_v2"]) == 0
+    _, params, _, info = load_gptq_folder(tmp_path / "fixed", tokenizer=False)
+    assert info.checkpoint_format == "gptq" and not info.warnings
+
+
+def test_cli_convert_float_hf_folder(tmp_path: Path) -> None:
+    from jgptq.cli import main
+
+    rng = np.random.default_rng(13)
+    params, _ = tiny_params(13, 4, 32, True, False)
+    for lp in params["layers"]:
+        for mod in ("self_attn", "mlp"):
+            for proj in lp[mod]:
+                n_in, n_out = SHAPES[f"{mod}.{proj}"]
+                lp[mod][proj] = {"kernel": rng.normal(size=(n_in, n_out)).astype(np.float32)}
+    src = export_hf(tmp_path / "src", config(), params)
+    assert main(["convert", str(src), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16",
+                 "--max-shard-size", "30KB"]) == 0
+    out = tmp_path / "bf16"
+    assert (out / "model.safetensors.index.json").exists()
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    t = read_folder(out)
+    import ml_dtypes
+
+    assert t["model.norm.weight"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(t["model.norm.weight"], params["norm"]["scale"].astype(ml_dtypes.bfloat16))
+    assert main(["convert", str(src), "--out", str(tmp_path / "x"), "--format", "gptq_v2"]) == 2
+
+
+@pytest.mark.slow
+def test_cli_convert_gguf_to_hf_loads_in_transformers(tmp_path: Path) -> None:
+    """SmolLM2 GGUF -> HF float folder; transformers (PyTorch) logits match jgptq's Flax logits."""
+    import jax
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jgptq.artifacts import smollm2_gguf
+    from jgptq.cli import main
+    from jgptq.models import llama
+    from jgptq.models.loading import load
+
+    gguf = smollm2_gguf()
+    out = tmp_path / "smollm2-hf"
+    assert main(["convert", str(gguf), "--out", str(out)]) == 0
+    assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
+    loaded = load(out)
+    ids = np.asarray(loaded.tokenizer("The quick brown fox jumps over the lazy dog, and then",
+                                      add_special_tokens=False)["input_ids"])[None]
+    flax = np.asarray(jax.jit(llama.forward, static_argnums=(3,))(loaded.params, ids, None, loaded.config))
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(flax, ref, atol=2e-3 * float(np.abs(ref).max()), rtol=0)
