@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("jgptq.cli.quantize", "Quantize a model with GPTQ (default: SmolLM2-135M) and write a checkpoint + report"),
     "eval": ("jgptq.cli.eval", "Perplexity of a float or GPTQ model on an evaluation corpus"),
     "generate": ("jgptq.cli.generate", "Generate text with a float or GPTQ model"),
+    "convert": ("jgptq.cli.convert", "Convert between GGUF, Hugging Face float and GPTQ checkpoint folders"),
 }
 
 
