@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_quality",
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)",
         "layers": len(params["layers"]),
-        "calibration": {"data": "brown-train", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed},
+        "calibration": {"data": "brown-train", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+                        "compute_dtype": args.compute_dtype},
         "eval": {"data": "brown-test", "seqlen": args.eval_seqlen, "windows": args.eval_windows,
                  "packed": args.packed_eval},
         "machine": machine(),
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             qparams, report = jgptq.quantize(params, calib if method == "gptq" else None, cfg, config,
-                                             mode=method, batch_size=args.batch_size, progress=False)
+                                             mode=method, batch_size=args.batch_size,
+                                             compute_dtype=args.compute_dtype, progress=False)
         except Exception as e:  # keep the table going; record what failed and why
             result["rows"].append({"label": label, "method": method, "config": kw, "error": repr(e)})
             print(f"{method:>4} {label}: FAILED {e!r}", flush=True)

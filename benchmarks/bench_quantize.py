@@ -46,6 +46,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward batch")
+    p.add_argument("--compute-dtype", default="float32", help="dtype of the calibration forwards")
     p.add_argument("--layers", type=int, default=None, help="only the first N decoder blocks (quick checks)")
     p.add_argument("--out", required=True, help="folder for the JSON/markdown results")
 
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for r in range(args.repeats):
         t0 = time.perf_counter()
-        qparams, report = jgptq.quantize(params, ids, qcfg, config, batch_size=args.batch_size, progress=False)
+        qparams, report = jgptq.quantize(params, ids, qcfg, config, batch_size=args.batch_size,
+                                         compute_dtype=args.compute_dtype, progress=False)
         wall = time.perf_counter() - t0
         runs.append({"wall_s": wall, **{f"{k}_s": v for k, v in report.timings.items()}})
         print(f"run {r}: {wall:.2f}s  " + "  ".join(f"{k} {v:.2f}" for k, v in report.timings.items()), flush=True)
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)",
         "layers": len(params["layers"]),
         "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
-                        "source": "random" if args.random_calib else "brown-train", "batch_size": args.batch_size},
+                        "source": "random" if args.random_calib else "brown-train", "batch_size": args.batch_size,
+                        "compute_dtype": args.compute_dtype},
         "config": qcfg.to_dict(),
         "load_model_s": load_s, "calibration_s": calib_s,
         "runs": runs,
@@ -172,7 +175,8 @@ def markdown(res: dict[str, Any]) -> str:
     cal = res["calibration"]
     phases = ["embed_s", "hessian_s", "quantize_s", "forward_s", "pack_s"]
     lines = [f"`jgptq.quantize` on {res['model']}, {res['layers']} blocks, {cal['nsamples']} x {cal['seqlen']} "
-             f"{cal['source']} tokens, {res['config']['bits']}-bit g{res['config']['group_size']}, "
+             f"{cal['source']} tokens ({cal['compute_dtype']} forwards), {res['config']['bits']}-bit "
+             f"g{res['config']['group_size']}, "
              f"{res['machine']['device']} ({res['machine']['backend']}), commit {res['machine']['commit']}",
              "",
              "| run | wall s | " + " | ".join(p[:-2] for p in phases) + " |",

@@ -149,12 +149,12 @@ def _positions(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-@partial(jax.jit, static_argnames=("model_config",))
-def _embed_batches(params: Any, ids: jax.Array, model_config: Any) -> jax.Array:
-    """``ids [nb, B, S]`` -> fp32 hidden states ``[nb, B, S, D]``."""
+@partial(jax.jit, static_argnames=("model_config", "dtype"))
+def _embed_batches(params: Any, ids: jax.Array, model_config: Any, dtype: Any) -> jax.Array:
+    """``ids [nb, B, S]`` -> hidden states ``[nb, B, S, D]`` in the compute ``dtype``."""
     from jgptq.models import llama
 
-    return jax.lax.map(lambda i: llama.embed(params, i).astype(jnp.float32), ids)
+    return jax.lax.map(lambda i: llama.embed(params, i).astype(dtype), ids)
 
 
 @partial(jax.jit, static_argnames=("model_config", "names"))
@@ -186,7 +186,7 @@ def _forward_pass(layer: Any, hs: jax.Array, mask: jax.Array, model_config: Any)
 
     def one(xs):
         h, m = xs
-        return llama.decoder_block(layer, h, _positions(m), m, model_config).astype(jnp.float32)
+        return llama.decoder_block(layer, h, _positions(m), m, model_config).astype(h.dtype)
 
     return jax.lax.map(one, (hs, mask))
 
@@ -264,6 +264,15 @@ def _copy_dicts(tree: Any) -> Any:
     return tree
 
 
+def _to_f32(a: Any) -> jax.Array:
+    a = jnp.asarray(a)
+    return a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+
+def _cast_float(a: jax.Array, dtype: Any) -> jax.Array:
+    return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+
 def _check_finite(tree: Any, what: str) -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         a = np.asarray(leaf)
@@ -280,11 +289,11 @@ def _check_finite(tree: Any, what: str) -> None:
 def block_inputs(params: Mapping[str, Any], ids: Any, model: Any, *, batch_size: int = 8) -> jax.Array:
     """Block 0's inputs (the embeddings) as the driver captures them: fp32 ``[n, S, D]``."""
     cal = Calibration.from_any(ids)
-    hs, _, n = _embed(params, cal, model, batch_size)
+    hs, _, n = _embed(params, cal, model, batch_size, jnp.float32)
     return hs.reshape(-1, *hs.shape[2:])[:n]
 
 
-def _embed(params: Mapping[str, Any], cal: Calibration, model: Any, batch_size: int
+def _embed(params: Mapping[str, Any], cal: Calibration, model: Any, batch_size: int, dtype: Any
            ) -> tuple[jax.Array, jax.Array, int]:
     n, s = cal.ids.shape
     b = max(1, min(batch_size, n))
@@ -293,13 +302,13 @@ def _embed(params: Mapping[str, Any], cal: Calibration, model: Any, batch_size: 
     mask = np.zeros((nb * b, s), bool)
     ids[:n], mask[:n] = cal.ids, cal.mask
     emb = {k: params[k] for k in ("embed_tokens",)}
-    hs = _embed_batches(emb, jnp.asarray(ids.reshape(nb, b, s)), model)
+    hs = _embed_batches(emb, jnp.asarray(ids.reshape(nb, b, s)), model, dtype)
     return hs, jnp.asarray(mask.reshape(nb, b, s)), n
 
 
 def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
              mode: str = "gptq", dynamic: Mapping[str, Mapping[str, Any]] | None = None,
-             batch_size: int = 8, progress: bool = True,
+             batch_size: int = 8, compute_dtype: Any = None, progress: bool = True,
              on_block_input: Callable[[int, jax.Array], None] | None = None,
              ) -> tuple[dict[str, Any], QuantizationReport]:
     """Quantize every decoder-block linear of a Llama-family model, block by block.
@@ -315,6 +324,9 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
       dynamic: GPTQModel-style per-module overrides (:func:`resolve_dynamic`); defaults to
         ``config.dynamic`` when the config has such a field.
       batch_size: calibration samples per forward batch (bounds activation memory).
+      compute_dtype: dtype of the calibration forwards and stored activations (default float32;
+        ``"bfloat16"`` halves activation memory and traffic, as the reference's fp16 forwards do).
+        Hessians are always accumulated in float32 and GPTQ always runs on the float32 weights.
       progress: show a tqdm bar over blocks.
       on_block_input: called as ``fn(i, hs)`` with block ``i``'s inputs ``hs [n, S, D]`` (fp32,
         on device) before block ``i`` is processed; for tests and diagnostics.
@@ -328,6 +340,9 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
     from jgptq.models import llama
 
     t_start = time.perf_counter()
+    cdt = jnp.dtype(compute_dtype or jnp.float32)
+    if not jnp.issubdtype(cdt, jnp.floating):
+        raise ValueError(f"compute_dtype must be a float dtype, got {compute_dtype!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if dynamic is None:
@@ -357,7 +372,7 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
             raise ValueError(f"calibration ids must lie in [0, {vocab}), got range "
                              f"[{cal.ids.min()}, {cal.ids.max()}]")
         t0 = time.perf_counter()
-        hs, mask, n = _embed(params, cal, model, batch_size)
+        hs, mask, n = _embed(params, cal, model, batch_size, cdt)
         hs.block_until_ready()
         timings["embed"] = time.perf_counter() - t0
 
@@ -367,7 +382,9 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
     for i, layer_host in enumerate(layers):
         if on_block_input is not None and hs is not None:
             on_block_input(i, hs.reshape(-1, *hs.shape[2:])[:n])
-        layer = jax.tree_util.tree_map(jnp.asarray, _copy_dicts(layer_host))  # this block only
+        # this block only: fp32 master weights (what GPTQ quantizes) + a compute-dtype copy for the passes
+        master = jax.tree_util.tree_map(_to_f32, _copy_dicts(layer_host))
+        layer = master if cdt == jnp.float32 else jax.tree_util.tree_map(lambda a: _cast_float(a, cdt), master)
         packed: dict[str, Any] = {}
 
         if mode == "rtn":
@@ -379,7 +396,7 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
                                    shape=tuple(int(d) for d in lin["kernel"].shape), method="skip")
                 if cfg is not None:
                     tq = time.perf_counter()
-                    res = _quantize_rtn(lin["kernel"].astype(jnp.float32), cfg)
+                    res = _quantize_rtn(_get(master, module)["kernel"], cfg)
                     packed[module] = _with_bias(res["params"], lin)
                     jax.block_until_ready(packed[module])
                     rep = dataclasses.replace(rep, method="rtn", **_settings(cfg),
@@ -411,12 +428,12 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
                         "weights and the model dtype (fp16 overflow)")
                 timings["hessian"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                reports, new = _quantize_shared(i, layer, active, states, tokens)
+                reports, new = _quantize_shared(i, master, active, states, tokens)
                 timings["quantize"] += time.perf_counter() - t0
                 modules.extend(reports)
                 for m, (pk, deq) in new.items():
                     packed[m] = pk
-                    _set(layer, f"{m}.kernel", deq.astype(_get(layer, m)["kernel"].dtype))
+                    _set(layer, f"{m}.kernel", deq.astype(cdt))
             t0 = time.perf_counter()
             hs = _forward_pass(layer, hs, mask, model)
             hs.block_until_ready()
@@ -428,7 +445,7 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
             _set(out_layer, m, pk)
         out_layers.append(out_layer)
         timings["pack"] += time.perf_counter() - t0
-        del layer
+        del layer, master
         bar.update(1)
     bar.close()
 
@@ -437,7 +454,8 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
     timings["total"] = time.perf_counter() - t_start
     report = QuantizationReport(
         modules=modules,
-        config={**_config_dict(config), "mode": mode, "dynamic": dict(dynamic) if dynamic else None},
+        config={**_config_dict(config), "mode": mode, "dynamic": dict(dynamic) if dynamic else None,
+                "compute_dtype": cdt.name},
         calibration=({"nsamples": int(cal.ids.shape[0]), "seqlen": int(cal.ids.shape[1]),
                       "tokens": int(cal.mask.sum()), "batch_size": int(min(batch_size, cal.ids.shape[0]))}
                      if cal is not None else {}),

@@ -16,7 +16,7 @@ from typing import Any
 
 # Calibration when none is given: the GPTQ protocol on an accelerator, a quick setting on a CPU.
 ACCEL_CALIB = (128, 2048)
-CPU_CALIB = (16, 512)
+CPU_CALIB = (16, 256)
 CPU_EVAL_WINDOWS = 4
 CPU_EVAL_SEQLEN = 512
 
@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"tokens per window (default {ACCEL_CALIB[1]}; {CPU_CALIB[1]} on a CPU)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward batch")
+    g.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the calibration forwards (Hessians and GPTQ stay float32)")
     g.add_argument("--eval", dest="eval_data", default="brown",
                    help="perplexity data after quantizing (brown | wikitext2 | c4 | file)")
     g.add_argument("--eval-seqlen", type=int, default=None,
@@ -156,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     say(f"quantizing ({mode}, {config.bits}-bit, group {config.group_size}, desc_act={config.desc_act}, "
         f"sym={config.sym}) on {jax.default_backend()}")
     qparams, report = jgptq.quantize(params, calib, config, model_config, mode=mode, dynamic=dynamic,
-                                     batch_size=batch_size, progress=not args.quiet)
+                                     batch_size=batch_size, compute_dtype=args.compute_dtype,
+                                     progress=not args.quiet)
     say(f"quantized {len(params['layers'])} blocks in {report.timings['total']:.1f}s")
     report.extra["model"] = label
     report.extra["machine"] = {"backend": jax.default_backend(), "device": report.environment.get("device")}
@@ -167,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     out = export_gptq(args.out, model_config, qparams, config, tokenizer=tokenizer, report=report,
-                      checkpoint_format=args.checkpoint_format, overwrite=args.overwrite)
+                      checkpoint_format=args.checkpoint_format, overwrite=args.overwrite,
+                      dynamic=dynamic)
     report.extra["checkpoint"] = str(out)
     report.timings["write"] = time.perf_counter() - t0
     report.timings["wall"] = time.perf_counter() - t_start
