@@ -28,10 +28,14 @@ Scales are float16-rounded inside the loop (:mod:`jgptq.quantizer`), and the int
 straight out of the loop, so the checkpoint holds exactly the weights the error feedback assumed.
 
 Implementation: one ``lax.fori_loop`` over blocks (static shapes: one compilation per layer shape
-and config); inside a block a ``lax.fori_loop`` over rows computes each row *left-looking*
-(``w_i = w_i^0 - U[:i, i]^T Err[:i]``, a ``[block] x [block, out]`` matvec) so nothing but the
-block's error matrix is written per step; the trailing update is one ``[in, block] x [block, out]``
-matmul at HIGHEST precision.
+and structural config; ``bits``, ``sym`` and ``desc_act`` are runtime values, so they share it).
+Inside a block each row is computed *left-looking* (``w_i = w_i^0 - U[:i, i]^T Err[:i]``), either
+by a ``lax.fori_loop`` of vector ops (``impl="xla"``, everywhere) or by one Pallas kernel per block
+(``impl="pallas"``, GPU default) in which each program carries a tile of output channels through
+all ``block_size`` steps in registers. The trailing update is one ``[in, block] x [block, out]``
+matmul at HIGHEST precision over all rows (earlier blocks receive exact zeros from the upper
+triangular ``U`` and the current block is already quantized; this keeps shapes static at the cost
+of 2x the reference's trailing flops).
 """
 
 from __future__ import annotations

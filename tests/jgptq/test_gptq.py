@@ -233,3 +233,31 @@ def test_public_names_are_exported(problem):
     assert jgptq.rtn is rtn
     assert jgptq.CholeskyError is CholeskyError
     assert jgptq.GPTQConfig is GPTQConfig
+
+
+def test_pallas_block_kernel_matches_numpy():
+    # the GPU in-block kernel, run by the Pallas interpreter on CPU, against the reference's
+    # right-looking column loop in float64; out=40 is not a multiple of the kernel's tile
+    from jgptq.gptq import _block_pallas
+
+    rng = np.random.default_rng(7)
+    bs, n, maxq = 32, 40, 15.0
+    w1 = rng.standard_normal((bs, n)).astype(np.float32)
+    u1 = (np.triu(rng.standard_normal((bs, bs)) * 0.2, 1) + np.diag(rng.uniform(0.5, 1.5, bs)))
+    u1 = u1.astype(np.float32)
+    s = rng.uniform(0.2, 0.4, (bs, n)).astype(np.float32)
+    z = rng.integers(4, 12, (bs, n)).astype(np.float32)
+    err, codes = _block_pallas(jnp.asarray(w1), jnp.asarray(u1), jnp.asarray(s), jnp.asarray(z),
+                               jnp.float32(maxq), interpret=True)
+    W1 = w1.astype(np.float64).copy()
+    exp_codes = np.zeros((bs, n))
+    exp_err = np.zeros((bs, n))
+    for i in range(bs):
+        c = np.clip(np.round(W1[i] / s[i]) + z[i], 0, maxq)
+        e = (W1[i] - s[i] * (c - z[i])) / u1[i, i]
+        W1[i:] -= np.outer(u1[i, i:], e)
+        exp_codes[i], exp_err[i] = c, e
+    np.testing.assert_array_equal(np.asarray(codes), exp_codes.astype(np.uint8))
+    np.testing.assert_allclose(np.asarray(err), exp_err, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        gptq_columns(jnp.asarray(w1), jnp.eye(bs), GPTQConfig(group_size=16), impl="cuda")
