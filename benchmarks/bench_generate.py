@@ -162,14 +162,19 @@ def main(argv: list[str] | None = None) -> int:
                               "config": {"layers": config.num_layers, "hidden": config.hidden_size,
                                          "heads": config.num_heads, "kv_heads": config.num_kv_heads,
                                          "vocab": config.vocab_size}}
+
+    def save() -> None:  # after each implementation, so a long torch run keeps the jgptq numbers
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
     result["jgptq"] = bench_jax(config, params, dtype_name, batches, args.prompt_len, args.new_tokens,
                                 args.repeats, args.seed)
+    save()
     del params
     if args.torch:
         result["transformers"] = bench_torch(path, batches, args.prompt_len, args.new_tokens, args.repeats,
                                              args.seed, config.vocab_size)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        save()
     return 0
 
 
