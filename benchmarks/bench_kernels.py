@@ -99,6 +99,7 @@ def candidate_configs(m: int, packed: repack.PackedGPTQ, sweep: bool) -> list[GP
                                  (128, 4, 8, 3), (32, 4, 4, 3)):
             c.append(GPUConfig("dot", 16, bn, split, w, st))
         c.append(GPUConfig("dot", 16, 128, 4, 4, 3, dequant="convert"))
+        c.append(GPUConfig("dot", 16, 64, 2, 4, 3, x_sums="kernel"))
         if m == 1:
             for bn, split, w in ((64, 2, 4), (128, 4, 4), (32, 4, 4), (64, 4, 2)):
                 c.append(GPUConfig("gemv", 1, bn, split, w, 3))
@@ -159,7 +160,7 @@ def bench_shape(k: int, n: int, ms: list[int], *, sweep: bool, slabs: list[int |
             best = None
             for cfg in cfgs:
                 name = (f"pallas[S{p0.slab},{cfg.variant},bm{cfg.block_m},bn{cfg.block_n},sk{cfg.split_k},"
-                        f"w{cfg.num_warps},st{cfg.num_stages}]")
+                        f"w{cfg.num_warps},st{cfg.num_stages},{cfg.dequant},sums-{cfg.x_sums}]")
                 try:
                     fk = jax.jit(lambda x, ps, cfg=cfg: [gptq_matmul_gpu(x, p, config=cfg, interpret=INTERPRET)
                                                          for p in ps])

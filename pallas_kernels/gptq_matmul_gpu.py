@@ -9,7 +9,9 @@ K contiguous, scales / zeros ``[Np, Gp]``). Two variants share one grid
   "magic" (``0x4300 | q`` is the bf16 ``128 + q``; ``0x6400 | q`` the fp16 ``1024 + q``), no
   int->float conversion. The group's scale and zero are applied to the fp32 dot result:
   ``acc += (Σ_k x_k (q_k + o) - (z + o) Σ_k x_k) * s`` over each run of channels of one group,
-  with the run sums ``Σ_k x_k`` taken from the same x tiles in-kernel.
+  with the run sums ``Σ_k x_k`` precomputed by XLA (``x_sums="xla"``, default: fastest on the
+  large H100 shapes) or reduced from the x tiles in-kernel (``x_sums="kernel"``: one launch fewer,
+  but a cross-warp reduction per slab).
 * ``"gemv"`` (M == 1): the same algebra with fp32 FMAs on CUDA cores (``0x43800000 | q<<15`` is
   the fp32 ``256 + q``), no tensor-core tile padding.
 
@@ -49,6 +51,8 @@ class GPUConfig:
       num_warps, num_stages: Triton launch parameters.
       dequant: ``"magic"`` (exponent-bit tricks, no int->float instructions) or ``"convert"``
         (plain conversions; a fallback should a lowering reject the bit casts).
+      x_sums: where the per-run activation sums come from: ``"xla"`` (a small fused XLA
+        reduction before the kernel) or ``"kernel"`` (reduced in-kernel).
     """
 
     variant: str = "dot"
@@ -58,6 +62,7 @@ class GPUConfig:
     num_warps: int = 4
     num_stages: int = 3
     dequant: str = "magic"
+    x_sums: str = "xla"
 
 
 def _num_sms() -> int:
@@ -122,8 +127,12 @@ def _magic_f32(w: jax.Array, j: int, bits: int, mode: str) -> jax.Array:
     return jax.lax.bitcast_convert_type((v & jnp.int32(mask)) | jnp.int32(0x43800000), jnp.float32)
 
 
-def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, bits, slab, chunk, group_size,
-            blocks_per_split, variant, block_m, block_n, dequant):
+def _kernel(*refs, bits, slab, chunk, group_size, blocks_per_split, variant, block_m, block_n, dequant,
+            x_sums):
+    if x_sums == "xla":
+        x_ref, xc_ref, w_ref, s_ref, z_ref, o_ref = refs
+    else:
+        (x_ref, w_ref, s_ref, z_ref, o_ref), xc_ref = refs, None
     p = 32 // bits
     blk = p * slab
     runs = blk // chunk  # runs of one group per block
@@ -148,9 +157,12 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, bits, slab, chunk, group_size,
                     with jax.named_scope("mma"):
                         t_ = jax.lax.dot_general(qj, xj, (((1,), (1,)), ((), ())),
                                                  preferred_element_type=jnp.float32)  # [bn, bm]
-                    xsum = jnp.sum(xj.astype(jnp.float32), axis=1)[None, :]  # [1, bm]
                     d = t_ if d is None else d + t_
-                    xs = xsum if xs is None else xs + xsum
+                    if xc_ref is None:
+                        xsum = jnp.sum(xj.astype(jnp.float32), axis=1)[None, :]  # [1, bm]
+                        xs = xsum if xs is None else xs + xsum
+                if xc_ref is not None:
+                    xs = xc_ref[pl.ds(b * runs + r, 1), :]  # [1, bm]
                 g = (b * blk + r * chunk) // group_size
                 s = s_ref[:, pl.ds(g, 1)].astype(jnp.float32)  # [bn, 1]
                 z = z_ref[:, pl.ds(g, 1)].astype(jnp.float32) + offset
@@ -178,7 +190,10 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, bits, slab, chunk, group_size,
                 g = (b * blk + r * chunk) // group_size
                 s = s_ref[:, pl.ds(g, 1)].astype(jnp.float32)  # [bn, 1]
                 z = z_ref[:, pl.ds(g, 1)].astype(jnp.float32) + 256.0
-                xs = jnp.sum(xrun, axis=1, keepdims=True)  # [1, 1]
+                if xc_ref is None:
+                    xs = jnp.sum(xrun, axis=1, keepdims=True)  # [1, 1]
+                else:
+                    xs = xc_ref[pl.ds(b * runs + r, 1), :]  # [1, 1]
                 acc2 = acc2 + part * s
                 accz = accz + z * s * xs
             return acc2, accz
@@ -199,6 +214,8 @@ def _validate(x: jax.Array, packed: PackedGPTQ, cfg: GPUConfig) -> None:
         raise ValueError(f"x must be bfloat16 or float16 (cast first); got {x.dtype}.")
     if x.ndim < 1 or x.shape[-1] != packed.k:
         raise ValueError(f"x must be [..., K={packed.k}]; got shape {tuple(x.shape)}.")
+    if cfg.x_sums not in ("xla", "kernel"):
+        raise ValueError(f"config.x_sums must be 'xla' or 'kernel'; got {cfg.x_sums!r}.")
     if cfg.dequant not in ("magic", "convert"):
         raise ValueError(f"config.dequant must be 'magic' or 'convert'; got {cfg.dequant!r}.")
     if cfg.variant not in _VARIANTS:
@@ -255,18 +272,24 @@ def _forward(x2: jax.Array, packed: PackedGPTQ, cfg: GPUConfig, interpret: bool)
     if mp != m or packed.k_pad != packed.k:
         x2 = jnp.pad(x2, ((0, mp - m), (0, packed.k_pad - packed.k)))
     gp = packed.scales.shape[1]
+    operands = [x2]
+    in_specs = [pl.BlockSpec((bm, packed.k_pad), lambda i, j, s: (i, 0))]
+    if cfg.x_sums == "xla":
+        operands.append(x2.astype(jnp.float32).reshape(mp, packed.k_pad // chunk, chunk).sum(-1).T)  # [Kp/C, Mp]
+        in_specs.append(pl.BlockSpec((packed.k_pad // chunk, bm), lambda i, j, s: (0, i)))
+    operands += [packed.words, packed.scales, packed.zeros]
+    in_specs += [
+        pl.BlockSpec((bn, packed.k_pad // p), lambda i, j, s: (j, 0)),
+        pl.BlockSpec((bn, gp), lambda i, j, s: (j, 0)),
+        pl.BlockSpec((bn, gp), lambda i, j, s: (j, 0)),
+    ]
     split = cfg.split_k
     grid = (mp // bm, packed.n_pad // bn, split)
     kernel = functools.partial(
         _kernel, bits=bits, slab=slab, chunk=chunk, group_size=packed.group_size,
         blocks_per_split=nb // split, variant=cfg.variant, block_m=bm, block_n=bn, dequant=cfg.dequant,
+        x_sums=cfg.x_sums,
     )
-    in_specs = [
-        pl.BlockSpec((bm, packed.k_pad), lambda i, j, s: (i, 0)),
-        pl.BlockSpec((bn, packed.k_pad // p), lambda i, j, s: (j, 0)),
-        pl.BlockSpec((bn, gp), lambda i, j, s: (j, 0)),
-        pl.BlockSpec((bn, gp), lambda i, j, s: (j, 0)),
-    ]
     if split == 1:
         out_shape = jax.ShapeDtypeStruct((mp, packed.n_pad), x2.dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
@@ -283,7 +306,7 @@ def _forward(x2: jax.Array, packed: PackedGPTQ, cfg: GPUConfig, interpret: bool)
         out = pl.pallas_call(
             kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec,
             interpret=interpret, name=f"gptq{bits}_{cfg.variant}", **params,
-        )(x2, packed.words, packed.scales, packed.zeros)
+        )(*operands)
     if split > 1:
         out = out.sum(0).astype(x2.dtype)
     return out[:m, : packed.n]

@@ -118,6 +118,7 @@ GPU_CASES = [
     (4, -1, False, 320, 256, 1, "gemv", 1),   # per-channel
     (8, 128, True, 384, 128, 5, "dot", 1),    # 8-bit act-order
     (8, 64, False, 256, 128, 1, "gemv", 1),
+    (4, 64, True, 512, 128, 1, "gemv-kernel-sums", 2),
     (2, 128, False, 512, 128, 2, "dot", 1),
 ]
 
@@ -128,10 +129,12 @@ def test_gpu_kernel_interpret(bits, gs, act_order, k, n, m, variant, split, dtyp
     lin, w64 = make(10 + k + m, k, n, bits, gs, act_order)
     packed = repack.pack_gptq_linear(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=bits, layout="nk")
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
-    cfg = GPUConfig(variant=variant, block_m=1 if variant == "gemv" else 16, block_n=64, split_k=split)
+    sums = "kernel" if variant.endswith("kernel-sums") else "xla"
+    variant = variant.split("-")[0]
+    cfg = GPUConfig(variant=variant, block_m=1 if variant == "gemv" else 16, block_n=64, split_k=split, x_sums=sums)
     nb = packed.k_pad // ((32 // bits) * packed.slab)
     if nb % split:
-        cfg = GPUConfig(variant=variant, block_m=cfg.block_m, block_n=64, split_k=1)
+        cfg = GPUConfig(variant=variant, block_m=cfg.block_m, block_n=64, split_k=1, x_sums=sums)
     y = gptq_matmul_gpu(x, packed, config=cfg, interpret=True)
     assert y.shape == (m, n) and y.dtype == dtype
     ref64 = np.asarray(x, np.float64) @ w64
@@ -145,8 +148,9 @@ def test_gpu_kernel_fp16_and_leading_dims_and_convert_mode():
     packed = repack.pack_gptq_linear(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=4, layout="nk")
     x = jax.random.normal(jax.random.key(1), (2, 3, 512), jnp.float32).astype(jnp.float16)
     ref64 = np.asarray(x, np.float64) @ w64
-    for mode in ("magic", "convert"):
-        y = gptq_matmul_gpu(x, packed, config=GPUConfig(block_n=128, dequant=mode), interpret=True)
+    for cfg in (GPUConfig(block_n=128), GPUConfig(block_n=128, dequant="convert"),
+                GPUConfig(block_n=64, split_k=2, x_sums="kernel")):
+        y = gptq_matmul_gpu(x, packed, config=cfg, interpret=True)
         assert y.shape == (2, 3, 128) and y.dtype == jnp.float16
         assert rel_err(y, ref64) < 3e-3
 
@@ -161,6 +165,8 @@ def test_gpu_kernel_validation_errors():
         gptq_matmul_gpu(x.astype(jnp.float32), packed, interpret=True)
     with pytest.raises(ValueError, match="exactly one token"):
         gptq_matmul_gpu(x, packed, config=GPUConfig(variant="gemv", block_m=1), interpret=True)
+    with pytest.raises(ValueError, match="x_sums"):
+        gptq_matmul_gpu(x, packed, config=GPUConfig(x_sums="gpu"), interpret=True)
     with pytest.raises(ValueError, match="split_k"):
         gptq_matmul_gpu(x, packed, config=GPUConfig(split_k=3), interpret=True)
     kn = repack.pack_gptq_linear(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=4, layout="kn")
