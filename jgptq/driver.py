@@ -328,8 +328,8 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
         ``"bfloat16"`` halves activation memory and traffic, as the reference's fp16 forwards do).
         Hessians are always accumulated in float32 and GPTQ always runs on the float32 weights.
       progress: show a tqdm bar over blocks.
-      on_block_input: called as ``fn(i, hs)`` with block ``i``'s inputs ``hs [n, S, D]`` (fp32,
-        on device) before block ``i`` is processed; for tests and diagnostics.
+      on_block_input: called as ``fn(i, hs)`` with block ``i``'s inputs ``hs [n, S, D]`` (compute
+        dtype, on device) before block ``i`` is processed; for tests and diagnostics.
 
     Returns:
       ``(qparams, report)``: ``qparams`` is the same pytree with each quantized linear replaced by
@@ -397,7 +397,7 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
                 if cfg is not None:
                     tq = time.perf_counter()
                     res = _quantize_rtn(_get(master, module)["kernel"], cfg)
-                    packed[module] = _with_bias(res["params"], lin)
+                    packed[module] = res["params"]
                     jax.block_until_ready(packed[module])
                     rep = dataclasses.replace(rep, method="rtn", **_settings(cfg),
                                               time_s=time.perf_counter() - tq)
@@ -442,7 +442,7 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
         t0 = time.perf_counter()
         out_layer = _copy_dicts(layer_host)
         for m, pk in jax.device_get(packed).items():
-            _set(out_layer, m, pk)
+            _set(out_layer, m, _with_bias(pk, _get(layer_host, m)))  # bias: the caller's array
         out_layers.append(out_layer)
         timings["pack"] += time.perf_counter() - t0
         del layer, master
@@ -501,7 +501,7 @@ def _quantize_shared(i: int, layer: dict[str, Any], active: Sequence[tuple[str, 
             sl = slice(start, start + width)
             start += width
             pk = {k: (v if k == "g_idx" else v[..., sl]) for k, v in res["params"].items()}
-            new[m] = (_with_bias(pk, lin), res["dequant"][:, sl])
+            new[m] = (pk, res["dequant"][:, sl])
             reports.append(ModuleReport(
                 name=module_name(i, m), layer=i, shape=(int(w.shape[0]), width), method="gptq",
                 **_settings(cfg), loss=float(loss[sl].sum()), rtn_loss=float(rtn_loss[sl].sum()),

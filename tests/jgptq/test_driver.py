@@ -387,3 +387,38 @@ def test_nonfinite_weights_are_rejected():
         jgptq.quantize(tiny_model()[1], None, jgptq.GPTQConfig(**CFG_KW), cfg, progress=False)
     with pytest.raises(ValueError, match=r"ids must lie in \[0, 96\)"):
         jgptq.quantize(tiny_model()[1], ids + 96, jgptq.GPTQConfig(**CFG_KW), cfg, progress=False)
+
+
+def test_true_sequential_false_uses_the_float_block(tiny_run):
+    """One Hessian pass on the float block: k/v/q (first group either way) are identical to the
+    true-sequential run, while o_proj now sees float q/k/v inputs and so differs."""
+    import jgptq
+
+    r = tiny_run
+    q2, rep2 = jgptq.quantize(r["params"], (r["ids"], r["mask"]),
+                              jgptq.GPTQConfig(**CFG_KW, true_sequential=False), r["cfg"],
+                              batch_size=BATCH, progress=False)
+    l0, l0_seq = q2["layers"][0]["self_attn"], r["qparams"]["layers"][0]["self_attn"]
+    for mod in ("q_proj", "k_proj", "v_proj"):
+        np.testing.assert_array_equal(np.asarray(l0[mod]["qweight"]), np.asarray(l0_seq[mod]["qweight"]))
+    assert (np.asarray(l0["o_proj"]["qweight"]) != np.asarray(l0_seq["o_proj"]["qweight"])).any()
+    assert [m.name for m in rep2.modules] == [m.name for m in r["report"].modules]
+    assert rep2.totals()["compared"] == 14
+
+
+def test_biases_are_carried_over():
+    import jgptq
+
+    cfg, params = tiny_model(seed=6)
+    cfg = cfg.replace(qkv_bias=True, o_bias=True)
+    rng = np.random.default_rng(6)
+    for lp in params["layers"]:
+        for name, lin in lp["self_attn"].items():
+            lin["bias"] = rng.standard_normal(lin["kernel"].shape[1]).astype(np.float32)
+    ids, mask = tiny_calibration()
+    q, _ = jgptq.quantize(params, (ids, mask), jgptq.GPTQConfig(**CFG_KW), cfg, batch_size=BATCH,
+                          progress=False)
+    for lp, qp in zip(params["layers"], q["layers"]):
+        for name, lin in lp["self_attn"].items():
+            assert qp["self_attn"][name]["bias"] is lin["bias"]
+            assert "qweight" in qp["self_attn"][name]
