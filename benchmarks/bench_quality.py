@@ -8,13 +8,14 @@ fp32. RTN = round-to-nearest with the same bits / group size / symmetry.
 Rows (``--suite table``): fp; RTN and GPTQ (jgptq defaults) at 4-bit per-channel, 4-bit g128
 (± act-order), 3-bit g128 (± act-order), 2-bit g64. ``--suite ablation`` adds, per setting, what each
 sound fix contributes: act-order + static groups, MSE clip search (``mse``), stronger damping, all
-combined, and RTN with the same clip search. ``--suite all`` runs both.
+combined, the asymmetric grid, and RTN with the same clip search / asymmetric grid (the "RTN ppl"
+column always compares with RTN on the same grid). ``--suite all`` runs both.
 
 Quantized models are evaluated with their dequantized weights in the float forward (the very weights
 the packed checkpoint holds; ``--packed-eval`` runs the packed GPTQ path instead).
 
 Results are written after every row (``bench_quality.json``), so a run cut short keeps what it
-finished; at the end ``bench_quality.md`` (table) and ``quality.svg`` (plot) are written to ``--out``.
+finished, together with ``bench_quality.md`` (table) and ``quality.svg`` (plot) in ``--out``.
 
 Usage (GPU):  python benchmarks/bench_quality.py --gguf PATH --tokens brown_ids.npz --out DIR
 Quick CPU check:  python benchmarks/bench_quality.py --nsamples 4 --seqlen 128 --eval-windows 2
@@ -52,7 +53,10 @@ ABLATIONS = [
     ("mse", dict(mse=2.4)),
     ("damp 0.1", dict(damp_percent=0.1)),
     ("act+static+mse", dict(desc_act=True, static_groups=True, mse=2.4)),
+    ("asym", dict(sym=False)),
 ]
+# RTN variants compared alongside (the clip search and the asymmetric grid help RTN too).
+RTN_ABLATIONS = [("mse", dict(mse=2.4)), ("asym", dict(sym=False))]
 ABLATION_BASES = ["4b per-channel", "4b g128", "3b g128", "2b g64"]
 
 
@@ -86,7 +90,8 @@ def plan(suite: str) -> list[tuple[str, str, dict[str, Any]]]:
         for b in ABLATION_BASES:
             for suffix, extra in ABLATIONS:
                 add(f"{b} {suffix}", "gptq", {**base[b], **extra})
-            add(f"{b} mse", "rtn", {**base[b], "mse": 2.4})
+            for suffix, extra in RTN_ABLATIONS:
+                add(f"{b} {suffix}", "rtn", {**base[b], **extra})
     return rows
 
 
@@ -155,13 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "rows": [],
     }
-    out_json = os.path.join(args.out, "bench_quality.json")
 
     def save() -> None:
-        tmp = out_json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, out_json)
+        for name, text in (("bench_quality.json", json.dumps(result, indent=1)),
+                           ("bench_quality.md", markdown(result) + "\n"), ("quality.svg", svg_plot(result))):
+            path = os.path.join(args.out, name)
+            with open(path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(path + ".tmp", path)
 
     t0 = time.perf_counter()
     result["fp"] = ppl(params)
@@ -193,17 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method:>4} {label}: ppl {row['ppl']:.3f} (quantize {q_s:.1f}s, eval {row['eval_s']:.1f}s)", flush=True)
         save()
         del qparams
-    md = markdown(result)
-    with open(os.path.join(args.out, "bench_quality.md"), "w") as f:
-        f.write(md + "\n")
-    with open(os.path.join(args.out, "quality.svg"), "w") as f:
-        f.write(svg_plot(result))
-    print(md)
+    save()
+    print(markdown(result))
     return 0
 
 
 def _rtn_for(result: dict[str, Any], kw: dict[str, Any]) -> float | None:
-    """Perplexity of the plain RTN row (no clip search) on the grid of ``kw``, if it ran."""
+    """Perplexity of the RTN row (no clip search) on the grid (bits, group, sym) of ``kw``, if it ran."""
     key = (kw["bits"], kw["group_size"], kw.get("sym", True), 0.0)
     for r in result["rows"]:
         if r["method"] == "rtn" and "ppl" in r and _rtn_key({**r["config"], "mse": r["config"].get("mse", 0.0)}) == key:
@@ -219,7 +221,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Brown-test perplexity of {result['model']} ({result['layers']} blocks); calibration "
         f"{cal['nsamples']} x {cal['seqlen']} {cal['data']} tokens, seed {cal['seed']}; eval "
         f"{ev['seqlen']}-token windows{subset}; "
-        f"sym; {m['device']} ({m['backend']}), jax {m['jax']}, commit {m['commit']}.",
+        f"sym unless marked asym; {m['device']} ({m['backend']}), jax {m['jax']}, commit {m['commit']}.",
         "",
         f"fp32: **{result['fp']['ppl']:.3f}**",
         "",
@@ -233,7 +235,7 @@ def markdown(result: dict[str, Any]) -> str:
         rtn = _rtn_for(result, r["config"])
         delta = f"{r['ppl'] - rtn:+.3f}" if (rtn is not None and r["method"] == "gptq") else ""
         ratio = (f"{r['layer_loss'] / r['rtn_layer_loss']:.3f}" if r.get("layer_loss") else "")
-        method = r["method"] + (" +mse" if r["config"].get("mse") and r["method"] == "rtn" else "")
+        method = r["method"]
         rtn_s = "" if rtn is None else f"{rtn:.3f}"
         lines.append(f"| {r['label']} | {method} | {r['ppl']:.3f} | {rtn_s} | {delta} | {ratio} | "
                      f"{r.get('beats_rtn', '')} |")
