@@ -212,6 +212,99 @@ def bench_torch(k, n, m, c_bf, c_q, io, rec):
     rec(m, "torch_tinygemm", time_torch(fn, c_q), k * n // 2 + (k // gs) * n * 4 + io)
 
 
+def bench_e2e(args) -> list[dict]:
+    """Decode tokens/s of a Llama-2-7B-shaped model (random weights made on the device), bf16 vs GPTQ.
+
+    The quantized model uses 4-bit g128 asymmetric GPTQ linears (all 7 per block; embeddings,
+    norms and lm_head stay bf16) through ``jgptq.models`` (its ``QuantLinear`` asks
+    ``dispatch.prepare`` for a kernel). Reports ms/step, tokens/s and the device bytes of the
+    weights the kernels read (bits per quantized weight).
+    """
+    from jgptq.models.config import LlamaConfig
+    from jgptq.models.llama import LlamaForCausalLM
+
+    d, f, layers, v = (4096, 11008, args.e2e_layers, 32000) if not INTERPRET else (256, 512, 2, 512)
+    cfg = LlamaConfig(model_type="llama", vocab_size=v, hidden_size=d, intermediate_size=f, num_layers=layers,
+                      num_heads=d // 128, num_kv_heads=d // 128, head_dim=128)
+    shapes = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (d, d), "self_attn.v_proj": (d, d),
+              "self_attn.o_proj": (d, d), "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
+    key = iter(jax.random.split(jax.random.key(0), 16 * layers + 8))
+
+    def float_lin(k, n):
+        return {"kernel": (jax.random.normal(next(key), (k, n), jnp.bfloat16) * 0.02)}
+
+    def quant_lin(k, n):
+        lin = random_gptq_linear(next(key), k, n, bits=4, group_size=128)
+        lin["scales"] = (lin["scales"].astype(jnp.float32) * 0.03).astype(jnp.float16)
+        return lin
+
+    def build(make):
+        layers_p = []
+        for _ in range(layers):
+            lp = {"input_layernorm": {"scale": jnp.ones((d,), jnp.bfloat16)},
+                  "post_attention_layernorm": {"scale": jnp.ones((d,), jnp.bfloat16)},
+                  "self_attn": {}, "mlp": {}}
+            for name, (k, n) in shapes.items():
+                a, b = name.split(".")
+                lp[a][b] = make(k, n)
+            layers_p.append(lp)
+        return {"embed_tokens": {"embedding": jax.random.normal(next(key), (v, d), jnp.bfloat16) * 0.02},
+                "layers": layers_p, "norm": {"scale": jnp.ones((d,), jnp.bfloat16)},
+                "lm_head": float_lin(d, v)}
+
+    rows = []
+    for label, make in (("bf16", float_lin), ("gptq4_g128", quant_lin)):
+        params = build(make)
+        model = LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16)
+        del params
+        wbytes = 0
+        kernels = 0
+        flat = nnx_flat_arrays(model)
+        total_bytes = sum(x.nbytes for _, x in flat)
+        for path, x in flat:
+            if "prepared" in path:
+                kernels += 1
+                wbytes += x.nbytes
+        step = jax.jit(lambda m, ids, mask, cache: m.step(ids, mask, cache, last_only=True), donate_argnums=(3,))
+        for batch in (1, 16):
+            cache = model.init_cache(batch, args.e2e_slots)
+            ids = jnp.ones((batch, 1), jnp.int32)
+            mask = jnp.ones((batch, 1), bool)
+            logits, cache = step(model, ids, mask, cache)
+            jax.block_until_ready(logits)
+            n = args.e2e_steps
+            t0 = time.perf_counter()
+            for _ in range(n):
+                logits, cache = step(model, ids, mask, cache)
+            jax.block_until_ready(logits)
+            dt = (time.perf_counter() - t0) / n
+            row = dict(e2e=label, batch=batch, layers=layers, ms_per_step=dt * 1e3, tokens_per_s=batch / dt,
+                       device_bytes_all_state=total_bytes, kernel_arrays=kernels, kernel_bytes=wbytes,
+                       finite=bool(jnp.all(jnp.isfinite(logits))))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del model, step
+    q_w = layers * sum(k * n for k, n in shapes.values())
+    for r in rows:
+        if r["e2e"] != "bf16" and r["kernel_bytes"]:
+            r["bits_per_quantized_weight"] = 8 * r["kernel_bytes"] / q_w
+    print("\ne2e decode (Llama-2-7B shapes, random weights):")
+    for r in rows:
+        base = next(b for b in rows if b["e2e"] == "bf16" and b["batch"] == r["batch"])
+        print(f"  {r['e2e']:>11} batch {r['batch']:3d}: {r['ms_per_step']:8.2f} ms/step {r['tokens_per_s']:9.1f} tok/s "
+              f"({base['ms_per_step'] / r['ms_per_step']:.2f}x vs bf16), state {r['device_bytes_all_state'] / 2**30:.2f} GiB"
+              + (f", kernel weights {r.get('bits_per_quantized_weight', 0):.2f} bits/weight" if r["kernel_bytes"] else ""))
+    return rows
+
+
+def nnx_flat_arrays(model) -> list[tuple[str, jax.Array]]:
+    """(path, array) for every array leaf of an NNX module's state."""
+    from flax import nnx
+
+    flat = jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]
+    return [(jax.tree_util.keystr(p), x) for p, x in flat if hasattr(x, "nbytes")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="8192x28672,4096x4096,4096x14336,14336x4096")
@@ -223,8 +316,18 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-xla-dequant", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--e2e", action="store_true", help="only the end-to-end 7B-shape decode benchmark")
+    ap.add_argument("--e2e-layers", type=int, default=32)
+    ap.add_argument("--e2e-slots", type=int, default=256)
+    ap.add_argument("--e2e-steps", type=int, default=20)
     args = ap.parse_args()
     print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
+    if args.e2e:
+        rows = bench_e2e(args)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_e2e.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        return
     global BASELINES
     BASELINES = not args.no_xla_dequant
     slabs = [None if s == "auto" else int(s) for s in args.slabs.split(",")]
