@@ -29,7 +29,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from .repack import PackedGPTQ, dequantize_packed, pack_gptq_linear
