@@ -94,7 +94,7 @@ def load(path: str | os.PathLike, dtype: Any = "float32", *, tokenizer: bool = T
     if kind == "gptq":
         from jgptq.models.gptq_folder import load_gptq_folder
 
-        config, params, tok, info = load_gptq_folder(path, dtype=dtype)
+        config, params, tok, info = load_gptq_folder(path, dtype=dtype, tokenizer=tokenizer)
         return LoadedModel(config, params, tok, kind, info)
     config, params, tok = load_hf(path, dtype=dtype, tokenizer=tokenizer)
     return LoadedModel(config, params, tok, kind)

@@ -217,3 +217,24 @@ def test_quantized_model_generates(tiny_hf_model):
     qparams, fparams = quantize_params(params, np.random.default_rng(7), bits=8)
     prompts = [[3, 4, 5, 6], [9]]
     assert generate(qparams, cfg, prompts, 6, eos_token_id=[]) == generate(fparams, cfg, prompts, 6, eos_token_id=[])
+
+
+def test_load_dispatches_gptq_folders(tiny_hf_model, tmp_path):
+    """jgptq.models.load on an exported GPTQ folder gives a model equal to the in-memory one."""
+    from jgptq import GPTQConfig
+    from jgptq.checkpoint import export_gptq
+    from jgptq.models import load
+
+    cfg, params, _ = load_hf(tiny_hf_model("qwen2").folder)
+    qparams, _ = quantize_params(params, np.random.default_rng(8))
+    out = export_gptq(tmp_path / "gptq", cfg, qparams, GPTQConfig(bits=4, group_size=32, sym=False, desc_act=True),
+                      dtype="float32")
+    loaded = load(out)
+    assert loaded.kind == "gptq" and loaded.quant_info is not None
+    cfg2, qparams2, _ = loaded
+    assert cfg2 == cfg
+    ids = jnp.asarray(np.random.default_rng(9).integers(0, cfg.vocab_size, size=(1, 12)))
+    fwd = jax.jit(lambda m, x: m(x))
+    a = np.asarray(fwd(LlamaForCausalLM.from_params(cfg, qparams), ids))
+    b = np.asarray(fwd(LlamaForCausalLM.from_params(cfg2, qparams2), ids))
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
