@@ -84,7 +84,8 @@ def test_cli_quantize_eval_generate_tiny(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--model", str(folder), "--calib", str(calib), "--nsamples", "12", "--seqlen", "32",
             "--bits", "4", "--group-size", "32", "--eval", str(ev), "--eval-seqlen", "32",
-            "--eval-windows", "4", "--batch-size", "4", "--out", str(out), "--quiet"]
+            "--eval-windows", "4", "--batch-size", "4", "--out", str(out), "--quiet",
+            "--dynamic", json.dumps({r"-:model\.layers\.1\.mlp\.down_proj": {}})]
     assert _run_cli(argv) == 0
     printed = capsys.readouterr().out
     assert "total" in printed and "perplexity" in printed
@@ -96,7 +97,7 @@ def test_cli_quantize_eval_generate_tiny(tmp_path, capsys):
 
     rep = QuantizationReport.load(out)
     t = rep.totals()
-    assert t["modules"] == 14 and t["compared"] == 14 and t["loss"] < t["rtn_loss"]
+    assert t["modules"] == 13 and t["skipped"] == 1 and t["compared"] == 13 and t["loss"] < t["rtn_loss"]
     assert rep.calibration["nsamples"] == 12 and rep.calibration["seqlen"] == 32
     assert rep.calibration["tokens"] < 12 * 32  # some documents were padded, padding not counted
     ppl = rep.extra["perplexity"]
@@ -108,7 +109,8 @@ def test_cli_quantize_eval_generate_tiny(tmp_path, capsys):
     loaded = models.load(out)
     assert loaded.kind == "gptq"
     config, qparams, tokenizer = loaded
-    assert "qweight" in qparams["layers"][1]["mlp"]["down_proj"]
+    assert "qweight" in qparams["layers"][0]["mlp"]["down_proj"]
+    assert "kernel" in qparams["layers"][1]["mlp"]["down_proj"]  # skipped by the dynamic rule: float
     ids = tokenizer(ev.read_text(), add_special_tokens=False)["input_ids"]
     again = model_perplexity(config, qparams, np.asarray(ids), seqlen=32, max_windows=4).ppl
     np.testing.assert_allclose(again, ppl["gptq"], rtol=2e-2)  # checkpoint stores fp16 embeddings
