@@ -265,7 +265,7 @@ def load_hf_params(folder: str | os.PathLike, config: LlamaConfig, dtype: Any = 
             raise SafetensorsError(f"{ckpt.folder / ckpt.file_of(name)}: tensor {name!r} has dtype {x.dtype}, "
                                    "expected a float type")
         x = np.asarray(x.T if transpose else x).astype(dt)
-        if not np.isfinite(x.astype(np.float32) if x.dtype != np.float32 else x).all():
+        if not np.isfinite(x).all():
             raise SafetensorsError(f"{ckpt.folder / ckpt.file_of(name)}: tensor {name!r} contains NaN or Inf")
         _set(params, path, np.ascontiguousarray(x))
     return params

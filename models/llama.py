@@ -264,6 +264,13 @@ def _lin_shape(lin: Mapping[str, Any]) -> tuple[int, int]:
     return (lin["g_idx"].shape[0], lin["qweight"].shape[1])
 
 
+def _all_finite(x: Any) -> bool:
+    """NaN/Inf check where the array lives (host numpy or device), without a float32 copy."""
+    if isinstance(x, np.ndarray):
+        return bool(np.isfinite(x).all())
+    return bool(jnp.isfinite(x).all())
+
+
 def check_params(params: Mapping[str, Any], config: LlamaConfig) -> None:
     """Check a params tree against a config: every tensor present, shapes right, floats finite.
 
@@ -284,7 +291,7 @@ def check_params(params: Mapping[str, Any], config: LlamaConfig) -> None:
     def check_array(x: Any, shape: tuple[int, ...], name: str) -> None:
         if tuple(x.shape) != shape:
             raise ValueError(f"params {name} has shape {tuple(x.shape)}, expected {shape} for this config")
-        if jnp.issubdtype(x.dtype, jnp.floating) and not bool(np.isfinite(np.asarray(x, dtype=np.float32)).all()):
+        if jnp.issubdtype(x.dtype, jnp.floating) and not _all_finite(x):
             raise ValueError(f"params {name} contains NaN or Inf values")
 
     def check_lin(lin: Mapping[str, Any], shape: tuple[int, int], bias: bool, name: str) -> None:
