@@ -142,8 +142,9 @@ def test_interrupted_write_leaves_no_checkpoint(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint, "write_safetensors_folder", boom)
-    rc = _run_cli(["--model", str(folder), "--calib", str(calib), "--nsamples", "4", "--seqlen", "16",
-                   "--group-size", "32", "--no-eval", "--out", str(out), "--quiet"])
+    rc = _run_cli(["--model", str(folder), "--calib", str(calib), "--nsamples", "12", "--seqlen", "32",
+                   "--bits", "4", "--group-size", "32", "--batch-size", "4", "--no-eval", "--out", str(out),
+                   "--quiet"])  # the shapes of the test above: compiled code is reused
     assert rc == 130
     assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == ["calib.txt", "eval.txt", "tiny"]
