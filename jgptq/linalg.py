@@ -9,6 +9,9 @@ index order)::
     J H J = L L^T   =>   H^-1 = (J L^-T J)(J L^-1 J)   and   U = J L^-1 J  is upper triangular,
 
 so one Cholesky and one triangular inverse give the same ``U`` (it is unique: positive diagonal).
+The triangular inverse is computed by recursive blocking with matmuls
+(:func:`lower_triangular_inverse`), about twice as fast on CPU as a triangular solve against the
+identity, at the same accuracy.
 
 ``torch.linalg.cholesky`` raises on a matrix that is not positive definite; JAX returns NaNs.
 We test the result for finiteness in-graph and retry with more damping inside ``lax.while_loop``
@@ -40,15 +43,33 @@ def fix_dead(h: jax.Array) -> tuple[jax.Array, jax.Array]:
     return h, dead
 
 
+def lower_triangular_inverse(lower: jax.Array, leaf: int = 128) -> jax.Array:
+    """Inverse of a lower-triangular ``[n, n]`` matrix by recursive 2x2 blocking.
+
+    ``inv([[A, 0], [C, D]]) = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``: the work is in HIGHEST-precision
+    matmuls (``n^3/3`` multiply-adds against ``n^3/2`` for a triangular solve against the identity,
+    which does not know the right-hand side is triangular); blocks of ``<= leaf`` rows use a
+    triangular solve. Shapes are static, so this unrolls at trace time (``~n/leaf`` leaves).
+    """
+    n = lower.shape[0]
+    if n <= leaf:
+        eye = jnp.eye(n, dtype=lower.dtype)
+        return jax.lax.linalg.triangular_solve(lower, eye, left_side=True, lower=True)
+    k = -(-(n // 2) // leaf) * leaf
+    a_inv = lower_triangular_inverse(lower[:k, :k], leaf)
+    d_inv = lower_triangular_inverse(lower[k:, k:], leaf)
+    c = jnp.dot(lower[k:, :k], a_inv, precision=jax.lax.Precision.HIGHEST)
+    x = -jnp.dot(d_inv, c, precision=jax.lax.Precision.HIGHEST)
+    top = jnp.concatenate([a_inv, jnp.zeros((k, n - k), lower.dtype)], axis=1)
+    return jnp.concatenate([top, jnp.concatenate([x, d_inv], axis=1)], axis=0)
+
+
 def upper_inverse_factor(h: jax.Array) -> jax.Array:
     """``U`` upper triangular with ``H^-1 = U^T U`` for a symmetric positive-definite ``h [n, n]``
     (float32, HIGHEST precision). Non-finite entries signal that ``h`` was not positive definite."""
-    n = h.shape[0]
     hr = h[::-1, ::-1]
     lower = jnp.linalg.cholesky(hr)
-    eye = jnp.eye(n, dtype=h.dtype)
-    linv = jax.lax.linalg.triangular_solve(lower, eye, left_side=True, lower=True)
-    return linv[::-1, ::-1]
+    return lower_triangular_inverse(lower)[::-1, ::-1]
 
 
 def damp_schedule(damp_percent: float, damp_auto_increment: float, damp_max: float

@@ -90,3 +90,21 @@ def test_factor_without_damping_on_a_well_conditioned_matrix():
     inv = np.linalg.inv(h)
     np.testing.assert_allclose(u.T.astype(np.float64) @ u, inv, rtol=0,
                                atol=1e-6 * np.linalg.cond(h) * np.abs(inv).max())
+
+
+@pytest.mark.parametrize("n,leaf", [(300, 64), (257, 32), (40, 128)])
+def test_lower_triangular_inverse_matches_numpy(n, leaf):
+    from jgptq.linalg import lower_triangular_inverse
+
+    l = np.linalg.cholesky(spd(4, n))
+    got = np.asarray(lower_triangular_inverse(jnp.asarray(l, jnp.float32), leaf), np.float64)
+    assert np.all(np.triu(got, 1) == 0)
+    # as accurate as a float32 triangular solve against the identity
+    l32 = jnp.asarray(l, jnp.float32)
+    base = np.asarray(jax.lax.linalg.triangular_solve(l32, jnp.eye(n), left_side=True, lower=True),
+                      np.float64)
+    l64 = np.asarray(l32, np.float64)
+    resid = np.abs(got @ l64 - np.eye(n)).max()
+    assert resid <= 3 * np.abs(base @ l64 - np.eye(n)).max() + 1e-6, resid
+    np.testing.assert_allclose(got, np.linalg.inv(l64), rtol=1e-3,
+                               atol=1e-4 * np.abs(np.linalg.inv(l64)).max())
