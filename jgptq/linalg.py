@@ -9,8 +9,8 @@ index order)::
     J H J = L L^T   =>   H^-1 = (J L^-T J)(J L^-1 J)   and   U = J L^-1 J  is upper triangular,
 
 so one Cholesky and one triangular inverse give the same ``U`` (it is unique: positive diagonal).
-The triangular inverse is computed by recursive blocking with matmuls
-(:func:`lower_triangular_inverse`), about twice as fast on CPU as a triangular solve against the
+On CPU the triangular inverse is computed by recursive blocking with matmuls
+(:func:`lower_triangular_inverse`), about twice as fast as a triangular solve against the
 identity, at the same accuracy.
 
 ``torch.linalg.cholesky`` raises on a matrix that is not positive definite; JAX returns NaNs.
@@ -64,12 +64,25 @@ def lower_triangular_inverse(lower: jax.Array, leaf: int = 128) -> jax.Array:
     return jnp.concatenate([top, jnp.concatenate([x, d_inv], axis=1)], axis=0)
 
 
-def upper_inverse_factor(h: jax.Array) -> jax.Array:
+def upper_inverse_factor(h: jax.Array, method: str | None = None) -> jax.Array:
     """``U`` upper triangular with ``H^-1 = U^T U`` for a symmetric positive-definite ``h [n, n]``
-    (float32, HIGHEST precision). Non-finite entries signal that ``h`` was not positive definite."""
-    hr = h[::-1, ::-1]
-    lower = jnp.linalg.cholesky(hr)
-    return lower_triangular_inverse(lower)[::-1, ::-1]
+    (float32, HIGHEST precision). Non-finite entries signal that ``h`` was not positive definite.
+
+    ``method``: ``"blocked"`` (:func:`lower_triangular_inverse`, the CPU default) or ``"solve"``
+    (one triangular solve against the identity; the default on accelerators, where it is the path
+    the GPU benchmarks in ``benchmarks/RESULTS.md`` measured).
+    """
+    if method is None:
+        method = "blocked" if jax.default_backend() == "cpu" else "solve"
+    lower = jnp.linalg.cholesky(h[::-1, ::-1])
+    if method == "blocked":
+        linv = lower_triangular_inverse(lower)
+    elif method == "solve":
+        eye = jnp.eye(h.shape[0], dtype=h.dtype)
+        linv = jax.lax.linalg.triangular_solve(lower, eye, left_side=True, lower=True)
+    else:
+        raise ValueError(f"method must be 'blocked' or 'solve', got {method!r}")
+    return linv[::-1, ::-1]
 
 
 def damp_schedule(damp_percent: float, damp_auto_increment: float, damp_max: float

@@ -84,9 +84,11 @@ def test_damp_schedule():
     assert len(damp_schedule(0.01, 0.01, 1.0)) == 100
 
 
-def test_factor_without_damping_on_a_well_conditioned_matrix():
-    h = spd(3, 33)
-    u = np.asarray(upper_inverse_factor(jnp.asarray(h, jnp.float32)))
+@pytest.mark.parametrize("method", ["blocked", "solve"])
+def test_factor_without_damping_on_a_well_conditioned_matrix(method):
+    h = spd(3, 333)
+    u = np.asarray(upper_inverse_factor(jnp.asarray(h, jnp.float32), method))
+    assert np.all(np.tril(u, -1) == 0)
     inv = np.linalg.inv(h)
     np.testing.assert_allclose(u.T.astype(np.float64) @ u, inv, rtol=0,
                                atol=1e-6 * np.linalg.cond(h) * np.abs(inv).max())
