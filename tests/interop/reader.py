@@ -39,10 +39,17 @@ import torch  # noqa: E402
 torch.manual_seed(0)
 
 
-def _load(folder: str):
-    from transformers import AutoModelForCausalLM
+def _load(folder: str, backend: str | None = None):
+    """``AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float16)``; with
+    ``backend``, GPTQModel's kernel choice is forced (transformers merges the loading attribute)."""
+    from transformers import AutoModelForCausalLM, GPTQConfig
 
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float16)
+    kwargs = {}
+    if backend is not None:
+        with open(os.path.join(folder, "config.json")) as f:
+            bits = json.load(f)["quantization_config"]["bits"]
+        kwargs["quantization_config"] = GPTQConfig(bits=bits, backend=backend)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float16, **kwargs)
     model.eval()
     return model
 
@@ -55,40 +62,58 @@ def _quant_modules(model) -> dict[str, torch.nn.Module]:
     return out
 
 
+def _with_fallback(folder: str, fn):
+    """Load ``folder`` and return ``(fn(model), model, fallback_note)``.
+
+    The automatically selected kernel can fail on shapes it claims to support (GPTQModel 7.7's
+    TorchFusedLinear with group_size=-1 and in_features > 256, whose aten op takes groups of 32..256).
+    A user would then force the plain torch kernel; do the same and report it, so tests can check
+    where this happens.
+    """
+    model = _load(folder)
+    try:
+        return fn(model), model, None
+    except RuntimeError as e:
+        note = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        model = _load(folder, backend="torch")
+        return fn(model), model, note
+
+
 @torch.inference_mode()
 def task_logits(task: dict) -> dict:
-    model = _load(task["folder"])
     ids = torch.from_numpy(np.load(task["ids"]).astype(np.int64))
-    logits = model(input_ids=ids).logits.float().numpy()
+    logits, model, fallback = _with_fallback(task["folder"], lambda m: m(input_ids=ids).logits.float().numpy())
     np.save(task["out"], logits)
     mods = _quant_modules(model)
     if task.get("weights_out"):
         weights = {}
         for name, mod in mods.items():
-            n_in = int(mod.in_features)
-            eye = torch.eye(n_in, dtype=torch.float16)
+            eye = torch.eye(int(mod.in_features), dtype=torch.float16)
             y = mod(eye)
             if getattr(mod, "bias", None) is not None:
                 y = y - mod.bias.to(y.dtype)
             weights[name] = y.float().numpy()
         np.savez(task["weights_out"], **weights)
     kernels = sorted({type(m).__name__ for m in mods.values()})
-    return {"kernels": kernels, "n_quantized": len(mods)}
+    return {"kernels": kernels, "n_quantized": len(mods), "fallback": fallback}
 
 
 @torch.inference_mode()
 def task_ppl(task: dict) -> dict:
-    model = _load(task["folder"])
     ids = np.load(task["ids"]).astype(np.int64)
-    nll = []
-    for row in ids:
-        x = torch.from_numpy(row[None])
-        logits = model(input_ids=x).logits[0, :-1].float()
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        tgt = torch.from_numpy(row[1:])
-        nll.append(float(-logp[torch.arange(len(tgt)), tgt].sum()))
-    np.save(task["out"], np.asarray(nll, dtype=np.float64))
-    return {"kernels": sorted({type(m).__name__ for m in _quant_modules(model).values()})}
+
+    def nll(model) -> list[float]:
+        out = []
+        for row in ids:
+            logits = model(input_ids=torch.from_numpy(row[None])).logits[0, :-1]
+            logp = torch.log_softmax(logits.double(), dim=-1)
+            tgt = torch.from_numpy(row[1:])
+            out.append(float(-logp[torch.arange(len(tgt)), tgt].sum()))
+        return out
+
+    values, model, fallback = _with_fallback(task["folder"], nll)
+    np.save(task["out"], np.asarray(values, dtype=np.float64))
+    return {"kernels": sorted({type(m).__name__ for m in _quant_modules(model).values()}), "fallback": fallback}
 
 
 def task_gptqmodel_quantize(task: dict) -> dict:
@@ -137,6 +162,8 @@ def main(job_path: str) -> int:
             traceback.print_exc()
             return 1
         report.append({"task": i, "kind": task["kind"], "seconds": round(time.time() - t0, 3), **result})
+        print(f"reader: task {i} {task['kind']} {task.get('folder', task.get('out'))}: "
+              f"{report[-1]['seconds']} s", file=sys.stderr, flush=True)
     with open(job["report"], "w") as f:
         json.dump(report, f, indent=1)
     return 0

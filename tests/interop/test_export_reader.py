@@ -157,6 +157,17 @@ def test_formats_written(matrix: dict[str, Any]) -> None:
     assert kernels, "the reader reported no GPTQ kernel modules"
 
 
+def test_reader_kernel_fallbacks_are_the_known_ones(matrix: dict[str, Any]) -> None:
+    """GPTQModel 7.7 auto-selects its fused CPU int4 kernel for group_size=-1, whose aten op only takes
+    groups of 32..256 (here down_proj has in=512), so those 4-bit folders are read with backend='torch'.
+    Any other fallback is a new problem and fails here."""
+    combos = list(matrix["folders"])
+    fallbacks = {combo_id(combos[r["task"]]): r["fallback"] for r in matrix["report"]
+                 if r.get("fallback") and r["task"] < len(combos)}
+    unexpected = {k: v for k, v in fallbacks.items() if not (k.startswith("b4-") and k.endswith("-g-1"))}
+    assert not unexpected, f"the reader's automatic kernel failed on: {unexpected}"
+
+
 def test_mislabelled_control_fails_both_checks(matrix: dict[str, Any]) -> None:
     from jgptq.models.gptq_folder import GPTQFolderError, load_gptq_folder
 
