@@ -236,10 +236,6 @@ def _is_quantized_lin(node: Any) -> bool:
     return isinstance(node, Mapping) and "qweight" in node
 
 
-def _is_float_lin(node: Any) -> bool:
-    return isinstance(node, Mapping) and "kernel" in node
-
-
 def _finite(name: str, arr: np.ndarray) -> None:
     if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16":
         a = arr.astype(np.float32)
@@ -266,18 +262,15 @@ def _cast_float(name: str, arr: Any, dtype: str | None) -> np.ndarray:
 
 
 def _lin_bits(name: str, lin: Mapping[str, Any]) -> int:
+    from jgptq import pack
+
     qweight = np.asarray(lin["qweight"])
-    g_idx = np.asarray(lin["g_idx"])
-    n_in = g_idx.shape[0]
     if qweight.dtype != np.int32:
         raise CheckpointError(f"{name}.qweight has dtype {qweight.dtype}, expected int32 (GPTQ row packing)")
-    if n_in == 0 or n_in % 32 or (32 * qweight.shape[0]) % n_in:
-        raise CheckpointError(f"{name}: qweight rows {qweight.shape[0]} and g_idx length {n_in} do not give a "
-                              "bit width (need in % 32 == 0 and qweight rows = in * bits / 32)")
-    bits = 32 * qweight.shape[0] // n_in
-    if bits not in SUPPORTED_BITS:
-        raise CheckpointError(f"{name}: {bits}-bit weights cannot be written as GPTQ; supported: {SUPPORTED_BITS}")
-    return bits
+    try:
+        return pack.bits_of({"qweight": qweight, "g_idx": np.asarray(lin["g_idx"])})
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}") from None
 
 
 def gptq_tensors(name: str, lin: Mapping[str, Any], *, checkpoint_format: str, bits: int, group_size: int,
