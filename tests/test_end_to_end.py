@@ -131,7 +131,7 @@ def test_cli_quantize_eval_generate_tiny(tmp_path, capsys):
         _run_cli(argv)
 
 
-def test_interrupted_write_leaves_no_checkpoint(tmp_path, monkeypatch):
+def test_interrupted_write_leaves_no_checkpoint(tmp_path, monkeypatch, capsys):
     import jgptq.checkpoint as checkpoint
 
     folder = _tiny_folder(tmp_path)
@@ -146,6 +146,7 @@ def test_interrupted_write_leaves_no_checkpoint(tmp_path, monkeypatch):
                    "--bits", "4", "--group-size", "32", "--batch-size", "4", "--no-eval", "--out", str(out),
                    "--quiet"])  # the shapes of the test above: compiled code is reused
     assert rc == 130
+    assert "quantized 2 blocks" in capsys.readouterr().out  # interrupted while writing, not before
     assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == ["calib.txt", "eval.txt", "tiny"]
 
