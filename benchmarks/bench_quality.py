@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             save()
             continue
         q_s = time.perf_counter() - t0
-        row = {"label": label, "method": method, "config": kw, "quantize_s": q_s, **ppl(qparams)}
+        row = {"label": label, "method": method, "config": kw, "quantize_s": q_s,
+               "timings": report.timings, **ppl(qparams)}
         if method == "gptq":
             tot = report.totals()
             row.update(layer_loss=tot["loss"], rtn_layer_loss=tot["rtn_loss"], mean_gain=tot["mean_gain"],
