@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -603,6 +604,13 @@ def export_gptq(out_dir: str | os.PathLike, config: Any, params: Mapping[str, An
     group_size, desc_act = qc.group_size, qc.desc_act
     qdict = quantization_config_dict(qc, checkpoint_format=fmt, lm_head=lm_head_q, report=report, dynamic=dynamic)
     tensors = hf_tensors(config, params, float_dtype=dtype, quant=settings)
+    ragged = sorted({int(np.asarray(lin["g_idx"]).shape[0]) for _, lin in lins
+                     if qc.group_size != -1 and np.asarray(lin["g_idx"]).shape[0] % qc.group_size})
+    if ragged:
+        warnings.warn(f"in_features {ragged} are not multiples of group_size={qc.group_size}: the last group is "
+                      "shorter. transformers/GPTQModel's torch kernels read this, but vLLM and GPTQModel's "
+                      "Marlin/AVX512 kernels refuse it; choose a group size that divides every layer's input "
+                      "width for those engines", stacklevel=2)
     hf_config = config.to_hf()
     hf_config.update(torch_dtype=dtype, dtype=dtype, quantization_config=qdict)
     st_meta = {"quantizer": f"jgptq:{__version__}", "gptq_bits": str(bits), "gptq_group_size": str(group_size),

@@ -65,15 +65,16 @@ def _quant_modules(model) -> dict[str, torch.nn.Module]:
 def _with_fallback(folder: str, fn):
     """Load ``folder`` and return ``(fn(model), model, fallback_note)``.
 
-    The automatically selected kernel can fail on shapes it claims to support (GPTQModel 7.7's
-    TorchFusedLinear with group_size=-1 and in_features > 256, whose aten op takes groups of 32..256).
-    A user would then force the plain torch kernel; do the same and report it, so tests can check
-    where this happens.
+    GPTQModel 7.7's automatic CPU kernel choice can pick a kernel that then fails on shapes it does not
+    support: TorchFusedLinear with group_size=-1 and in_features > 256 (its aten op takes groups of
+    32..256) fails in forward; TorchCpuAvx512Linear with in_features % group_size != 0 (SmolLM2's 576 at
+    group 128) raises while the model is built. A user would then force the plain torch kernel; do the
+    same and report it, so tests can check where this happens.
     """
-    model = _load(folder)
     try:
+        model = _load(folder)
         return fn(model), model, None
-    except RuntimeError as e:
+    except (RuntimeError, NotImplementedError, ValueError) as e:
         note = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         model = _load(folder, backend="torch")
         return fn(model), model, note

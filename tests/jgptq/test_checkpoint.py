@@ -551,3 +551,19 @@ def test_cli_convert_gguf_to_hf_loads_in_transformers(tmp_path: Path) -> None:
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(flax, ref, atol=2e-3 * float(np.abs(ref).max()), rtol=0)
+
+
+def test_ragged_last_group_round_trips_with_a_warning(tmp_path: Path) -> None:
+    """group_size 48 on in=64/128: the last group is shorter (SmolLM2's 576 at group 128 is the real case)."""
+    params, raw = tiny_params(14, 4, 48, sym=False, act_order=False, zero_free=True)
+    qc = GPTQConfig(bits=4, group_size=48, sym=False)
+    with pytest.warns(UserWarning, match="not multiples of group_size=48"):
+        out = export_gptq(tmp_path / "g48", config(), params, qc)
+    t = read_folder(out)
+    name = "model.layers.0.mlp.down_proj"  # in = 128 -> 3 groups of 48, 48, 32
+    assert t[f"{name}.scales"].shape == (3, 64) and t[f"{name}.qzeros"].shape == (3, 8)
+    w = gp.dequantize(t[f"{name}.qweight"], t[f"{name}.qzeros"], t[f"{name}.scales"], t[f"{name}.g_idx"], 4, "gptq")
+    q = raw[name]
+    ref = q["scales"].astype(np.float64)[q["g_idx"]] * (q["codes"] - q["zeros"].astype(np.float64)[q["g_idx"]])
+    np.testing.assert_array_equal(w, ref)
+    _assert_same_quantized(load_gptq_folder(out, tokenizer=False)[1], params)
