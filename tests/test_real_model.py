@@ -2,8 +2,9 @@
 
 - logits of our jitted JAX model equal transformers' PyTorch logits for the same GGUF (fp32);
 - Brown-test perplexity under the protocol is 35.02 ± 0.05 (all 64 windows of 2048, fp32,
-  matmul precision "highest"); this one takes minutes on a CPU (about 15 s per window on one
-  uncontended 2-core machine: ~16 min);
+  matmul precision "highest"); this one takes minutes on a CPU: measured 35.0171 with ~23 s of CPU
+  time per window (about 12 min wall for 64 windows on 2 free cores; 61 min on the shared,
+  oversubscribed development machine);
 - ``jgptq eval`` end to end on a short run.
 """
 
