@@ -210,27 +210,42 @@ def _column_losses(delta: jax.Array, h: jax.Array, scale: jax.Array) -> jax.Arra
     return jnp.sum(delta * hd, axis=0) * scale
 
 
-@partial(jax.jit, static_argnames=("config",))
-def _quantize_gptq(w: jax.Array, h: jax.Array, nsamples: jax.Array, tokens: jax.Array,
-                   config: Any) -> dict[str, Any]:
+def _dequant(codes: jax.Array, scales: jax.Array, zeros: jax.Array, g_idx: jax.Array) -> jax.Array:
+    s = jnp.take(scales.astype(jnp.float32), g_idx, axis=0)
+    z = jnp.take(zeros.astype(jnp.float32), g_idx, axis=0)
+    return s * (codes.astype(jnp.float32) - z)
+
+
+@jax.jit
+def _group_outputs(w: jax.Array, h: jax.Array, gq: tuple, rq: tuple, scale: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Dequantized GPTQ weight and per-column losses of GPTQ and RTN (compiled per shape only).
+
+    ``gq``/``rq`` are ``(codes, scales, zeros, g_idx)`` of the GPTQ / RTN results for ``w [in, out]``.
+    """
+    q = _dequant(*gq)
+    return q, _column_losses(w - q, h, scale), _column_losses(w - _dequant(*rq), h, scale)
+
+
+def _quantize_gptq(w: jax.Array, h: jax.Array, nsamples: jax.Array, tokens: jax.Array, config: Any,
+                   name: str) -> dict[str, Any]:
     """GPTQ (and RTN for comparison) of ``w [in, out]`` with ``H [in, in]``; losses per column.
 
     ``H = 2 Σ_t x_t x_tᵀ / nsamples`` (``jgptq.hessian``), so the report's loss
     ``tr(ΔWᵀ Σ ΔW) / tokens`` is ``tr(ΔWᵀ H ΔW) · nsamples / (2 · tokens)``.
+    Called eagerly: the core's jitted solver is compiled once per shape (bits, sym and act-order
+    are runtime values there) and raises ``CholeskyError`` naming ``name`` when damping cannot
+    make ``H`` positive definite.
     """
-    from jgptq.gptq import gptq, rtn
+    from jgptq.gptq import gptq_columns, rtn
 
-    qw = gptq(w, h, config)
-    q = qw.dequantize().astype(jnp.float32)
-    q_rtn = rtn(w, config).dequantize().astype(jnp.float32)
+    qw, _ = gptq_columns(w, h, config, name=name)
+    qr = rtn(w, config, name=name)
     scale = nsamples.astype(jnp.float32) / (2.0 * tokens)
-    return {
-        "params": qw.to_params(),
-        "dequant": q,
-        "loss": _column_losses(w - q, h, scale),
-        "rtn_loss": _column_losses(w - q_rtn, h, scale),
-        "damp": jnp.asarray(qw.damp, jnp.float32),
-    }
+    q, loss, rtn_loss = _group_outputs(w, h, (qw.codes, qw.scales, qw.zeros, qw.g_idx),
+                                       (qr.codes, qr.scales, qr.zeros, qr.g_idx), scale)
+    return {"params": qw.to_params(), "dequant": q, "loss": loss, "rtn_loss": rtn_loss,
+            "damp": jnp.asarray(qw.damp, jnp.float32)}
 
 
 @partial(jax.jit, static_argnames=("config",))
@@ -485,7 +500,8 @@ def _quantize_shared(i: int, layer: dict[str, Any], active: Sequence[tuple[str, 
         widths = [int(lin["kernel"].shape[1]) for lin in lins]
         w = jnp.concatenate([lin["kernel"].astype(jnp.float32) for lin in lins], axis=1)
         t0 = time.perf_counter()
-        res = _quantize_gptq(w, states[inp].h, states[inp].nsamples, tokens, cfg)
+        res = _quantize_gptq(w, states[inp].h, states[inp].nsamples, tokens, cfg,
+                             name=f"block {i} {'+'.join(mods)}")
         res = jax.block_until_ready(res)
         dt = time.perf_counter() - t0
         loss, rtn_loss, damp = jax.device_get((res["loss"], res["rtn_loss"], res["damp"]))
