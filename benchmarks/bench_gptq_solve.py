@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from jgptq.config import GPTQConfig  # noqa: E402
-from jgptq.gptq import _runtime, _solve, _structural  # noqa: E402
+from jgptq.solver import _runtime, _solve, _structural  # noqa: E402
 
 DEFAULT_SHAPES = ["4096x4096", "11008x4096", "4096x11008"]
 QUICK_SHAPES = ["512x512", "1024x1024", "2048x1024"]

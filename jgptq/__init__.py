@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "GPTQConfig": "jgptq.config",
     "QuantizedWeight": "jgptq.quantized",
-    "gptq": "jgptq.gptq",
-    "rtn": "jgptq.gptq",
+    "gptq": "jgptq.solver",
+    "rtn": "jgptq.solver",
     "hessian_init": "jgptq.hessian",
     "hessian_update": "jgptq.hessian",
     "damped_cholesky_inverse": "jgptq.linalg",

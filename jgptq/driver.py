@@ -237,7 +237,7 @@ def _quantize_gptq(w: jax.Array, h: jax.Array, nsamples: jax.Array, tokens: jax.
     are runtime values there) and raises ``CholeskyError`` naming ``name`` when damping cannot
     make ``H`` positive definite.
     """
-    from jgptq.gptq import gptq_columns, rtn
+    from jgptq.solver import gptq_columns, rtn
 
     qw, _ = gptq_columns(w, h, config, name=name)
     qr = rtn(w, config, name=name)
@@ -251,7 +251,7 @@ def _quantize_gptq(w: jax.Array, h: jax.Array, nsamples: jax.Array, tokens: jax.
 @partial(jax.jit, static_argnames=("config",))
 def _quantize_rtn(w: jax.Array, config: Any) -> dict[str, Any]:
     """Round-to-nearest of ``w [in, out]`` (no calibration)."""
-    from jgptq.gptq import rtn
+    from jgptq.solver import rtn
 
     qw = rtn(w, config)
     return {"params": qw.to_params(), "dequant": qw.dequantize().astype(jnp.float32)}

@@ -255,7 +255,7 @@ def _rms(x, scale, eps=TINY["rms_norm_eps"]):
 
 def test_report_complete_and_losses_match_float64(tiny_run):
     import jgptq
-    from jgptq.gptq import rtn
+    from jgptq.solver import rtn
     from jgptq.pack import dequantize_linear
 
     r = tiny_run
@@ -333,7 +333,7 @@ def test_shared_hessian_concatenation_is_exact():
     import jax.numpy as jnp
 
     import jgptq
-    from jgptq.gptq import gptq
+    from jgptq.solver import gptq
 
     rng = np.random.default_rng(5)
     x = rng.standard_normal((200, 64)) * rng.uniform(0.2, 3.0, 64)
@@ -349,7 +349,7 @@ def test_rtn_mode_matches_core_rtn_and_dynamic_rules():
     import jax
 
     import jgptq
-    from jgptq.gptq import rtn
+    from jgptq.solver import rtn
 
     cfg, params = tiny_model(seed=3)
     dyn = {r"-:model\.layers\.1\.mlp\.down_proj": {}, r"+:.*\.q_proj": {"bits": 8}}

@@ -11,7 +11,7 @@ import pytest
 
 import jgptq
 from jgptq.config import GPTQConfig
-from jgptq.gptq import gptq, gptq_columns, gptq_shared, layer_objective, rtn
+from jgptq.solver import gptq, gptq_columns, gptq_shared, layer_objective, rtn
 from jgptq.linalg import CholeskyError
 
 import reference_numpy as ref
@@ -223,13 +223,14 @@ def test_bad_inputs_are_rejected_clearly(problem):
 
 
 def test_public_names_are_exported(problem):
-    import jgptq.gptq as gptq_module  # importing the submodule must not break ``jgptq.gptq(...)``
+    import jgptq.solver as solver_module  # importing the implementation must not shadow ``jgptq.gptq``
 
     w, h = problem
     cfg = GPTQConfig(bits=4, group_size=32)
     a = jgptq.gptq(jnp.asarray(w), jnp.asarray(h), cfg)
-    b = gptq_module.gptq(jnp.asarray(w), jnp.asarray(h), cfg)
+    b = solver_module.gptq(jnp.asarray(w), jnp.asarray(h), cfg)
     np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
+    assert jgptq.gptq is solver_module.gptq and callable(jgptq.gptq)
     assert jgptq.rtn is rtn
     assert jgptq.CholeskyError is CholeskyError
     assert jgptq.GPTQConfig is GPTQConfig
@@ -238,7 +239,7 @@ def test_public_names_are_exported(problem):
 def test_pallas_block_kernel_matches_numpy():
     # the GPU in-block kernel, run by the Pallas interpreter on CPU, against the reference's
     # right-looking column loop in float64; out=40 is not a multiple of the kernel's tile
-    from jgptq.gptq import _block_pallas
+    from jgptq.solver import _block_pallas
 
     rng = np.random.default_rng(7)
     bs, n, maxq = 32, 40, 15.0

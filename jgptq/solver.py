@@ -41,8 +41,6 @@ of 2x the reference's trailing flops).
 from __future__ import annotations
 
 import functools
-import sys
-import types
 from typing import Sequence
 
 import jax
@@ -455,15 +453,3 @@ def layer_objective(w: jax.Array, q: jax.Array, h: jax.Array) -> jax.Array:
 
 
 __all__ = ["gptq", "gptq_columns", "gptq_shared", "rtn", "layer_objective", "default_unroll"]
-
-
-class _CallableModule(types.ModuleType):
-    """``jgptq.gptq`` is both this module and the public function: once the submodule is imported,
-    Python binds the package attribute ``jgptq.gptq`` to the module, so the module forwards calls
-    to :func:`gptq` to keep ``jgptq.gptq(w, h, config)`` working either way."""
-
-    def __call__(self, *args, **kwargs) -> QuantizedWeight:
-        return gptq(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
