@@ -1,7 +1,7 @@
 """Fixtures of the interop suite: the independent PyTorch reader in its own, cached virtual environment.
 
 The reader (transformers + optimum + GPTQModel, CPU) needs a newer torch than the project's venv, so
-``setup_env.sh`` builds it once at ``$JGPTQ_INTEROP_VENV`` (default ``<repo>/.venv-interop``); later
+``setup_env.sh`` builds it once at ``$JGPTQ_INTEROP_VENV`` (default ``$JGPTQ_CACHE/venv-interop``, i.e. ``~/.cache/jgptq/venv-interop``, so clean clones reuse it); later
 runs reuse it. If it cannot be built the tests *fail* with the build log, they are never skipped.
 Every test here carries the ``interop`` marker.
 """
@@ -28,7 +28,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def interop_venv() -> Path:
-    return Path(os.environ.get("JGPTQ_INTEROP_VENV", REPO / ".venv-interop"))
+    cache = Path(os.environ.get("JGPTQ_CACHE", Path.home() / ".cache" / "jgptq"))
+    return Path(os.environ.get("JGPTQ_INTEROP_VENV", cache / "venv-interop"))
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,14 @@
 #
 # The reader is transformers + optimum + GPTQModel on CPU (shared/reference/gptq.md §6). It needs a newer
 # torch than the project's own venv, so it lives in its own environment:
-#   $JGPTQ_INTEROP_VENV (default: <repo>/.venv-interop; `.venv-*` is git-ignored).
+#   $JGPTQ_INTEROP_VENV (default: ${JGPTQ_CACHE:-~/.cache/jgptq}/venv-interop, shared by clean clones).
 # A finished build leaves a stamp file holding the pin list; a rerun with the same pins is a no-op.
 # Exit status is non-zero, with the failing step named on stderr, if anything fails.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-venv="${JGPTQ_INTEROP_VENV:-$repo/.venv-interop}"
+venv="${JGPTQ_INTEROP_VENV:-${JGPTQ_CACHE:-$HOME/.cache/jgptq}/venv-interop}"
 python="${JGPTQ_INTEROP_PYTHON:-python3}"
 pins="gptqmodel==7.7.0 optimum==2.3.0 transformers==5.23.0 torch==2.14.1"
 stamp="$venv/.jgptq-interop-stamp"

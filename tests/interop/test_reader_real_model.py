@@ -3,8 +3,8 @@
 SmolLM2-135M-Instruct (the PyPI GGUF, dequantized to fp32) is quantized by ``jgptq.quantize`` at 4 bits,
 group size 64, symmetric, with act-order (non-trivial ``g_idx``), on a small Brown calibration (8 windows of 256 tokens: a quick CPU setting, not the protocol's 128 x 2048), exported
 with ``jgptq.export_gptq`` and loaded by transformers + optimum + GPTQModel (fp16, CPU). Brown-test
-perplexity on the first ``WINDOWS`` windows of 2048 tokens (the PyTorch reader's int4 CPU path needs about
-30 s per window here; all 64 windows would take ~30 minutes) must equal jgptq's within 0.5%.
+perplexity on the first ``WINDOWS`` windows of ``SEQLEN`` tokens (the PyTorch reader's int4 CPU path needs
+about 30 s per 2048-token window here; all 64 such windows would take ~30 minutes) must equal jgptq's within 0.5%.
 
 Group 64 divides every input width (576, 1536), so GPTQModel picks its AVX512 int4 kernel; at group 128
 (576 = 4.5 groups) that kernel refuses the shape and the reader falls back to the plain torch kernel,
@@ -23,7 +23,7 @@ import pytest
 from interop_client import Reader, save_ids
 
 WINDOWS = 2
-SEQLEN = 2048
+SEQLEN = 1024  # CI-affordable; the equality does not depend on the window length
 
 
 @pytest.mark.slow
