@@ -3,26 +3,34 @@
 ``quantize(params, calib, config, model=...)`` walks the decoder blocks in order:
 
 1. embed the calibration ids (block 0's inputs, ``hs [n, S, D]``, kept on the accelerator);
-2. for each block (moved to the accelerator alone; the others stay on host):
-   for each true-sequential group (``[k, v, q]``, ``[o]``, ``[up, gate]``, ``[down]``) run the
-   block over all calibration samples in batches, accumulating the group's input Hessian
-   ``Σ_t x_t x_tᵀ`` over unmasked tokens; quantize the group's linears with that one Hessian
+2. for each block (moved to the accelerator alone; the others stay on host), in stages cut at the
+   linears' inputs: for each true-sequential group (``[k, v, q]``, ``[o]``, ``[up, gate]``,
+   ``[down]``) accumulate the group's input Hessian ``Σ_t x_t x_tᵀ`` over all calibration samples
+   (in batches, unmasked tokens only) and quantize the group's linears with that one Hessian
    (linears with the same settings are concatenated along ``out`` so they also share one damped
-   Cholesky inverse — GPTQ treats output rows independently, so this is exact); write the
-   dequantized weights back so the next group sees quantized inputs;
-3. run the block once more with all its weights quantized: its outputs are the next block's inputs.
+   Cholesky inverse — GPTQ treats output rows independently, so this is exact); the dequantized
+   weights are written back so the next group sees quantized inputs. The results equal re-running
+   the whole block before every group (what the reference does), but the attention of all samples
+   is computed once per block: its output ``o`` and the residual ``h_mid = hs + o_proj(o)`` are
+   kept between stages;
+3. the block's outputs ``h_mid + down(...)`` are the next block's inputs.
 
-Peak accelerator memory: ``n·S·D`` calibration activations in the compute dtype (one copy, the
-block forward donates and overwrites it), plus one block's weights (fp32 master + compute copy), one
-batch's intermediates ``B·S·max(D, F)`` and attention scores ``B·H·S²`` (fp32), the Hessians
-(``in²`` fp32 per shared input) and the GPTQ workspace of one group (``in·out``). It does not grow
-with the number of blocks; everything else (the other blocks, the packed results) stays on host.
-SmolLM2-135M at 128 x 2048, fp32, batch 8: 0.6 GB activations + ~2.4 GB attention scores/probs per
-batch + < 50 MB for weights and Hessians.
+Peak accelerator memory: up to three ``n·S·D`` activation buffers in the compute dtype (the block
+inputs, the attention outputs and the residual; the residual stage reuses the inputs' buffer and
+the output stage the residual's), plus one block's weights (fp32 master + compute copy), one
+batch's intermediates ``B·S·max(D, F)`` and, on the XLA attention path, its scores ``B·H·S²``
+(fp32; the cuDNN path used for bf16 on NVIDIA GPUs has none), the Hessians (``in²`` fp32 per
+shared input) and the GPTQ workspace of one group (``in·out``). It does not grow with the number
+of blocks; everything else (the other blocks, the packed results) stays on host. SmolLM2-135M at
+128 x 2048, fp32, batch 8: 3 x 0.6 GB activations + ~2.4 GB attention scores/probs per batch +
+< 50 MB for weights and Hessians.
 
-Compilation: one jitted function per phase (Hessian pass per input name, block forward, group
-quantize per shape/setting), with the block's parameters as arguments, so blocks of equal shapes
-reuse the compiled code.
+Hessians of bf16/fp16 activations are exact fp32 sums (their products are exact in fp32); the
+solver always runs on the float32 master weights.
+
+Compilation: one jitted function per stage and one group step per (shape, structural setting):
+bits, symmetry and act-order are run-time values of the solver, and the block's parameters are
+arguments, so blocks of equal shapes and runs of different bit widths reuse the compiled code.
 """
 
 from __future__ import annotations
@@ -161,47 +169,95 @@ def _embed_batches(params: Any, ids: jax.Array, model_config: Any, dtype: Any) -
     return jax.lax.map(lambda i: llama.embed(params, i).astype(dtype), ids)
 
 
-@partial(jax.jit, static_argnames=("model_config", "names"))
-def _hessian_pass(layer: Any, hs: jax.Array, mask: jax.Array, model_config: Any,
-                  names: tuple[str, ...]) -> dict[str, Any]:
-    """Run one block over all batches; return ``{name: HessianState}`` over unmasked tokens.
+def _hessian_acc(names_dims: Mapping[str, int]) -> dict[str, Any]:
+    from jgptq.hessian import hessian_init
 
-    Shapes: ``hs [nb, B, S, D]`` fp32, ``mask [nb, B, S]`` bool; each state holds the reference's
-    ``H = 2 Σ_t x_t x_tᵀ / N`` (``N`` sequences, padding rows included; the scale does not matter)
-    and a finiteness flag. Masked tokens contribute nothing (``jgptq.hessian_update``).
+    return {name: hessian_init(d) for name, d in names_dims.items()}
+
+
+@partial(jax.jit, static_argnames=("model_config",))
+def _stage_attn_in(layer: Any, hs: jax.Array, mask: jax.Array, model_config: Any) -> Any:
+    """Hessian of q/k/v's input ``input_layernorm(h)`` over all batches (``hs [nb, B, S, D]``).
+
+    Every ``HessianState`` here holds the reference's ``H = 2 Σ_t x_t x_tᵀ / N`` (``N`` sequences,
+    padding rows included; the scale does not matter) and a finiteness flag; masked tokens add
+    nothing (``jgptq.hessian_update``).
     """
-    from jgptq.hessian import hessian_init, hessian_update
+    from jgptq.hessian import hessian_update
     from jgptq.models import llama
 
     def body(acc, xs):
         h, m = xs
-        _, captured = llama.decoder_block(layer, h, _positions(m), m, model_config, capture=True)
-        return {name: hessian_update(acc[name], captured[name], m, check=False) for name in names}, None
+        return hessian_update(acc, llama.attention_input(layer, h, model_config), m, check=False), None
 
-    init = {name: hessian_init(_captured_dim(layer, name)) for name in names}
-    acc, _ = jax.lax.scan(body, init, (hs, mask))
+    acc, _ = jax.lax.scan(body, _hessian_acc({"attn_in": hs.shape[-1]})["attn_in"], (hs, mask))
     return acc
 
 
-@partial(jax.jit, static_argnames=("model_config",), donate_argnames=("hs",))
-def _forward_pass(layer: Any, hs: jax.Array, mask: jax.Array, model_config: Any) -> jax.Array:
-    """Run one block over all batches: ``hs [nb, B, S, D]`` -> the next block's inputs (same shape)."""
+@partial(jax.jit, static_argnames=("model_config", "impl", "with_h"))
+def _stage_attention(layer: Any, hs: jax.Array, mask: jax.Array, model_config: Any, impl: str,
+                     with_h: bool) -> tuple[jax.Array, Any]:
+    """Attention outputs ``o [nb, B, S, H*hd]`` (o_proj's input) and, with ``with_h``, their Hessian."""
+    from jgptq.hessian import hessian_update
     from jgptq.models import llama
 
-    def one(xs):
+    def body(acc, xs):
         h, m = xs
-        return llama.decoder_block(layer, h, _positions(m), m, model_config).astype(h.dtype)
+        o = llama.attention_output(layer, h, _positions(m), m, model_config, impl).astype(h.dtype)
+        return (hessian_update(acc, o, m, check=False) if with_h else acc), o
 
-    return jax.lax.map(one, (hs, mask))
+    width = model_config.num_heads * model_config.head_dim
+    init = _hessian_acc({"o_in": width})["o_in"] if with_h else None
+    acc, o = jax.lax.scan(body, init, (hs, mask))
+    return o, acc
 
 
-def _captured_dim(layer: Any, name: str) -> int:
+def _stage_residual_impl(layer: Any, hs: jax.Array, o: jax.Array, mask: jax.Array, model_config: Any,
+                         with_h: bool) -> tuple[jax.Array, Any]:
+    """Residual after attention ``h_mid = h + o_proj(o)`` and, with ``with_h``, the Hessian of
+    gate/up's input ``post_attention_layernorm(h_mid)``."""
+    from jgptq.hessian import hessian_update
     from jgptq.models import llama
 
-    for module, inp in llama.LINEAR_INPUT.items():
-        if inp == name:
-            return int(_get(layer, module)["kernel"].shape[0])
-    raise KeyError(f"no linear reads captured input {name!r}")
+    def body(acc, xs):
+        h, oo, m = xs
+        hm = llama.attention_residual(layer, h, oo).astype(h.dtype)
+        if with_h:
+            acc = hessian_update(acc, llama.mlp_input(layer, hm, model_config), m, check=False)
+        return acc, hm
+
+    init = _hessian_acc({"mlp_in": hs.shape[-1]})["mlp_in"] if with_h else None
+    acc, hm = jax.lax.scan(body, init, (hs, o, mask))
+    return hm, acc
+
+
+_stage_residual = jax.jit(_stage_residual_impl, static_argnames=("model_config", "with_h"))
+# true-sequential runs need the block input only once: let XLA reuse its buffer for h_mid
+_stage_residual_donating = jax.jit(_stage_residual_impl, static_argnames=("model_config", "with_h"),
+                                   donate_argnames=("hs",))
+
+
+@partial(jax.jit, static_argnames=("model_config",))
+def _stage_down_in(layer: Any, h_mid: jax.Array, mask: jax.Array, model_config: Any) -> Any:
+    """Hessian of down_proj's input ``silu(gate(x2)) * up(x2)`` over all batches."""
+    from jgptq.hessian import hessian_update
+    from jgptq.models import llama
+
+    def body(acc, xs):
+        hm, m = xs
+        return hessian_update(acc, llama.mlp_hidden(layer, hm, model_config), m, check=False), None
+
+    init = _hessian_acc({"down_in": model_config.intermediate_size})["down_in"]
+    acc, _ = jax.lax.scan(body, init, (h_mid, mask))
+    return acc
+
+
+@partial(jax.jit, static_argnames=("model_config",), donate_argnames=("h_mid",))
+def _stage_output(layer: Any, h_mid: jax.Array, model_config: Any) -> jax.Array:
+    """The block's outputs (the next block's inputs) from ``h_mid``, overwriting its buffer."""
+    from jgptq.models import llama
+
+    return jax.lax.map(lambda hm: llama.block_output(layer, hm, model_config).astype(hm.dtype), h_mid)
 
 
 def _column_losses(delta: jax.Array, h: jax.Array, scale: jax.Array) -> jax.Array:
@@ -216,36 +272,28 @@ def _dequant(codes: jax.Array, scales: jax.Array, zeros: jax.Array, g_idx: jax.A
     return s * (codes.astype(jnp.float32) - z)
 
 
-@jax.jit
-def _group_outputs(w: jax.Array, h: jax.Array, gq: tuple, rq: tuple, scale: jax.Array
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Dequantized GPTQ weight and per-column losses of GPTQ and RTN (compiled per shape only).
+@partial(jax.jit, static_argnames=("config", "impl", "unroll"))
+def _group_step(w: jax.Array, h: jax.Array, runtime: tuple, scale: jax.Array, config: Any, impl: str,
+                unroll: int) -> dict[str, Any]:
+    """GPTQ of ``w [in, out]`` with ``H [in, in]``, RTN for comparison, the dequantized GPTQ weight
+    and per-column losses of both, in one compiled step per (shape, structural config).
 
-    ``gq``/``rq`` are ``(codes, scales, zeros, g_idx)`` of the GPTQ / RTN results for ``w [in, out]``.
+    ``runtime`` = ``(maxq, sym, desc_act)`` arrays, so bit width, symmetry and act-order share the
+    compilation. ``scale`` turns ``tr(ΔWᵀ H ΔW)`` into the report's per-token loss: ``H = 2 Σ_t x_t
+    x_tᵀ / nsamples``, so ``tr(ΔWᵀ Σ ΔW) / tokens = tr(ΔWᵀ H ΔW) · nsamples / (2 · tokens)``. Nothing
+    here syncs with the host: ``ok`` (damping found a factor) and ``h_used`` (some calibration token
+    reached ``H``) are checked by the caller once per block.
     """
-    q = _dequant(*gq)
-    return q, _column_losses(w - q, h, scale), _column_losses(w - _dequant(*rq), h, scale)
+    from jgptq.solver import rtn_core, solve_core
 
-
-def _quantize_gptq(w: jax.Array, h: jax.Array, nsamples: jax.Array, tokens: jax.Array, config: Any,
-                   name: str) -> dict[str, Any]:
-    """GPTQ (and RTN for comparison) of ``w [in, out]`` with ``H [in, in]``; losses per column.
-
-    ``H = 2 Σ_t x_t x_tᵀ / nsamples`` (``jgptq.hessian``), so the report's loss
-    ``tr(ΔWᵀ Σ ΔW) / tokens`` is ``tr(ΔWᵀ H ΔW) · nsamples / (2 · tokens)``.
-    Called eagerly: the core's jitted solver is compiled once per shape (bits, sym and act-order
-    are runtime values there) and raises ``CholeskyError`` naming ``name`` when damping cannot
-    make ``H`` positive definite.
-    """
-    from jgptq.solver import gptq_columns, rtn
-
-    qw, _ = gptq_columns(w, h, config, name=name)
-    qr = rtn(w, config, name=name)
-    scale = nsamples.astype(jnp.float32) / (2.0 * tokens)
-    q, loss, rtn_loss = _group_outputs(w, h, (qw.codes, qw.scales, qw.zeros, qw.g_idx),
-                                       (qr.codes, qr.scales, qr.zeros, qr.g_idx), scale)
-    return {"params": qw.to_params(), "dequant": q, "loss": loss, "rtn_loss": rtn_loss,
-            "damp": jnp.asarray(qw.damp, jnp.float32)}
+    codes, scales, zeros, g_idx, _, damp, ok = solve_core(w, h, config, impl=impl, unroll=unroll,
+                                                          runtime=runtime)
+    rq = rtn_core(w, config, runtime=runtime)
+    q = _dequant(codes, scales, zeros, g_idx)
+    return {"params": {"codes": codes, "scales": scales, "zeros": zeros, "g_idx": g_idx},
+            "dequant": q, "loss": _column_losses(w - q, h, scale),
+            "rtn_loss": _column_losses(w - _dequant(*rq), h, scale), "damp": damp.astype(jnp.float32),
+            "ok": ok, "h_used": jnp.any(jnp.diagonal(h) != 0)}
 
 
 @partial(jax.jit, static_argnames=("config",))
@@ -327,7 +375,8 @@ def _embed(params: Mapping[str, Any], cal: Calibration, model: Any, batch_size: 
 
 def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
              mode: str = "gptq", dynamic: Mapping[str, Mapping[str, Any]] | None = None,
-             batch_size: int = 8, compute_dtype: Any = None, progress: bool = True,
+             batch_size: int = 8, compute_dtype: Any = None, attention: str = "auto",
+             progress: bool = True,
              on_block_input: Callable[[int, jax.Array], None] | None = None,
              ) -> tuple[dict[str, Any], QuantizationReport]:
     """Quantize every decoder-block linear of a Llama-family model, block by block.
@@ -346,6 +395,9 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
       compute_dtype: dtype of the calibration forwards and stored activations (default float32;
         ``"bfloat16"`` halves activation memory and traffic, as the reference's fp16 forwards do).
         Hessians are always accumulated in float32 and GPTQ always runs on the float32 weights.
+      attention: how the calibration forwards compute attention: ``"xla"`` (the model's einsum path,
+        any dtype and padding), ``"cudnn"`` (fused kernel; NVIDIA GPU, bf16/fp16, right padding
+        only) or ``"auto"`` (cuDNN where it applies, else XLA).
       progress: show a tqdm bar over blocks.
       on_block_input: called as ``fn(i, hs)`` with block ``i``'s inputs ``hs [n, S, D]`` (compute
         dtype, on device) before block ``i`` is processed; for tests and diagnostics.
@@ -382,6 +434,7 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
     cal = None
     hs = mask = None
     n = 0
+    attn_impl = "xla"
     if mode == "gptq":
         if calib is None:
             raise ValueError("mode='gptq' needs calibration ids; pass calib=ids [n, seqlen] or use mode='rtn'")
@@ -394,6 +447,8 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
         hs, mask, n = _embed(params, cal, model, batch_size, cdt)
         hs.block_until_ready()
         timings["embed"] = time.perf_counter() - t0
+        tokens = (jnp.sum(mask, dtype=jnp.float32), int(cal.mask.sum()))
+        attn_impl = _attention_impl(attention, cal.mask, cdt, model)
 
     out_layers: list[dict[str, Any]] = []
     layers = params["layers"]
@@ -423,40 +478,8 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
                 modules.append(rep)
             timings["quantize"] += time.perf_counter() - t0
         else:
-            passes = groups if true_sequential else [[m for g in groups for m in g]]
-            for group in passes:
-                plan = [(m, resolve_dynamic(module_name(i, m), config, dynamic)) for m in group]
-                active = [(m, c) for m, c in plan if c is not None]
-                for m, c in plan:
-                    if c is None:
-                        lin = _get(layer, m)
-                        modules.append(ModuleReport(
-                            name=module_name(i, m), layer=i, method="skip",
-                            shape=tuple(int(d) for d in lin["kernel"].shape)))
-                if not active:
-                    continue
-                names = tuple(sorted({llama.LINEAR_INPUT[m] for m, _ in active}))
-                t0 = time.perf_counter()
-                states = _hessian_pass(layer, hs, mask, model, names)
-                tokens = jnp.sum(mask, dtype=jnp.float32)
-                finite = jax.device_get({k: st.finite for k, st in states.items()})
-                bad = [k for k, ok in finite.items() if not ok]
-                if bad:
-                    raise FloatingPointError(
-                        f"block {i}: NaN/Inf in the calibration activations feeding {bad}; check the "
-                        "weights and the model dtype (fp16 overflow)")
-                timings["hessian"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                reports, new = _quantize_shared(i, master, active, states, tokens)
-                timings["quantize"] += time.perf_counter() - t0
-                modules.extend(reports)
-                for m, (pk, deq) in new.items():
-                    packed[m] = pk
-                    _set(layer, f"{m}.kernel", deq.astype(cdt))
-            t0 = time.perf_counter()
-            hs = _forward_pass(layer, hs, mask, model)
-            hs.block_until_ready()
-            timings["forward"] += time.perf_counter() - t0
+            hs = _gptq_block(i, layer, master, hs, mask, groups, config, dynamic, true_sequential,
+                             model, attn_impl, tokens, modules, packed, timings, cdt)
 
         t0 = time.perf_counter()
         out_layer = _copy_dicts(layer_host)
@@ -476,7 +499,8 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
         config={**_config_dict(config), "mode": mode, "dynamic": dict(dynamic) if dynamic else None,
                 "compute_dtype": cdt.name},
         calibration=({"nsamples": int(cal.ids.shape[0]), "seqlen": int(cal.ids.shape[1]),
-                      "tokens": int(cal.mask.sum()), "batch_size": int(min(batch_size, cal.ids.shape[0]))}
+                      "tokens": int(cal.mask.sum()), "batch_size": int(min(batch_size, cal.ids.shape[0])),
+                      "attention": attn_impl}
                      if cal is not None else {}),
         timings=timings,
         environment=_environment(),
@@ -484,49 +508,160 @@ def quantize(params: Mapping[str, Any], calib: Any, config: Any, model: Any, *,
     return qparams, report
 
 
-def _quantize_shared(i: int, layer: dict[str, Any], active: Sequence[tuple[str, Any]],
-                     states: Mapping[str, Any], tokens: jax.Array,
-                     ) -> tuple[list[ModuleReport], dict[str, tuple[Any, jax.Array]]]:
-    """Quantize linears that read the same input, concatenated along ``out`` per distinct setting."""
+def _attention_impl(requested: str, mask: np.ndarray, cdt: Any, model: Any) -> str:
+    """Resolve ``attention="auto"``; refuse ``"cudnn"`` where the fused kernel does not apply."""
     from jgptq.models import llama
 
-    by_key: dict[tuple[str, Any], list[str]] = {}
+    choices = ("auto",) + llama.ATTENTION_IMPLS
+    if requested not in choices:
+        raise ValueError(f"attention must be one of {choices}, got {requested!r}")
+    right_padded = bool(np.all(mask[:, 1:] <= mask[:, :-1]))  # each row: valid tokens, then padding
+    reasons = []
+    if jax.default_backend() != "gpu":
+        reasons.append(f"the backend is {jax.default_backend()!r}, not an NVIDIA GPU")
+    if cdt not in (jnp.bfloat16, jnp.float16):
+        reasons.append(f"compute_dtype is {cdt.name} (cuDNN attention takes bfloat16/float16)")
+    if not right_padded:
+        reasons.append("some calibration rows are left-padded (cuDNN's causal mask cannot skip them)")
+    if model.head_dim % 8 or model.head_dim > 128:
+        reasons.append(f"head_dim {model.head_dim} is not a multiple of 8 up to 128")
+    if requested == "cudnn" and reasons:
+        raise ValueError("attention='cudnn' does not apply: " + "; ".join(reasons))
+    if requested == "auto":
+        return "xla" if reasons else "cudnn"
+    return requested
+
+
+def _gptq_block(i: int, layer: dict[str, Any], master: dict[str, Any], hs: jax.Array, mask: jax.Array,
+                groups: Sequence[Sequence[str]], config: Any, dynamic: Any, true_sequential: bool,
+                model: Any, attn_impl: str, tokens: tuple[jax.Array, int], modules: list[ModuleReport],
+                packed: dict[str, Any], timings: dict[str, float], cdt: Any) -> jax.Array:
+    """Quantize block ``i`` (GPTQ) and return the next block's inputs.
+
+    The block runs in stages cut at the linears' inputs (``jgptq.models.llama``'s staged functions),
+    so the attention of all calibration samples is computed once per block with the quantized
+    q/k/v, not once per group as re-running the whole block would: q/k/v's input (a norm of
+    ``hs``); attention outputs ``o`` (o_proj's input, kept); ``h_mid = hs + o_proj(o)`` (kept,
+    overwriting ``hs``; gate/up's input is its norm); down's input (from ``h_mid``); the output
+    ``h_mid + down(...)``. With ``true_sequential`` each group is quantized right after its
+    input's Hessian, so later groups see quantized earlier ones (the reference's order); without
+    it all four Hessians come from the float block and the outputs are recomputed afterwards.
+    """
+    plans = [[(m, resolve_dynamic(module_name(i, m), config, dynamic)) for m in g] for g in groups]
+    for plan in plans:
+        for m, c in plan:
+            if c is None:
+                modules.append(ModuleReport(name=module_name(i, m), layer=i, method="skip",
+                                            shape=tuple(int(d) for d in _get(layer, m)["kernel"].shape)))
+    active = [[(m, c) for m, c in plan if c is not None] for plan in plans]
+    deferred: list[tuple[int, Any]] = []
+
+    def hessian(fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        timings["hessian"] += time.perf_counter() - t0
+        return out
+
+    def quantize_group(g: int, state: Any) -> None:
+        if not active[g]:
+            return
+        if not true_sequential:
+            deferred.append((g, state))
+            return
+        t0 = time.perf_counter()
+        reports, new = _quantize_shared(i, master, active[g], state, tokens)
+        timings["quantize"] += time.perf_counter() - t0
+        modules.extend(reports)
+        for m, (pk, deq) in new.items():
+            packed[m] = pk
+            _set(layer, f"{m}.kernel", deq.astype(cdt))
+
+    st = hessian(lambda: _stage_attn_in(layer, hs, mask, model)) if active[0] else None
+    quantize_group(0, st)
+    o, st = hessian(lambda: _stage_attention(layer, hs, mask, model, attn_impl, bool(active[1])))
+    quantize_group(1, st)
+    residual = _stage_residual_donating if true_sequential else _stage_residual
+    h_mid, st = hessian(lambda: residual(layer, hs, o, mask, model, bool(active[2])))
+    del o
+    quantize_group(2, st)
+    st = hessian(lambda: _stage_down_in(layer, h_mid, mask, model)) if active[3] else None
+    quantize_group(3, st)
+    if deferred:  # not true-sequential: quantize everything from the float block's Hessians
+        for g, state in deferred:
+            t0 = time.perf_counter()
+            reports, new = _quantize_shared(i, master, active[g], state, tokens)
+            timings["quantize"] += time.perf_counter() - t0
+            modules.extend(reports)
+            for m, (pk, deq) in new.items():
+                packed[m] = pk
+                _set(layer, f"{m}.kernel", deq.astype(cdt))
+        o, _ = hessian(lambda: _stage_attention(layer, hs, mask, model, attn_impl, False))
+        h_mid, _ = hessian(lambda: _stage_residual_donating(layer, hs, o, mask, model, False))
+        del o
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(_stage_output(layer, h_mid, model))
+    timings["forward"] += time.perf_counter() - t0
+    return out
+
+
+def _quantize_shared(i: int, layer: dict[str, Any], active: Sequence[tuple[str, Any]], state: Any,
+                     tokens: tuple[jax.Array, int],
+                     ) -> tuple[list[ModuleReport], dict[str, tuple[Any, jax.Array]]]:
+    """Quantize linears that read the same input (Hessian ``state``), concatenated along ``out``
+    per distinct setting, so they share one damped Cholesky factor and one solve."""
+    from jgptq import pack
+    from jgptq.linalg import CholeskyError
+    from jgptq.models import llama
+    from jgptq.solver import _check_inputs, default_impl, default_unroll, runtime_values, structural
+
+    tokens_dev, tokens_host = tokens
+    by_key: dict[Any, list[str]] = {}
     for m, c in active:
-        by_key.setdefault((llama.LINEAR_INPUT[m], c), []).append(m)
+        by_key.setdefault(c, []).append(m)
+    inp = llama.LINEAR_INPUT[active[0][0]]
     reports: list[ModuleReport] = []
     new: dict[str, tuple[Any, jax.Array]] = {}
-    for (inp, cfg), mods in by_key.items():
+    for cfg, mods in by_key.items():
         lins = [_get(layer, m) for m in mods]
         widths = [int(lin["kernel"].shape[1]) for lin in lins]
         w = jnp.concatenate([lin["kernel"].astype(jnp.float32) for lin in lins], axis=1)
+        label = f"block {i} {'+'.join(mods)}"
+        _check_inputs(w, state.h, cfg, label, values=False)
         t0 = time.perf_counter()
-        res = _quantize_gptq(w, states[inp].h, states[inp].nsamples, tokens, cfg,
-                             name=f"block {i} {'+'.join(mods)}")
-        res = jax.block_until_ready(res)
+        scale = state.nsamples.astype(jnp.float32) / (2.0 * tokens_dev)
+        res = _group_step(w, state.h, runtime_values(cfg), scale, config=structural(cfg),
+                          impl=default_impl(cfg), unroll=default_unroll())
+        finite, ok, used, loss, rtn_loss, damp = jax.device_get(
+            (state.finite, res["ok"], res["h_used"], res["loss"], res["rtn_loss"], res["damp"]))
         dt = time.perf_counter() - t0
-        loss, rtn_loss, damp = jax.device_get((res["loss"], res["rtn_loss"], res["damp"]))
-        if not np.isfinite(damp):
-            from jgptq.linalg import CholeskyError
-
+        if not finite:
+            raise FloatingPointError(
+                f"block {i}: NaN/Inf in the calibration activations feeding {mods} ({inp!r}); check "
+                "the weights and the model dtype (fp16 overflow)")
+        if not used:
+            raise ValueError(f"{label}: the Hessian of {inp!r} is all zero on the diagonal: no "
+                             "calibration token reached these modules (GPTQ would silently equal RTN)")
+        if not ok:
             raise CholeskyError(
                 f"block {i}, {mods}: the damped Hessian of {inp!r} ({w.shape[0]}x{w.shape[0]}, "
-                f"{int(tokens)} tokens) is not positive definite for any damping up to "
+                f"{tokens_host} tokens) is not positive definite for any damping up to "
                 f"{cfg.damp_max:g}; use more or longer calibration samples, a larger damp_percent, "
                 f"or skip these modules with a dynamic rule")
         if not np.isfinite(loss).all():
             raise FloatingPointError(f"GPTQ produced a non-finite loss in block {i} for {mods}; "
                                      "check the calibration data and weights for NaN/Inf")
+        p = res["params"]
         start = 0
-        for m, lin, width in zip(mods, lins, widths):
+        for m, width in zip(mods, widths):
             sl = slice(start, start + width)
             start += width
-            pk = {k: (v if k == "g_idx" else v[..., sl]) for k, v in res["params"].items()}
+            pk = {"qweight": pack.pack_rows(p["codes"][:, sl], cfg.bits), "scales": p["scales"][:, sl],
+                  "zeros": p["zeros"][:, sl], "g_idx": p["g_idx"]}
             new[m] = (pk, res["dequant"][:, sl])
             reports.append(ModuleReport(
                 name=module_name(i, m), layer=i, shape=(int(w.shape[0]), width), method="gptq",
                 **_settings(cfg), loss=float(loss[sl].sum()), rtn_loss=float(rtn_loss[sl].sum()),
-                damp=float(damp), time_s=dt * width / w.shape[1], hessian=inp,
-                tokens=int(tokens)))
+                damp=float(damp), time_s=dt * width / w.shape[1], hessian=inp, tokens=tokens_host))
     return reports, new
 
 

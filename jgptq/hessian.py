@@ -60,14 +60,19 @@ def hessian_update(state: HessianState, x: jax.Array, mask: jax.Array | None = N
                          f"Hessian), got {tuple(x.shape)}")
     t = x.shape[0] if x.ndim >= 3 else 1
     lead = tuple(x.shape[:-1])
-    x = jnp.asarray(x).astype(jnp.float32).reshape(-1, n)
+    x = jnp.asarray(x)
+    # bf16/fp16 activations stay in their dtype: their products are exact in fp32, so the
+    # tensor-core dot with fp32 accumulation equals the fp32 HIGHEST one on the same values
+    if x.dtype not in (jnp.bfloat16, jnp.float16):
+        x = x.astype(jnp.float32)
+    x = x.reshape(-1, n)
     if mask is not None:
         mask = jnp.asarray(mask)
         if tuple(mask.shape) != lead:
             raise ValueError(f"{where}mask must have shape {lead} (the activations without the "
                              f"feature axis), got {tuple(mask.shape)}")
         keep = mask.reshape(-1).astype(bool)
-        x = jnp.where(keep[:, None], x, 0.0)
+        x = jnp.where(keep[:, None], x, jnp.zeros((), x.dtype))
     finite = jnp.all(jnp.isfinite(x))
     new = _update(state, x, t)
     new = new._replace(finite=state.finite & finite)
@@ -84,9 +89,9 @@ def _update_impl(h: jax.Array, nsamples: jax.Array, x: jax.Array, t: jax.Array
                  ) -> tuple[jax.Array, jax.Array]:
     n_old = nsamples.astype(jnp.float32)
     n_new = n_old + t.astype(jnp.float32)
-    h = h * (n_old / n_new)
-    x = x * jnp.sqrt(2.0 / n_new)
-    h = h + jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST)
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    xtx = jnp.dot(x.T, x, precision=precision, preferred_element_type=jnp.float32)
+    h = h * (n_old / n_new) + xtx * (2.0 / n_new)
     return h, nsamples + t
 
 

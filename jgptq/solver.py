@@ -62,7 +62,10 @@ def _is_tracer(*xs: object) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def _check_inputs(w: jax.Array, h: jax.Array | None, config: GPTQConfig, name: str | None) -> None:
+def _check_inputs(w: jax.Array, h: jax.Array | None, config: GPTQConfig, name: str | None, *,
+                  values: bool = True) -> None:
+    """Shapes, dtypes and config always; with ``values`` and concrete arrays also NaN/Inf and an
+    empty Hessian (device syncs; drivers that check flags themselves pass ``values=False``)."""
     where = f"layer {name!r}: " if name else ""
     if not isinstance(config, GPTQConfig):
         raise TypeError(f"{where}config must be a jgptq.GPTQConfig, got {type(config).__name__}")
@@ -84,7 +87,7 @@ def _check_inputs(w: jax.Array, h: jax.Array | None, config: GPTQConfig, name: s
                              f"{tuple(getattr(h, 'shape', ()))}")
         if not jnp.issubdtype(h.dtype, jnp.floating):
             raise ValueError(f"{where}h must be floating point, got dtype {h.dtype}")
-    if not _is_tracer(w, h):
+    if values and not _is_tracer(w, h):
         if not bool(jnp.all(jnp.isfinite(w))):
             raise ValueError(f"{where}w {tuple(w.shape)} contains NaN or Inf")
         if h is not None:
@@ -332,6 +335,42 @@ def _block_pallas(w1: jax.Array, u1: jax.Array, row_scale: jax.Array, row_zero: 
 
 
 IMPLS = ("xla", "pallas", "pallas_interpret")
+
+
+def solve_core(w: jax.Array, h: jax.Array, config: GPTQConfig, *, impl: str | None = None,
+               unroll: int | None = None, runtime: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+    """Jittable GPTQ without value checks, for drivers that check the returned flags themselves.
+
+    ``runtime`` = ``(maxq, sym, desc_act)`` as arrays (:func:`runtime_values`); passing them from
+    outside a ``jit`` lets one compilation serve every bit width / symmetry / act-order. Returns
+    ``(codes u8 [in,out], scales f16 [G,out], zeros u8 [G,out], g_idx i32 [in],
+    column_loss f32 [out], damp f32 [], ok bool [])``; ``ok`` False means no damping made ``H``
+    positive definite (the outputs are then NaN).
+    """
+    _check_inputs(w, h, config, None, values=False)
+    impl = default_impl(config) if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    maxq, sym, desc_act = _runtime(config) if runtime is None else runtime
+    return _solve(w, h, maxq, sym, desc_act, config=_structural(config),
+                  unroll=default_unroll() if unroll is None else unroll, impl=impl)
+
+
+def rtn_core(w: jax.Array, config: GPTQConfig,
+             runtime: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+    """Jittable round-to-nearest: ``(codes, scales, zeros, g_idx)`` as :func:`solve_core`'s."""
+    maxq, sym, _ = _runtime(config) if runtime is None else runtime
+    return _rtn_impl(w, maxq, sym, config=_structural(config))
+
+
+def runtime_values(config: GPTQConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(maxq f32, sym bool, desc_act bool)`` arrays: the config fields the solver takes at run time."""
+    return _runtime(config)
+
+
+def structural(config: GPTQConfig) -> GPTQConfig:
+    """``config`` with the run-time fields canonicalised: configs equal under it share compilations."""
+    return _structural(config)
 
 
 def default_impl(config: GPTQConfig) -> str:

@@ -32,6 +32,8 @@ __all__ = [
     "LINEAR_GROUPS", "LINEAR_INPUT", "LINEAR_NAMES", "embed", "decoder_block", "final_logits",
     "forward", "forward_step", "init_cache", "positions_from_mask", "rms_norm", "rope_inv_freq",
     "LlamaForCausalLM", "DecoderLayer", "Attention", "MLP", "RMSNorm", "check_params",
+    "attention_input", "attention_output", "attention_residual", "mlp_input", "mlp_hidden",
+    "block_output", "ATTENTION_IMPLS",
 ]
 
 # GPTQ's true-sequential order: each inner list shares one input (and one Hessian).
@@ -125,6 +127,37 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slot: jax.Array, k_va
     return out.reshape(b, t, h * hd)
 
 
+def _qkv(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, config: LlamaConfig
+         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Projections and RoPE: ``x [B, T, D]`` -> q ``[B, T, H, hd]``, k, v ``[B, T, KV, hd]``."""
+    b, t, _ = x.shape
+    q = linear(attn["q_proj"], x).reshape(b, t, config.num_heads, config.head_dim)
+    k = linear(attn["k_proj"], x).reshape(b, t, config.num_kv_heads, config.head_dim)
+    v = linear(attn["v_proj"], x).reshape(b, t, config.num_kv_heads, config.head_dim)
+    inv_freq = rope_inv_freq(config)
+    return _rope(q, q_pos, inv_freq), _rope(k, q_pos, inv_freq), v
+
+
+def _attention_fused(q: jax.Array, k: jax.Array, v: jax.Array, config: LlamaConfig) -> jax.Array:
+    """Causal GQA attention through cuDNN's fused kernel (bf16/fp16 on NVIDIA GPUs): ``[B, T, H*hd]``.
+
+    Only for rows whose padding, if any, is on the right: valid tokens then never see padding
+    under the causal mask (padding rows compute garbage that callers mask out).
+    """
+    b, t, h, hd = q.shape
+    window = None if config.sliding_window is None else (int(config.sliding_window) - 1, 0)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
+                                       implementation="cudnn")
+    return out.reshape(b, t, h * hd)
+
+
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def _mlp_act(mlp: Mapping[str, Any], x2: jax.Array) -> jax.Array:
+    return jax.nn.silu(linear(mlp["gate_proj"], x2)) * linear(mlp["up_proj"], x2)
+
+
 def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Array, config: LlamaConfig,
            *, kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
            k_valid: jax.Array | None = None, k_pos: jax.Array | None = None, capture: bool = False):
@@ -134,13 +167,8 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
     """
     b, t, _ = h.shape
     attn, mlp = lp["self_attn"], lp["mlp"]
-    x = rms_norm(lp["input_layernorm"]["scale"], h, config.rms_norm_eps)
-    q = linear(attn["q_proj"], x).reshape(b, t, config.num_heads, config.head_dim)
-    k = linear(attn["k_proj"], x).reshape(b, t, config.num_kv_heads, config.head_dim)
-    v = linear(attn["v_proj"], x).reshape(b, t, config.num_kv_heads, config.head_dim)
-    inv_freq = rope_inv_freq(config)
-    q = _rope(q, q_pos, inv_freq)
-    k = _rope(k, q_pos, inv_freq)
+    x = attention_input(lp, h, config)
+    q, k, v = _qkv(attn, x, q_pos, config)
     if kv is None:
         q_slot = jnp.arange(t)
         o = _attention(q, k, v, q_slot, mask.astype(bool), q_pos, q_pos, config)
@@ -152,12 +180,55 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
         q_slot = index + jnp.arange(t)
         o = _attention(q, kc.astype(q.dtype), vc.astype(q.dtype), q_slot, k_valid, q_pos, k_pos, config)
         new_kv = (kc, vc)
-    h = h + linear(attn["o_proj"], o)
-    x2 = rms_norm(lp["post_attention_layernorm"]["scale"], h, config.rms_norm_eps)
-    act = jax.nn.silu(linear(mlp["gate_proj"], x2)) * linear(mlp["up_proj"], x2)
+    h = attention_residual(lp, h, o)
+    x2 = mlp_input(lp, h, config)
+    act = _mlp_act(mlp, x2)
     h = h + linear(mlp["down_proj"], act)
     captured = {"attn_in": x, "o_in": o, "mlp_in": x2, "down_in": act} if capture else None
     return h, new_kv, captured
+
+
+# ---------------------------------------------------------------------------------------------
+# the block in stages (driver-facing): the same math as decoder_block, cut at the linears' inputs
+# ---------------------------------------------------------------------------------------------
+def attention_input(lp: Mapping[str, Any], h: jax.Array, config: LlamaConfig) -> jax.Array:
+    """q/k/v's input (``attn_in``): ``input_layernorm(h)``, ``[B, T, D]``."""
+    return rms_norm(lp["input_layernorm"]["scale"], h, config.rms_norm_eps)
+
+
+def attention_output(lp: Mapping[str, Any], h: jax.Array, positions: jax.Array, mask: jax.Array,
+                     config: LlamaConfig, impl: str = "xla") -> jax.Array:
+    """o_proj's input (``o_in``): attention over the block input ``h [B, T, D]`` -> ``[B, T, H*hd]``.
+
+    ``impl="cudnn"`` uses the fused kernel (:func:`_attention_fused`; right padding only, bf16/fp16
+    on an NVIDIA GPU), ``"xla"`` the einsum path that :func:`decoder_block` uses.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    q, k, v = _qkv(lp["self_attn"], attention_input(lp, h, config), positions, config)
+    if impl == "cudnn":
+        return _attention_fused(q, k, v, config)
+    return _attention(q, k, v, jnp.arange(h.shape[1]), mask.astype(bool), positions, positions, config)
+
+
+def attention_residual(lp: Mapping[str, Any], h: jax.Array, o: jax.Array) -> jax.Array:
+    """The residual stream after attention: ``h + o_proj(o)``."""
+    return h + linear(lp["self_attn"]["o_proj"], o)
+
+
+def mlp_input(lp: Mapping[str, Any], h_mid: jax.Array, config: LlamaConfig) -> jax.Array:
+    """gate/up's input (``mlp_in``): ``post_attention_layernorm(h_mid)``."""
+    return rms_norm(lp["post_attention_layernorm"]["scale"], h_mid, config.rms_norm_eps)
+
+
+def mlp_hidden(lp: Mapping[str, Any], h_mid: jax.Array, config: LlamaConfig) -> jax.Array:
+    """down_proj's input (``down_in``): ``silu(gate(x2)) * up(x2)`` with ``x2 = mlp_input(h_mid)``."""
+    return _mlp_act(lp["mlp"], mlp_input(lp, h_mid, config))
+
+
+def block_output(lp: Mapping[str, Any], h_mid: jax.Array, config: LlamaConfig) -> jax.Array:
+    """The block's output from the residual after attention: ``h_mid + down(mlp_hidden(h_mid))``."""
+    return h_mid + linear(lp["mlp"]["down_proj"], mlp_hidden(lp, h_mid, config))
 
 
 # ---------------------------------------------------------------------------------------------

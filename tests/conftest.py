@@ -13,10 +13,14 @@ Fixtures that need the model or its tokenizer are for ``@pytest.mark.slow`` test
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# tests that call the CLI in-process must not turn on the on-disk XLA cache for the whole session
+os.environ.setdefault("JGPTQ_XLA_CACHE", "off")
 
 
 @pytest.fixture(scope="session")

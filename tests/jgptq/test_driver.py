@@ -269,7 +269,8 @@ def test_report_complete_and_losses_match_float64(tiny_run):
         assert m.method == "gptq" and m.bits == 4 and m.group_size == 32
         assert np.isfinite(m.loss) and m.loss > 0 and np.isfinite(m.rtn_loss) and m.rtn_loss > 0
         assert m.damp >= 0.01 - 1e-7 and m.time_s >= 0 and m.tokens == tokens
-    assert rep.calibration == {"nsamples": N_CAL, "seqlen": SEQ, "tokens": tokens, "batch_size": BATCH}
+    assert rep.calibration == {"nsamples": N_CAL, "seqlen": SEQ, "tokens": tokens, "batch_size": BATCH,
+                               "attention": "xla"}
     for k in ("embed", "hessian", "quantize", "forward", "pack", "total"):
         assert rep.timings[k] >= 0
     t = rep.totals()
@@ -422,3 +423,47 @@ def test_biases_are_carried_over():
         for name, lin in lp["self_attn"].items():
             assert qp["self_attn"][name]["bias"] is lin["bias"]
             assert "qweight" in qp["self_attn"][name]
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_staged_block_equals_rerunning_the_whole_block(tiny_run, true_sequential):
+    """The driver's stages (attention once per block) give the reference's results: every group of
+    block 1 equals ``jgptq.gptq`` on the Hessian of that group's input captured by re-running the
+    whole block (``decoder_block(capture=True)``) with the groups before it quantized (true
+    sequential) or all float (not), from the driver's own block inputs."""
+    import jax.numpy as jnp
+
+    import jgptq
+    from jgptq.hessian import hessian_from_activations
+    from jgptq.models import llama
+    from jgptq.pack import dequantize_linear, unpack_rows
+
+    r = tiny_run
+    if true_sequential:
+        qparams, inputs = r["qparams"], r["inputs"]
+    else:
+        inputs = {}
+        qparams, _ = jgptq.quantize(r["params"], (r["ids"], r["mask"]),
+                                    jgptq.GPTQConfig(**CFG_KW, true_sequential=False), r["cfg"],
+                                    batch_size=BATCH, progress=False,
+                                    on_block_input=lambda i, h: inputs.__setitem__(i, np.asarray(h)))
+    i = 1
+    float_layer = r["params"]["layers"][i]
+    quant_layer = qparams["layers"][i]
+    layer = {part: {k: (dict(v) if isinstance(v, dict) else v) for k, v in sub.items()}
+             for part, sub in float_layer.items()}
+    mask = jnp.asarray(r["mask"])
+    cfg = jgptq.GPTQConfig(**CFG_KW)
+    for group in llama.LINEAR_GROUPS:
+        _, cap = llama.decoder_block(layer, jnp.asarray(inputs[i]), None, mask, r["cfg"], capture=True)
+        h = hessian_from_activations(cap[llama.LINEAR_INPUT[group[0]]], mask)
+        for mod in group:
+            part, name = mod.split(".")
+            want = jgptq.gptq(jnp.asarray(float_layer[part][name]["kernel"]), h, cfg)
+            got = quant_layer[part][name]
+            codes = np.asarray(unpack_rows(jnp.asarray(got["qweight"]), 4, got["g_idx"].shape[0]))
+            assert (codes == np.asarray(want.codes)).mean() > 0.999, mod
+        if true_sequential:  # later groups see this group quantized
+            for mod in group:
+                part, name = mod.split(".")
+                layer[part][name] = {"kernel": np.asarray(dequantize_linear(quant_layer[part][name]))}

@@ -71,3 +71,18 @@ def test_bad_inputs():
         hessian_update(st, jnp.ones((2, 3, 8)), jnp.ones((3, 2), bool))
     with pytest.raises(ValueError, match="positive int"):
         hessian_init(0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_activations_give_exact_fp32_sums(dtype):
+    """bf16/fp16 activations: the Hessian is the float64 sum over exactly those values (their
+    products are exact in fp32), masked tokens excluded, accumulated in float32."""
+    rng = np.random.default_rng(3)
+    n = 40
+    x = jnp.asarray(rng.standard_normal((4, 9, n)) * 3.0, dtype)
+    mask = rng.random((4, 9)) > 0.2
+    st = hessian_update(hessian_init(n), x, jnp.asarray(mask))
+    xv = np.asarray(x.astype(jnp.float32), np.float64)[mask]
+    want = 2.0 * xv.T @ xv / 4
+    assert st.h.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(st.h), want, rtol=1e-5, atol=1e-4)

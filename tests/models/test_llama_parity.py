@@ -382,3 +382,60 @@ def test_check_params_names_bad_tensors(tiny_hf_model):
     del bad["lm_head"]
     with pytest.raises(ValueError, match="missing lm_head"):
         LlamaForCausalLM.from_params(cfg, bad)
+
+
+def test_staged_block_functions_compose_to_decoder_block(tiny_hf_model):
+    """The driver-facing stages (attention_output, attention_residual, mlp_hidden, block_output)
+    reproduce decoder_block's output and captured inputs on a left-padded batch."""
+    import jax.numpy as jnp
+
+    from jgptq.models import llama
+
+    m = tiny_hf_model("qwen2")
+    config, params, _ = load_hf(m.folder)
+    rng = np.random.default_rng(5)
+    h = jnp.asarray(rng.standard_normal((3, 10, config.hidden_size)).astype(np.float32))
+    mask = jnp.asarray(np.arange(10)[None, :] >= np.array([[0], [3], [6]]))
+    pos = llama.positions_from_mask(mask)
+    lp = params["layers"][0]
+    want, cap = llama.decoder_block(lp, h, pos, mask, config, capture=True)
+    o = llama.attention_output(lp, h, pos, mask, config)
+    h_mid = llama.attention_residual(lp, h, o)
+    valid = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(llama.attention_input(lp, h, config)), np.asarray(cap["attn_in"]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(o)[valid], np.asarray(cap["o_in"])[valid], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(llama.mlp_input(lp, h_mid, config))[valid],
+                               np.asarray(cap["mlp_in"])[valid], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(llama.mlp_hidden(lp, h_mid, config))[valid],
+                               np.asarray(cap["down_in"])[valid], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(llama.block_output(lp, h_mid, config))[valid],
+                               np.asarray(want)[valid], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention impl"):
+        llama.attention_output(lp, h, pos, mask, config, impl="flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(__import__("jax").default_backend() != "gpu", reason="needs a CUDA GPU")
+def test_cudnn_attention_matches_xla_in_bf16(tiny_hf_model):
+    """The fused cuDNN path of the calibration forwards agrees with the einsum path (right padding)."""
+    import jax.numpy as jnp
+
+    from jgptq.models import llama
+
+    m = tiny_hf_model("llama")
+    config, params, _ = load_hf(m.folder)
+    lp = jax_tree_cast(params["layers"][0], jnp.bfloat16)
+    rng = np.random.default_rng(6)
+    h = jnp.asarray(rng.standard_normal((2, 64, config.hidden_size)), jnp.bfloat16)
+    mask = jnp.asarray(np.arange(64)[None, :] < np.array([[64], [40]]))
+    pos = llama.positions_from_mask(mask)
+    a = llama.attention_output(lp, h, pos, mask, config, impl="xla").astype(jnp.float32)
+    b = llama.attention_output(lp, h, pos, mask, config, impl="cudnn").astype(jnp.float32)
+    valid = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(b)[valid], np.asarray(a)[valid], rtol=3e-2, atol=3e-2)
+
+
+def jax_tree_cast(tree, dtype):
+    import jax
+
+    return jax.tree_util.tree_map(lambda a: np.asarray(a).astype(dtype) if np.issubdtype(np.asarray(a).dtype, np.floating) else a, tree)
