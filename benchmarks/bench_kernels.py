@@ -66,22 +66,24 @@ def report_failure(name: str, e: Exception) -> str:
 def mgpu_candidates(m: int, packed, limit: int) -> list:
     """Default config first, then a few hand-picked tilings for this M (at most ``limit``)."""
     C = mg.MgpuConfig
+    A, W = "acc", "weights"
     c = [mg.default_config(m, packed)]
     if m <= 16:
         bm = 8 if m <= 8 else 16
-        c += [C(bm, 128, 128, 1, 4), C(bm, 128, 128, 2, 4), C(bm, 128, 128, 4, 4), C(bm, 64, 128, 2, 4),
-              C(bm, 128, 256, 2, 3), C(bm, 128, 128, 2, 6), C(bm, 64, 256, 1, 4)]
+        c += [C(bm, 128, 128, 1, 4, A), C(bm, 128, 128, 4, 4, A), C(bm, 128, 128, 2, 4, W), C(bm, 64, 128, 2, 4, A),
+              C(bm, 128, 256, 2, 3, A), C(bm, 128, 128, 2, 6, A), C(bm, 64, 256, 1, 4, A)]
     elif m <= 64:
-        c += [C(64, 128, 128, 1, 4), C(64, 64, 128, 1, 4), C(64, 128, 128, 2, 4), C(32, 128, 128, 1, 4),
-              C(64, 128, 64, 1, 6), C(64, 128, 256, 1, 3)]
+        c += [C(64, 128, 128, 1, 4, A), C(64, 64, 128, 1, 4, A), C(64, 128, 128, 1, 4, W), C(32, 128, 128, 1, 4, A),
+              C(64, 128, 128, 2, 4, A), C(64, 128, 256, 1, 3, A)]
     else:
-        c += [C(128, 128, 128, 1, 3), C(128, 64, 128, 1, 4), C(64, 128, 128, 1, 4), C(256, 64, 128, 1, 2),
-              C(128, 128, 64, 1, 4), C(128, 128, 256, 1, 2)]
+        c += [C(128, 128, 128, 1, 3, A), C(128, 64, 128, 1, 4, W), C(64, 128, 128, 1, 4, A), C(256, 64, 128, 1, 2, A),
+              C(128, 128, 64, 1, 4, A), C(128, 128, 256, 1, 2, A)]
     out = []
     nk = lambda cfg: packed.k_pad // cfg.block_k  # noqa: E731
     for cfg in c:
         if (cfg not in out and packed.n_pad % cfg.block_n == 0 and packed.k_pad % cfg.block_k == 0
-                and nk(cfg) % cfg.split_k == 0):
+                and nk(cfg) % cfg.split_k == 0
+                and (cfg.scale_mode == W or packed.group_size % cfg.block_k == 0)):
             out.append(cfg)
     return out[:limit]
 
@@ -250,7 +252,8 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
     ref = mg.reference(x, p0).astype(jnp.float32)
     pbytes = p0.w.nbytes + p0.scales.nbytes + p0.zeros.nbytes + io
     for cfg in mgpu_candidates(m, p0, MAX_MGPU_CFGS):
-        name = f"mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages}]"
+        name = (f"mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
+                f"{cfg.scale_mode}]")
         try:
             fk = jax.jit(lambda x, ps, cfg=cfg: [mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=INTERPRET)
                                                  for p in ps])

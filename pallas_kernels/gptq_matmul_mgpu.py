@@ -205,6 +205,16 @@ class MgpuConfig:
         the group size).
       split_k: K partitions (divides ``Kp / block_k``); fp32 partials summed in XLA.
       num_stages: TMA pipeline depth (SMEM slots).
+      scale_mode: where the group scales are applied:
+
+        * ``"weights"``: dequantize ``(q - z) * s`` per weight in registers before the wgmma
+          (any group size; two bf16 ops per weight);
+        * ``"acc"``: the wgmma runs on the raw codes (int -> bf16 is exact), and each K block's
+          fp32 ``[block_n, block_m]`` product is scaled by the group's ``s`` before it is added
+          to the accumulator (``block_n*block_m/128`` multiplies per thread and K block instead
+          of ``2*block_n*block_k/128``); the zero points are subtracted in XLA as
+          ``(Σ_{k∈g} x_k) @ (s·z)`` (a ``[M, G] x [G, N]`` product). Needs ``block_k`` to divide
+          the group size.
     """
 
     block_m: int = 16
@@ -212,6 +222,7 @@ class MgpuConfig:
     block_k: int = 128
     split_k: int = 1
     num_stages: int = 4
+    scale_mode: str = "weights"
 
 
 def _num_sms() -> int:
@@ -249,7 +260,8 @@ def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
                 split = d
                 if ctas * d >= target:
                     break
-    return MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=4)
+    mode = "acc" if packed.group_size % bk == 0 else "weights"
+    return MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=4, scale_mode=mode)
 
 
 def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
@@ -281,6 +293,12 @@ def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
         raise ValueError(f"split_k={cfg.split_k} must divide the number of K blocks Kp/block_k={nk}.")
     if cfg.num_stages < 1:
         raise ValueError(f"num_stages={cfg.num_stages} must be ≥ 1.")
+    if cfg.scale_mode not in ("weights", "acc"):
+        raise ValueError(f"scale_mode must be 'weights' or 'acc'; got {cfg.scale_mode!r}.")
+    if cfg.scale_mode == "acc" and gs % bk:
+        raise ValueError(
+            f"scale_mode='acc' needs block_k={bk} to divide the group size {gs}; use scale_mode='weights'."
+        )
 
 
 # ------------------------------------------------------------------------------------------ kernel
@@ -330,6 +348,64 @@ def _dequant_mma_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk
         acc = acc + jax.lax.dot_general(wd, x[:, ks], (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.float32)
     return acc
+
+
+def _mma_acc_interpret(acc, w_smem, x_smem, s_smem, *, chunk, bk, cdt):
+    """Interpreter leaf of ``scale_mode="acc"``: raw codes @ x per K block, then * s per row."""
+    w = w_smem[...]
+    x = x_smem[...]
+    t = None
+    for j in range(bk // chunk):
+        ks = slice(j * chunk, (j + 1) * chunk)
+        d = jax.lax.dot_general(w[:, ks].astype(cdt), x[:, ks], (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        t = d if t is None else t + d
+    return acc + t * s_smem[...].astype(jnp.float32)[0][:, None]
+
+
+def _scale_rows_inline(t, s_ref):
+    """``t[n, m] * s[0, n]`` (fp32) over a WGMMA-layout accumulator value (hardware path)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA),
+        return_type=plgpu.ShapeDtypeStruct(t.shape, t.dtype, plgpu.Layout.WGMMA),
+    )
+    def scaled(_, s_smem, tv):
+        index = ir.IndexType.get()
+        f32 = ir.F32Type.get()
+
+        def mul(v, idx):
+            sv = arith.extf(f32, memref.load(s_smem, (arith.constant(index, 0), idx[0])))
+            return arith.mulf(v, sv)
+
+        return tv.foreach(mul, create_array=True)
+
+    return scaled(s_ref, t)
+
+
+def _mma_acc_hw(acc, w_smem, x_smem, s_smem, *, chunk, bk, cdt, bn, bm):
+    """Hardware leaf of ``scale_mode="acc"``: wgmma on upcast codes into a scoped accumulator,
+    then ``acc + product * s`` on the fp32 values."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def mm(tmp_ref):
+        w = w_smem[...]
+        steps = bk // chunk
+        for j in range(steps):
+            ks = slice(j * chunk, (j + 1) * chunk)
+            with jax.named_scope("upcast"):
+                wj = w[:, ks].astype(cdt)
+            with jax.named_scope("wgmma"):
+                plgpu.wgmma(tmp_ref, wj, plgpu.transpose_ref(x_smem.at[:, ks], (1, 0)))
+            plgpu.wgmma_wait(1 if j + 1 < steps else 0)
+        return tmp_ref[...]
+
+    t = pl.run_scoped(mm, plgpu.ACC((bn, bm), jnp.float32))
+    with jax.named_scope("scale"):
+        return acc + _scale_rows_inline(t, s_smem)
 
 
 def _scale_inline(w, s_ref, z_ref, *, row0: int, sub_gs: int):
@@ -386,7 +462,8 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
     nk = packed.k_pad // bk
     steps_per_split = nk // split
     grid = (packed.n_pad // bn, mp // bm, split)
-    out_dt = jnp.float32 if split > 1 else cdt
+    # fp32 partials for split-K, and for "acc" at small M (the zero correction is subtracted after)
+    out_dt = jnp.float32 if split > 1 or (cfg.scale_mode == "acc" and bm <= 64) else cdt
     # K chunk per wgmma issue = the swizzle width of the x tile (in elements).
     x_sw, x_tr = _tiled(bk * 16, 16)
     chunk = x_sw * 8 // 16
@@ -415,7 +492,18 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
             plgpu.BlockSpec((s_rows, bn), s_index),
         ]
         leaf_kw = dict(chunk=chunk, gs=gs, bk=bk, cdt=cdt)
-        if interpret:
+        if cfg.scale_mode == "acc":
+            pipe = functools.partial(plgpu.emit_pipeline, grid=(steps_per_split,), in_specs=specs[:3],
+                                     max_concurrent_steps=cfg.num_stages,
+                                     init_carry=jnp.zeros((bn, bm), jnp.float32))
+            if interpret:
+                def step(_, w_smem, x_smem, s_smem, acc):
+                    return _mma_acc_interpret(acc, w_smem, x_smem, s_smem, chunk=chunk, bk=bk, cdt=cdt)
+            else:
+                def step(_, w_smem, x_smem, s_smem, acc):
+                    return _mma_acc_hw(acc, w_smem, x_smem, s_smem, chunk=chunk, bk=bk, cdt=cdt, bn=bn, bm=bm)
+            acc = pipe(step)(w_gmem, x_gmem, s_gmem)
+        elif interpret:
             def step(_, w_smem, x_smem, s_smem, z_smem, acc):
                 return _dequant_mma_interpret(acc, w_smem, x_smem, s_smem, z_smem, **leaf_kw)
 
@@ -507,7 +595,13 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
         s, z = s.astype(cdt), z.astype(cdt)
     out = _build(mp, packed, cfg, cdt, interpret)(x2, packed.w, s, z)  # [split, Np, Mp]
     y = out.sum(0) if cfg.split_k > 1 else out[0]
-    return y[: packed.n, :m].T.astype(cdt)
+    y = y[: packed.n, :m].T
+    if cfg.scale_mode == "acc":  # zero points: y -= (Σ_{k∈g} x_k) @ (s·z)
+        gs, gp = packed.group_size, packed.k_pad // packed.group_size
+        xs = x2[:m].astype(jnp.float32).reshape(m, gp, gs).sum(-1)  # [M, G]
+        sz = packed.scales[:, : packed.n].astype(jnp.float32) * packed.zeros[:, : packed.n].astype(jnp.float32)
+        y = y.astype(jnp.float32) - jnp.dot(xs, sz, precision=jax.lax.Precision.HIGHEST)
+    return y.astype(cdt)
 
 
 def reference(x: jax.Array, packed: MgpuPacked) -> jax.Array:

@@ -76,14 +76,18 @@ def test_pack_refusals_and_errors():
 # ---------------------------------------------------------------- kernel (interpret)
 
 CASES = [
-    # bits, gs, act_order, K, N, M, dtype, (block_m, block_n, block_k, split_k)
-    (4, 128, False, 576, 192, 1, jnp.bfloat16, (8, 64, 128, 1)),     # SmolLM2 K=576, N padded
-    (4, 128, True, 576, 128, 3, jnp.bfloat16, (8, 64, 128, 1)),      # act-order
-    (4, 64, False, 1536, 128, 17, jnp.bfloat16, (16, 64, 128, 3)),   # K=1536, M not a block multiple
-    (4, 32, True, 256, 128, 9, jnp.float16, (16, 128, 128, 2)),      # g32 (4 groups per K block), fp16
-    (4, -1, False, 320, 128, 2, jnp.bfloat16, (8, 64, 128, 1)),      # per-channel
-    (4, 128, False, 512, 64, 5, jnp.float16, (8, 64, 64, 2)),        # block_k 64 < group, 2 blocks/group
-    (8, 128, True, 384, 128, 5, jnp.bfloat16, (8, 64, 128, 1)),      # 8-bit act-order
+    # bits, gs, act_order, K, N, M, dtype, (block_m, block_n, block_k, split_k, scale_mode)
+    (4, 128, False, 576, 192, 1, jnp.bfloat16, (8, 64, 128, 1, "weights")),   # SmolLM2 K=576, N padded
+    (4, 128, True, 576, 128, 3, jnp.bfloat16, (8, 64, 128, 1, "weights")),    # act-order
+    (4, 128, True, 576, 128, 3, jnp.bfloat16, (8, 64, 128, 1, "acc")),        # act-order, scales on acc
+    (4, 64, False, 1536, 128, 17, jnp.bfloat16, (16, 64, 128, 3, "weights")), # K=1536, M not a block multiple
+    (4, 64, False, 1536, 128, 17, jnp.bfloat16, (16, 64, 64, 4, "acc")),      # g64 with block_k 64
+    (4, 32, True, 256, 128, 9, jnp.float16, (16, 128, 128, 2, "weights")),    # g32 (4 groups per block), fp16
+    (4, -1, False, 320, 128, 2, jnp.bfloat16, (8, 64, 128, 1, "weights")),    # per-channel
+    (4, -1, False, 320, 128, 2, jnp.float16, (8, 64, 128, 3, "acc")),         # per-channel, split-K, acc
+    (4, 128, False, 512, 64, 5, jnp.float16, (8, 64, 64, 2, "weights")),      # block_k 64 < group
+    (8, 128, True, 384, 128, 5, jnp.bfloat16, (8, 64, 128, 1, "weights")),    # 8-bit act-order
+    (8, 128, False, 384, 128, 70, jnp.bfloat16, (128, 128, 128, 1, "acc")),   # 8-bit, acc, bf16 out (bm 128)
 ]
 
 
@@ -91,8 +95,8 @@ CASES = [
 def test_mgpu_kernel_interpret(bits, gs, act_order, k, n, m, dtype, tiles):
     lin, w64, p = make(10 + k + m, k, n, bits, gs, act_order, dtype)
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
-    bm, bn, bk, split = tiles
-    cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=2)
+    bm, bn, bk, split, mode = tiles
+    cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=2, scale_mode=mode)
     y = mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=True)
     assert y.shape == (m, n) and y.dtype == dtype
     ref64 = np.asarray(x, np.float64) @ w64
@@ -128,6 +132,12 @@ def test_mgpu_validation_errors():
         mg.gptq_matmul_mgpu(x, p, config=C(block_k=32), interpret=True)
     with pytest.raises(ValueError, match="split_k=3"):
         mg.gptq_matmul_mgpu(x, p, config=C(split_k=3), interpret=True)
+    with pytest.raises(ValueError, match="scale_mode must"):
+        mg.gptq_matmul_mgpu(x, p, config=C(scale_mode="fused"), interpret=True)
+    _, _, p32 = make(6, 256, 128, 4, 32, False)
+    with pytest.raises(ValueError, match="scale_mode='acc' needs"):
+        mg.gptq_matmul_mgpu(x, p32, config=C(scale_mode="acc"), interpret=True)
+    assert mg.default_config(1, p32).scale_mode == "weights" and mg.default_config(1, p).scale_mode == "acc"
     with pytest.raises(ValueError, match="MgpuPacked"):
         mg.gptq_matmul_mgpu(x, {"w": 1}, interpret=True)
 
@@ -135,15 +145,19 @@ def test_mgpu_validation_errors():
 # ---------------------------------------------------------------- hardware path, lowered on CPU
 
 LOWER_CASES = [
-    # bits, gs, M, dtype, (block_m, block_n, block_k, split_k)
-    (4, 128, 1, jnp.bfloat16, (8, 128, 128, 2)),
-    (4, 128, 16, jnp.bfloat16, (16, 128, 128, 1)),
-    (4, 32, 64, jnp.bfloat16, (64, 128, 128, 1)),
-    (4, 64, 200, jnp.float16, (128, 128, 128, 1)),
-    (4, -1, 5, jnp.bfloat16, (8, 64, 256, 2)),
-    (4, 128, 5, jnp.bfloat16, (8, 64, 64, 1)),
-    (8, 128, 5, jnp.bfloat16, (8, 64, 128, 1)),
-    (8, 32, 9, jnp.float16, (16, 64, 64, 1)),
+    # bits, gs, M, dtype, (block_m, block_n, block_k, split_k, scale_mode)
+    (4, 128, 1, jnp.bfloat16, (8, 128, 128, 2, "weights")),
+    (4, 128, 1, jnp.bfloat16, (8, 128, 128, 2, "acc")),
+    (4, 128, 16, jnp.bfloat16, (16, 128, 128, 1, "weights")),
+    (4, 128, 16, jnp.float16, (16, 128, 256, 1, "acc")),
+    (4, 32, 64, jnp.bfloat16, (64, 128, 128, 1, "weights")),
+    (4, 64, 200, jnp.float16, (128, 128, 128, 1, "weights")),
+    (4, 128, 200, jnp.bfloat16, (128, 128, 128, 1, "acc")),
+    (4, -1, 5, jnp.bfloat16, (8, 64, 256, 2, "weights")),
+    (4, 128, 5, jnp.bfloat16, (8, 64, 64, 1, "weights")),
+    (8, 128, 5, jnp.bfloat16, (8, 64, 128, 1, "weights")),
+    (8, 128, 5, jnp.bfloat16, (8, 64, 128, 1, "acc")),
+    (8, 32, 9, jnp.float16, (16, 64, 64, 1, "weights")),
 ]
 
 
@@ -151,8 +165,8 @@ LOWER_CASES = [
 def test_lowers_for_cuda(bits, gs, m, dtype, tiles):
     """Pallas -> Mosaic GPU lowering of the real (wgmma, register-A, inline_mgpu) kernel."""
     _, _, p = make(3, 1024, 256, bits, gs, False, dtype)
-    bm, bn, bk, split = tiles
-    cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=3)
+    bm, bn, bk, split, mode = tiles
+    cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=3, scale_mode=mode)
     x = jnp.zeros((m, 1024), dtype)
     lowered = mg._forward.trace(x, p, cfg, False).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
@@ -190,7 +204,11 @@ def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
     for m in (1, 16, 33, 130):
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
         ref64 = np.asarray(x, np.float64) @ w64
-        y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, p))(x)
-        assert rel_err(y, ref64) < 8e-3, (m, mg.default_config(m, p))
+        cfgs = [mg.default_config(m, p)]
+        if m == 1:
+            cfgs.append(mg.MgpuConfig(block_m=8, block_n=64, block_k=128, split_k=1, scale_mode="weights"))
+        for cfg in cfgs:
+            y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, p, config=cfg))(x)
+            assert rel_err(y, ref64) < 8e-3, (m, cfg)
     prep = dispatch.prepare(lin, bits=bits, backend="gpu", gpu_kernel="mgpu")
     assert rel_err(dispatch.matmul(x, prep), ref64) < 8e-3  # M=130 through dispatch
