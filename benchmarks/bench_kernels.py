@@ -76,14 +76,15 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
         c += [C(64, 128, 128, 1, 4, A), C(64, 64, 128, 1, 4, A), C(64, 128, 128, 1, 4, W), C(32, 128, 128, 1, 4, A),
               C(64, 128, 128, 2, 4, A), C(64, 128, 256, 1, 3, A)]
     else:
-        c += [C(128, 128, 128, 1, 3, A), C(128, 64, 128, 1, 4, W), C(64, 128, 128, 1, 4, A), C(256, 64, 128, 1, 2, A),
-              C(128, 128, 64, 1, 4, A), C(128, 128, 256, 1, 2, A)]
+        c += [C(128, 128, 128, 1, 3, W), C(128, 64, 128, 1, 4, W), C(64, 128, 128, 1, 4, A), C(256, 64, 128, 1, 2, W),
+              C(128, 128, 64, 1, 4, W), C(128, 64, 256, 1, 2, A)]
     out = []
     nk = lambda cfg: packed.k_pad // cfg.block_k  # noqa: E731
     for cfg in c:
         if (cfg not in out and packed.n_pad % cfg.block_n == 0 and packed.k_pad % cfg.block_k == 0
                 and nk(cfg) % cfg.split_k == 0
-                and (cfg.scale_mode == W or packed.group_size % cfg.block_k == 0)):
+                and (cfg.scale_mode == W or (packed.group_size % cfg.block_k == 0
+                                             and cfg.block_m * cfg.block_n <= 8192))):
             out.append(cfg)
     return out[:limit]
 

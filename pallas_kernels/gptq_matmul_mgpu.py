@@ -247,21 +247,21 @@ def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
     bn = 128
     if bm >= 128 or packed.n_pad % bn:
         bn = 64
-    bk = 128
-    if packed.group_size < K_ALIGN and packed.group_size % 64 == 0:
-        bk = 128
+    bk, stages = 128, 4
+    if packed.group_size == 64:  # K blocks of one group each, so that scale_mode="acc" applies
+        bk, stages = 64, 6
     nk = packed.k_pad // bk
     ctas = -(-m // bm) * (packed.n_pad // bn)
     target = 2 * _num_sms()
     split = 1
     if ctas < target:
         for d in range(1, min(nk, 16) + 1):
-            if nk % d == 0 and nk // d >= 2:
+            if nk % d == 0 and nk // d >= 4:  # keep ≥ 4 pipeline steps per CTA
                 split = d
                 if ctas * d >= target:
                     break
-    mode = "acc" if packed.group_size % bk == 0 else "weights"
-    return MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=4, scale_mode=mode)
+    mode = "acc" if packed.group_size % bk == 0 and bm * bn <= 64 * 128 else "weights"
+    return MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=stages, scale_mode=mode)
 
 
 def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
@@ -295,6 +295,11 @@ def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
         raise ValueError(f"num_stages={cfg.num_stages} must be ≥ 1.")
     if cfg.scale_mode not in ("weights", "acc"):
         raise ValueError(f"scale_mode must be 'weights' or 'acc'; got {cfg.scale_mode!r}.")
+    if cfg.scale_mode == "acc" and bm * bn > 64 * 128:
+        raise ValueError(
+            f"scale_mode='acc' keeps two fp32 accumulators: block_m*block_n={bm * bn} must be ≤ 8192 "
+            "(≤ 64 registers per thread each)."
+        )
     if cfg.scale_mode == "acc" and gs % bk:
         raise ValueError(
             f"scale_mode='acc' needs block_k={bk} to divide the group size {gs}; use scale_mode='weights'."

@@ -87,7 +87,7 @@ CASES = [
     (4, -1, False, 320, 128, 2, jnp.float16, (8, 64, 128, 3, "acc")),         # per-channel, split-K, acc
     (4, 128, False, 512, 64, 5, jnp.float16, (8, 64, 64, 2, "weights")),      # block_k 64 < group
     (8, 128, True, 384, 128, 5, jnp.bfloat16, (8, 64, 128, 1, "weights")),    # 8-bit act-order
-    (8, 128, False, 384, 128, 70, jnp.bfloat16, (128, 128, 128, 1, "acc")),   # 8-bit, acc, bf16 out (bm 128)
+    (8, 128, False, 384, 128, 70, jnp.bfloat16, (128, 64, 128, 1, "acc")),    # 8-bit, acc, bf16 out (bm 128)
 ]
 
 
@@ -132,6 +132,8 @@ def test_mgpu_validation_errors():
         mg.gptq_matmul_mgpu(x, p, config=C(block_k=32), interpret=True)
     with pytest.raises(ValueError, match="split_k=3"):
         mg.gptq_matmul_mgpu(x, p, config=C(split_k=3), interpret=True)
+    with pytest.raises(ValueError, match="two fp32 accumulators"):
+        mg.gptq_matmul_mgpu(x, p, config=C(block_m=128, block_n=128, scale_mode="acc"), interpret=True)
     with pytest.raises(ValueError, match="scale_mode must"):
         mg.gptq_matmul_mgpu(x, p, config=C(scale_mode="fused"), interpret=True)
     _, _, p32 = make(6, 256, 128, 4, 32, False)
@@ -152,9 +154,10 @@ LOWER_CASES = [
     (4, 128, 16, jnp.float16, (16, 128, 256, 1, "acc")),
     (4, 32, 64, jnp.bfloat16, (64, 128, 128, 1, "weights")),
     (4, 64, 200, jnp.float16, (128, 128, 128, 1, "weights")),
-    (4, 128, 200, jnp.bfloat16, (128, 128, 128, 1, "acc")),
+    (4, 128, 200, jnp.bfloat16, (128, 64, 128, 1, "acc")),
     (4, -1, 5, jnp.bfloat16, (8, 64, 256, 2, "weights")),
     (4, 128, 5, jnp.bfloat16, (8, 64, 64, 1, "weights")),
+    (4, 64, 5, jnp.bfloat16, (8, 128, 64, 2, "acc")),
     (8, 128, 5, jnp.bfloat16, (8, 64, 128, 1, "weights")),
     (8, 128, 5, jnp.bfloat16, (8, 64, 128, 1, "acc")),
     (8, 32, 9, jnp.float16, (16, 64, 64, 1, "weights")),
