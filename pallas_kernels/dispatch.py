@@ -38,8 +38,8 @@ import jax.numpy as jnp
 
 from .repack import PackedGPTQ, SUPPORTED_BITS, dequantize_packed, pack_gptq_linear
 
-__all__ = ["Prepared", "prepare", "matmul", "xla_matmul", "LARGE_M_GPU", "LARGE_M_MGPU", "DEFAULT_GPU_KERNEL",
-           "GPU_KERNELS"]
+__all__ = ["Prepared", "prepare", "matmul", "xla_matmul", "gptq_qweight", "LARGE_M_GPU", "LARGE_M_MGPU",
+           "DEFAULT_GPU_KERNEL", "GPU_KERNELS"]
 
 # Above this many tokens the GPU path dequantizes once and calls XLA's dot (cuBLAS), which was
 # faster than the Pallas kernel there on an H100 (benchmarks/RESULTS.md, "Pallas kernels").
@@ -156,6 +156,34 @@ def prepare(
     thr = LARGE_M_GPU if large_m is None else int(large_m)
     return Prepared(packed=packed, backend=b, interpret=interpret, large_m=thr,
                     kernel="triton" if b == "gpu" else b)
+
+
+def gptq_qweight(prepared: Prepared) -> jax.Array:
+    """Rebuild the GPTQ ``qweight`` (int32 ``[K*bits/32, N]``, row packing) from a kernel layout.
+
+    Exact: every layout keeps the codes losslessly (undoing the act-order permutation and the
+    K/N padding), so a layer that keeps only the kernel's copy of its codes can still export its
+    checkpoint tensors.
+    """
+    if not isinstance(prepared, Prepared):
+        raise ValueError(f"gptq_qweight() needs the value returned by prepare(); got {type(prepared).__name__}.")
+    packed = prepared.packed
+    bits = packed.bits
+    if isinstance(packed, PackedGPTQ):
+        from .repack import unpack_block_planar
+
+        words = packed.words.T if packed.layout == "nk" else packed.words
+        codes = unpack_block_planar(words, bits=bits, slab=packed.slab)  # [Kp, Np]
+    else:  # gptq_matmul_mgpu.MgpuPacked: w [Np, Kp] holds code - 2^(bits-1)
+        codes = packed.w.astype(jnp.int32).T + (1 << (bits - 1))
+    codes = codes[: packed.k, : packed.n]
+    if packed.perm is not None:  # the layouts hold codes[perm]
+        codes = jnp.take(codes, jnp.argsort(packed.perm), axis=0)
+    p = 32 // bits
+    c = codes.astype(jnp.uint32).reshape(packed.k // p, p, packed.n)
+    shifts = (jnp.arange(p, dtype=jnp.uint32) * bits)[None, :, None]
+    words = jnp.sum(c << shifts, axis=1, dtype=jnp.uint32)  # fields are disjoint: sum == or
+    return jax.lax.bitcast_convert_type(words, jnp.int32)
 
 
 def xla_matmul(x: jax.Array, packed: Any) -> jax.Array:
