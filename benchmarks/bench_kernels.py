@@ -45,6 +45,11 @@ BASELINES = True
 INTERPRET = jax.default_backend() != "gpu"  # CPU smoke runs go through the Pallas interpreter
 ROTATE_BYTES = 3 * L2_BYTES
 MGPU = False
+DEADLINE = float("inf")  # time.monotonic() after which remaining points / configs are skipped
+
+
+def over_budget() -> bool:
+    return time.monotonic() > DEADLINE
 MAX_MGPU_CFGS = 8
 TRITON_SWEEP_OFF = False
 _FULL_ERROR_SHOWN = [False]
@@ -182,6 +187,9 @@ def bench_shape(k: int, n: int, ms: list[int], *, sweep: bool, slabs: list[int |
         print(json.dumps(row), flush=True)
 
     for m in ms:
+        if over_budget():
+            print(f"SKIPPED K={k} N={n} M={m}: --budget-s exhausted", flush=True)
+            continue
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
         io = m * k * 2 + m * n * 2
         # XLA bf16
@@ -253,6 +261,9 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
     ref = mg.reference(x, p0).astype(jnp.float32)
     pbytes = p0.w.nbytes + p0.scales.nbytes + p0.zeros.nbytes + io
     for cfg in mgpu_candidates(m, p0, MAX_MGPU_CFGS):
+        if over_budget():
+            print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)
+            continue
         name = (f"mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
                 f"{cfg.scale_mode}]")
         try:
@@ -399,6 +410,8 @@ def main() -> None:
     ap.add_argument("--max-mgpu-cfgs-rest", type=int, default=8, help="per point, other shapes")
     ap.add_argument("--triton-default-only", action="store_true",
                     help="time only the Triton kernel's default config (no dispatch row)")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="skip the remaining points / mgpu configs after this many seconds (0: no limit)")
     ap.add_argument("--e2e", action="store_true", help="only the end-to-end 7B-shape decode benchmark")
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--e2e-slots", type=int, default=256)
@@ -411,7 +424,9 @@ def main() -> None:
         with open(os.path.join(args.out, "bench_e2e.json"), "w") as f:
             json.dump(rows, f, indent=1)
         return
-    global BASELINES, MGPU, MAX_MGPU_CFGS, TRITON_SWEEP_OFF
+    global BASELINES, MGPU, MAX_MGPU_CFGS, TRITON_SWEEP_OFF, DEADLINE
+    if args.budget_s > 0:
+        DEADLINE = time.monotonic() + args.budget_s
     BASELINES = not args.no_xla_dequant
     MGPU, MAX_MGPU_CFGS, TRITON_SWEEP_OFF = args.mgpu, args.max_mgpu_cfgs, args.triton_default_only
     slabs = [None if s == "auto" else int(s) for s in args.slabs.split(",")]

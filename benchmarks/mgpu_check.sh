@@ -24,11 +24,11 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 cd "$SHIM"
 "$PY" -c "import jax, jgptq.pallas_kernels.gptq_matmul_mgpu as m; print('jax', jax.__version__, jax.devices(), 'kernel:', m.__file__, flush=True)"
 echo "=== 1/2 pytest -m gpu (mgpu kernel) ==="
-timeout 100 "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
+timeout 90 "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
   "$REPO/tests/pallas_kernels/test_gptq_matmul_mgpu.py" -m gpu -x -q 2>&1 | tee "$OUT/mgpu_pytest.txt" | tail -60
 echo "pytest exit: ${PIPESTATUS[0]}"
 echo "=== 2/2 benchmark ==="
-timeout 150 "$PY" "$REPO/benchmarks/bench_kernels.py" --shapes 8192x28672,4096x4096 --ms 1,16,64,256 \
-  --no-torch --no-xla-dequant --triton-default-only --mgpu --max-mgpu-cfgs 7 --max-mgpu-cfgs-rest 3 \
-  --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt" | grep -v '^{"K"'
-echo "bench exit: ${PIPESTATUS[0]} (124 = hit the 150 s limit; per-point JSON lines are in $OUT/bench_log.txt)"
+timeout 145 "$PY" "$REPO/benchmarks/bench_kernels.py" --shapes 8192x28672,4096x4096 --ms 1,16,64,256 \
+  --no-torch --no-xla-dequant --triton-default-only --mgpu --max-mgpu-cfgs 6 --max-mgpu-cfgs-rest 3 \
+  --budget-s 115 --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt" | grep -v '^{"K"'
+echo "bench exit: ${PIPESTATUS[0]} (124 = killed at 145 s; per-point JSON lines are in $OUT/bench_log.txt)"

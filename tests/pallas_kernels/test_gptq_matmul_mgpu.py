@@ -198,13 +198,13 @@ def test_dispatch_mgpu_option():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("bits,gs,act_order,k,n,dtype", [
-    (4, 128, False, 576, 1536, jnp.bfloat16), (4, 128, True, 1536, 576, jnp.bfloat16),
-    (4, 32, False, 4096, 4096, jnp.float16), (4, -1, False, 4096, 1024, jnp.bfloat16),
-    (4, 64, True, 2048, 1024, jnp.float16), (8, 128, True, 2048, 1024, jnp.bfloat16),
+    (4, 128, True, 576, 1536, jnp.bfloat16), (4, 32, False, 4096, 4096, jnp.float16),
+    (4, 64, True, 1536, 1024, jnp.bfloat16), (4, -1, False, 2048, 1024, jnp.bfloat16),
+    (8, 128, True, 2048, 1024, jnp.float16),
 ])
 def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
     lin, w64, p = make(40 + k, k, n, bits, gs, act_order, dtype)
-    for m in (1, 16, 33, 130):
+    for m in (1, 33, 130):
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
         ref64 = np.asarray(x, np.float64) @ w64
         cfgs = [mg.default_config(m, p)]
