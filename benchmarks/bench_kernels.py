@@ -75,14 +75,14 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
     c = [mg.default_config(m, packed)]
     if m <= 16:
         bm = 8 if m <= 8 else 16
-        c += [C(bm, 128, 128, 1, 4, A), C(bm, 128, 128, 4, 4, A), C(bm, 128, 128, 2, 4, W), C(bm, 64, 128, 2, 4, A),
-              C(bm, 128, 256, 2, 3, A), C(bm, 128, 128, 2, 6, A), C(bm, 64, 256, 1, 4, A)]
+        c += [C(bm, 128, 128, 1, 4, A), C(bm, 128, 128, 2, 4, A, "inline"), C(bm, 128, 128, 2, 4, W),
+              C(bm, 128, 128, 4, 4, A), C(bm, 64, 128, 2, 4, A), C(bm, 128, 256, 2, 3, A), C(bm, 128, 128, 2, 6, A)]
     elif m <= 64:
-        c += [C(64, 128, 128, 1, 4, A), C(64, 64, 128, 1, 4, A), C(64, 128, 128, 1, 4, W), C(32, 128, 128, 1, 4, A),
-              C(64, 128, 128, 2, 4, A), C(64, 128, 256, 1, 3, A)]
+        c += [C(64, 128, 128, 1, 4, A), C(64, 64, 128, 1, 4, A), C(64, 128, 128, 1, 4, W),
+              C(64, 128, 128, 1, 4, A, "inline"), C(32, 128, 128, 1, 4, A), C(64, 128, 128, 2, 4, A)]
     else:
-        c += [C(128, 128, 128, 1, 3, W), C(128, 64, 128, 1, 4, W), C(64, 128, 128, 1, 4, A), C(256, 64, 128, 1, 2, W),
-              C(128, 128, 64, 1, 4, W), C(128, 64, 256, 1, 2, A)]
+        c += [C(128, 128, 128, 1, 3, W), C(128, 64, 128, 1, 4, W), C(64, 128, 128, 1, 4, A),
+              C(128, 128, 128, 1, 3, W, "inline"), C(256, 64, 128, 1, 2, W), C(128, 64, 256, 1, 2, A)]
     out = []
     nk = lambda cfg: packed.k_pad // cfg.block_k  # noqa: E731
     for cfg in c:
@@ -265,7 +265,7 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
             print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)
             continue
         name = (f"mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
-                f"{cfg.scale_mode}]")
+                f"{cfg.scale_mode},{cfg.scale_impl}]")
         try:
             fk = jax.jit(lambda x, ps, cfg=cfg: [mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=INTERPRET)
                                                  for p in ps])

@@ -25,7 +25,7 @@ cd "$SHIM"
 "$PY" -c "import jax, jgptq.pallas_kernels.gptq_matmul_mgpu as m; print('jax', jax.__version__, jax.devices(), 'kernel:', m.__file__, flush=True)"
 echo "=== 1/2 pytest -m gpu (mgpu kernel) ==="
 timeout 90 "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
-  "$REPO/tests/pallas_kernels/test_gptq_matmul_mgpu.py" -m gpu -x -q 2>&1 | tee "$OUT/mgpu_pytest.txt" | tail -60
+  "$REPO/tests/pallas_kernels/test_gptq_matmul_mgpu.py" -m gpu -x -q 2>&1 | tee "$OUT/mgpu_pytest.txt" | tail -120
 echo "pytest exit: ${PIPESTATUS[0]}"
 echo "=== 2/2 benchmark ==="
 timeout 145 "$PY" "$REPO/benchmarks/bench_kernels.py" --shapes 8192x28672,4096x4096 --ms 1,16,64,256 \

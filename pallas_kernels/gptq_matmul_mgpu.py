@@ -215,6 +215,11 @@ class MgpuConfig:
           of ``2*block_n*block_k/128``); the zero points are subtracted in XLA as
           ``(Σ_{k∈g} x_k) @ (s·z)`` (a ``[M, G] x [G, N]`` product). Needs ``block_k`` to divide
           the group size.
+      scale_impl: how the hardware path applies scales / zeros: ``"jnp"`` (the ``[block_n]``
+        scale row is read from SMEM once and broadcast by Mosaic's layout inference) or
+        ``"inline"`` (an :func:`plgpu.inline_mgpu` per-element FMA reading SMEM per element; the
+        only choice for groups narrower than one wgmma K chunk, i.e. g32 in ``"weights"``).
+        The interpreter ignores it.
     """
 
     block_m: int = 16
@@ -223,6 +228,7 @@ class MgpuConfig:
     split_k: int = 1
     num_stages: int = 4
     scale_mode: str = "weights"
+    scale_impl: str = "jnp"
 
 
 def _num_sms() -> int:
@@ -293,6 +299,8 @@ def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
         raise ValueError(f"split_k={cfg.split_k} must divide the number of K blocks Kp/block_k={nk}.")
     if cfg.num_stages < 1:
         raise ValueError(f"num_stages={cfg.num_stages} must be ≥ 1.")
+    if cfg.scale_impl not in ("jnp", "inline"):
+        raise ValueError(f"scale_impl must be 'jnp' or 'inline'; got {cfg.scale_impl!r}.")
     if cfg.scale_mode not in ("weights", "acc"):
         raise ValueError(f"scale_mode must be 'weights' or 'acc'; got {cfg.scale_mode!r}.")
     if cfg.scale_mode == "acc" and bm * bn > 64 * 128:
@@ -391,7 +399,12 @@ def _scale_rows_inline(t, s_ref):
     return scaled(s_ref, t)
 
 
-def _mma_acc_hw(acc, w_smem, x_smem, s_smem, *, chunk, bk, cdt, bn, bm):
+def _bcast_rows(v, shape):
+    """``[bn]`` -> ``[bn, cols]`` (each row constant)."""
+    return jax.lax.broadcast_in_dim(v, shape, (0,))
+
+
+def _mma_acc_hw(acc, w_smem, x_smem, s_smem, *, chunk, bk, cdt, bn, bm, impl):
     """Hardware leaf of ``scale_mode="acc"``: wgmma on upcast codes into a scoped accumulator,
     then ``acc + product * s`` on the fp32 values."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -410,6 +423,8 @@ def _mma_acc_hw(acc, w_smem, x_smem, s_smem, *, chunk, bk, cdt, bn, bm):
 
     t = pl.run_scoped(mm, plgpu.ACC((bn, bm), jnp.float32))
     with jax.named_scope("scale"):
+        if impl == "jnp":
+            return acc + t * _bcast_rows(s_smem[0, :].astype(jnp.float32), t.shape)
         return acc + _scale_rows_inline(t, s_smem)
 
 
@@ -442,7 +457,7 @@ def _scale_inline(w, s_ref, z_ref, *, row0: int, sub_gs: int):
     return scaled(s_ref, z_ref, w)
 
 
-def _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk, cdt):
+def _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk, cdt, impl):
     """Hardware leaf: weights SMEM -> registers (int upcast) -> scaled in registers -> wgmma A."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -452,7 +467,12 @@ def _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk, c
         ks = slice(j * chunk, (j + 1) * chunk)
         row0, sub = _group_cols(j * chunk, chunk, gs, bk)
         with jax.named_scope("dequant"):
-            wj = _scale_inline(w[:, ks].astype(cdt), s_smem, z_smem, row0=row0, sub_gs=sub)
+            if impl == "jnp" and not sub:
+                shape = (w.shape[0], chunk)
+                wj = ((w[:, ks].astype(cdt) - _bcast_rows(z_smem[row0, :], shape))
+                      * _bcast_rows(s_smem[row0, :], shape))
+            else:
+                wj = _scale_inline(w[:, ks].astype(cdt), s_smem, z_smem, row0=row0, sub_gs=sub)
         with jax.named_scope("wgmma"):
             plgpu.wgmma(acc_ref, wj, plgpu.transpose_ref(x_smem.at[:, ks], (1, 0)))
         plgpu.wgmma_wait(1 if j + 1 < steps else 0)
@@ -506,7 +526,8 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
                     return _mma_acc_interpret(acc, w_smem, x_smem, s_smem, chunk=chunk, bk=bk, cdt=cdt)
             else:
                 def step(_, w_smem, x_smem, s_smem, acc):
-                    return _mma_acc_hw(acc, w_smem, x_smem, s_smem, chunk=chunk, bk=bk, cdt=cdt, bn=bn, bm=bm)
+                    return _mma_acc_hw(acc, w_smem, x_smem, s_smem, chunk=chunk, bk=bk, cdt=cdt, bn=bn, bm=bm,
+                                       impl=cfg.scale_impl)
             acc = pipe(step)(w_gmem, x_gmem, s_gmem)
         elif interpret:
             def step(_, w_smem, x_smem, s_smem, z_smem, acc):
@@ -519,7 +540,7 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
         else:
             def compute(acc_ref):
                 def step(_, w_smem, x_smem, s_smem, z_smem):
-                    _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, **leaf_kw)
+                    _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, impl=cfg.scale_impl, **leaf_kw)
 
                 plgpu.emit_pipeline(
                     step, grid=(steps_per_split,), in_specs=specs,

@@ -134,6 +134,8 @@ def test_mgpu_validation_errors():
         mg.gptq_matmul_mgpu(x, p, config=C(split_k=3), interpret=True)
     with pytest.raises(ValueError, match="two fp32 accumulators"):
         mg.gptq_matmul_mgpu(x, p, config=C(block_m=128, block_n=128, scale_mode="acc"), interpret=True)
+    with pytest.raises(ValueError, match="scale_impl must"):
+        mg.gptq_matmul_mgpu(x, p, config=C(scale_impl="asm"), interpret=True)
     with pytest.raises(ValueError, match="scale_mode must"):
         mg.gptq_matmul_mgpu(x, p, config=C(scale_mode="fused"), interpret=True)
     _, _, p32 = make(6, 256, 128, 4, 32, False)
@@ -147,9 +149,12 @@ def test_mgpu_validation_errors():
 # ---------------------------------------------------------------- hardware path, lowered on CPU
 
 LOWER_CASES = [
-    # bits, gs, M, dtype, (block_m, block_n, block_k, split_k, scale_mode)
+    # bits, gs, M, dtype, (block_m, block_n, block_k, split_k, scale_mode[, scale_impl])
     (4, 128, 1, jnp.bfloat16, (8, 128, 128, 2, "weights")),
+    (4, 128, 1, jnp.bfloat16, (8, 128, 128, 2, "weights", "inline")),
     (4, 128, 1, jnp.bfloat16, (8, 128, 128, 2, "acc")),
+    (4, 128, 1, jnp.bfloat16, (8, 128, 128, 2, "acc", "inline")),
+    (4, 64, 64, jnp.float16, (64, 128, 128, 1, "weights", "inline")),
     (4, 128, 16, jnp.bfloat16, (16, 128, 128, 1, "weights")),
     (4, 128, 16, jnp.float16, (16, 128, 256, 1, "acc")),
     (4, 32, 64, jnp.bfloat16, (64, 128, 128, 1, "weights")),
@@ -168,8 +173,9 @@ LOWER_CASES = [
 def test_lowers_for_cuda(bits, gs, m, dtype, tiles):
     """Pallas -> Mosaic GPU lowering of the real (wgmma, register-A, inline_mgpu) kernel."""
     _, _, p = make(3, 1024, 256, bits, gs, False, dtype)
-    bm, bn, bk, split, mode = tiles
-    cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=3, scale_mode=mode)
+    bm, bn, bk, split, mode, *impl = tiles
+    cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=3, scale_mode=mode,
+                        scale_impl=impl[0] if impl else "jnp")
     x = jnp.zeros((m, 1024), dtype)
     lowered = mg._forward.trace(x, p, cfg, False).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
