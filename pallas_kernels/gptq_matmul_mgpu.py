@@ -19,20 +19,33 @@ Layout (:class:`MgpuPacked`, built once by :func:`pack_mgpu`):
 
 Kernel (grid ``(Np/block_n, Mp/block_m, split_k)``, one warpgroup per CTA): a TMA pipeline
 (:func:`plgpu.emit_pipeline`, ``num_stages`` slots) brings a ``[block_n, block_k]`` int tile of
-``w``, a ``[block_m, block_k]`` tile of ``x`` and the ``[groups, block_n]`` scale / zero rows of
-that K block into SMEM; the body loads the weights into registers, upcasts them, applies
-``(q - z) * s`` (an :func:`plgpu.inline_mgpu` per-element FMA over the WGMMA layout, with
-the scale / zero read from SMEM for the element's row and group) and issues
-``wgmma(acc[block_n, block_m], w_regs, x_smemᵀ)`` in chunks of one swizzle width of K. Split-K
-partial sums (fp32) are added in XLA; the ``[Np, Mp]`` result is transposed in XLA.
+``w``, a ``[block_m, block_k]`` tile of ``x`` and the ``[groups, block_n]`` scale (and zero) rows
+of that K block into SMEM; the body loads the weights into registers (int4/int8 -> bf16/fp16
+upcast chosen by Mosaic's layout inference) and issues ``wgmma(acc[block_n, block_m], w_regs,
+x_smemᵀ)`` in chunks of one swizzle width of K. Two ways to apply the group scales
+(``MgpuConfig.scale_mode``):
 
-The Mosaic GPU interpreter (CPU) supports neither register A operands nor transposed SMEM
-refs nor ``inline_mgpu``; with ``interpret=True`` the same kernel (same grid, pipeline, block
-specs, TMA copies and SMEM tiles) runs its per-chunk dequant and MMA as plain ``jnp`` ops on
-values read from SMEM. Only the two leaf functions differ (:func:`_dequant_mma_interpret` vs.
-:func:`_dequant_mma_hw`). The hardware path is checked on CPU by lowering for CUDA
+* ``"acc"`` (default when ``block_k`` divides the group size): the wgmma runs on the raw codes
+  (exact in bf16) into a per-K-block accumulator whose fp32 value is scaled by the group's scale
+  row and added to the running sum; the zero points are removed in XLA as
+  ``(Σ_{k∈g} x_k) @ (s·z)``, a ``[M, G] x [G, N]`` product. Per K block this costs
+  ``block_n*block_m/128`` multiplies per thread instead of two ops per weight.
+* ``"weights"``: ``(q - z) * s`` per weight in registers before the wgmma (any group size).
+
+``MgpuConfig.scale_impl`` picks how the scale rows reach the registers: ``"jnp"`` (a broadcast
+that layout inference lowers) or ``"inline"`` (an :func:`plgpu.inline_mgpu` per-element FMA
+reading SMEM; needed for g32 in ``"weights"`` mode). Split-K partial sums (fp32) are added in
+XLA; the ``[Np, Mp]`` result is transposed in XLA.
+
+The Mosaic GPU interpreter (CPU, jax 0.10.2) rejects transposed SMEM refs in wgmma and reads
+both wgmma operands as SMEM allocations (no register A operand); with ``interpret=True`` the
+same kernel (same grid, pipeline, block specs, TMA copies and SMEM tiles) runs its per-chunk
+dequant and MMA as plain ``jnp`` ops on values read from SMEM. Only the leaf functions differ
+(``_dequant_mma_interpret`` / ``_mma_acc_interpret`` vs. ``_dequant_mma_hw`` / ``_mma_acc_hw``).
+The hardware path is checked on CPU by lowering for CUDA
 (``tests/pallas_kernels/test_gptq_matmul_mgpu.py::test_lowers_for_cuda``), which runs the whole
-Pallas -> Mosaic GPU lowering (layout inference, wgmma shape checks) but not ptxas.
+Pallas -> Mosaic GPU lowering (layout inference, wgmma shape checks, Mosaic dialect lowering)
+but not the LLVM/ptxas steps.
 
 The file also holds the plain-jnp :func:`reference` and a benchmark :func:`main`.
 """
