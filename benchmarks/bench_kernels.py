@@ -10,6 +10,10 @@ so the copies exceed the L2 cache (50 MB on an H100): with the GPU busy end to e
 device time per op, launch gaps inside an executable included. PyTorch points are timed with
 CUDA events over the same rotation. Bandwidth = (weights + scales + zeros + x + y bytes) / time.
 Weights are GPTQ 4-bit g128 asymmetric (random codes, scales, zeros); activations bf16.
+
+``--mgpu`` adds the Mosaic GPU kernel (``gptq_matmul_mgpu``, Hopper) with up to ``--max-mgpu-cfgs``
+tile configs per point; a config that fails to compile is reported (the first failure in full)
+and skipped. ``benchmarks/mgpu_check.sh`` is the short H100 run (tests + this comparison).
 """
 
 from __future__ import annotations
@@ -27,15 +31,67 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+try:  # installed (pip install -e .) or a PYTHONPATH shim (benchmarks/mgpu_check.sh)
+    import jgptq.pallas_kernels  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from jgptq.pallas_kernels import dispatch, repack  # noqa: E402
 from jgptq.pallas_kernels.gptq_matmul_gpu import GPUConfig, default_config, gptq_matmul_gpu, random_gptq_linear  # noqa: E402
+from jgptq.pallas_kernels import gptq_matmul_mgpu as mg  # noqa: E402
 
 L2_BYTES = 50 * 2**20
 BASELINES = True
 INTERPRET = jax.default_backend() != "gpu"  # CPU smoke runs go through the Pallas interpreter
 ROTATE_BYTES = 3 * L2_BYTES
+MGPU = False
+DEADLINE = float("inf")  # time.monotonic() after which remaining points / configs are skipped
+
+
+def over_budget() -> bool:
+    return time.monotonic() > DEADLINE
+MAX_MGPU_CFGS = 8
+TRITON_SWEEP_OFF = False
+_FULL_ERROR_SHOWN = [False]
+
+
+def report_failure(name: str, e: Exception) -> str:
+    """Print a config's failure: the first one in full (Mosaic compile errors), later ones cut."""
+    msg = f"{type(e).__name__}: {e}"
+    if not _FULL_ERROR_SHOWN[0]:
+        _FULL_ERROR_SHOWN[0] = True
+        print(f"FAILED {name} (first failure, full error follows)\n{'=' * 30}", flush=True)
+        traceback.print_exc()
+        print(f"{'=' * 30} end of first failure", flush=True)
+    else:
+        print(f"FAILED {name}: " + "\n  ".join(msg.splitlines()[:6])[:1200], flush=True)
+    return msg[:2000]
+
+
+def mgpu_candidates(m: int, packed, limit: int) -> list:
+    """Default config first, then a few hand-picked tilings for this M (at most ``limit``)."""
+    C = mg.MgpuConfig
+    A, W = "acc", "weights"
+    c = [mg.default_config(m, packed)]
+    if m <= 16:
+        bm = 8 if m <= 8 else 16
+        c += [C(bm, 128, 128, 1, 4, A), C(bm, 128, 128, 2, 4, A, "inline"), C(bm, 128, 128, 2, 4, W),
+              C(bm, 128, 128, 4, 4, A), C(bm, 64, 128, 2, 4, A), C(bm, 128, 256, 2, 3, A), C(bm, 128, 128, 2, 6, A)]
+    elif m <= 64:
+        c += [C(64, 128, 128, 1, 4, A), C(64, 64, 128, 1, 4, A), C(64, 128, 128, 1, 4, W),
+              C(64, 128, 128, 1, 4, A, "inline"), C(32, 128, 128, 1, 4, A), C(64, 128, 128, 2, 4, A)]
+    else:
+        c += [C(128, 128, 128, 1, 3, W), C(128, 64, 128, 1, 4, W), C(64, 128, 128, 1, 4, A),
+              C(128, 128, 128, 1, 3, W, "inline"), C(256, 64, 128, 1, 2, W), C(128, 64, 256, 1, 2, A)]
+    out = []
+    nk = lambda cfg: packed.k_pad // cfg.block_k  # noqa: E731
+    for cfg in c:
+        if (cfg not in out and packed.n_pad % cfg.block_n == 0 and packed.k_pad % cfg.block_k == 0
+                and nk(cfg) % cfg.split_k == 0
+                and (cfg.scale_mode == W or (packed.group_size % cfg.block_k == 0
+                                             and cfg.block_m * cfg.block_n <= 8192))):
+            out.append(cfg)
+    return out[:limit]
 
 
 def _copies(nbytes: int, cap: int = 16) -> int:
@@ -131,6 +187,9 @@ def bench_shape(k: int, n: int, ms: list[int], *, sweep: bool, slabs: list[int |
         print(json.dumps(row), flush=True)
 
     for m in ms:
+        if over_budget():
+            print(f"SKIPPED K={k} N={n} M={m}: --budget-s exhausted", flush=True)
+            continue
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
         io = m * k * 2 + m * n * 2
         # XLA bf16
@@ -156,6 +215,8 @@ def bench_shape(k: int, n: int, ms: list[int], *, sweep: bool, slabs: list[int |
             ref = dispatch.xla_matmul(x.astype(jnp.float32), p0)
             pbytes = p0.words.nbytes + p0.scales.nbytes + p0.zeros.nbytes + io
             cfgs = candidate_configs(m, p0, sweep)[:max_cfgs]
+            if TRITON_SWEEP_OFF:
+                cfgs = cfgs[:1]
             best = None
             for cfg in cfgs:
                 name = (f"pallas[S{p0.slab},{cfg.variant},bm{cfg.block_m},bn{cfg.block_n},sk{cfg.split_k},"
@@ -170,21 +231,50 @@ def bench_shape(k: int, n: int, ms: list[int], *, sweep: bool, slabs: list[int |
                     if best is None or t < best[0]:
                         best = (t, name)
                 except Exception as e:  # keep going: report the failure
-                    print(f"FAILED {name}: {type(e).__name__}: {str(e)[:800]}", flush=True)
-                    rows.append(dict(K=k, N=n, M=m, variant=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
+                    rows.append(dict(K=k, N=n, M=m, variant=name, error=report_failure(name, e)))
             # what the model gets: dispatch with default config
             preps = [dispatch.Prepared(packed=p, backend="gpu", interpret=INTERPRET) for p in packs]
-            try:
-                fd = jax.jit(lambda x, ps: [dispatch.matmul(x, p) for p in ps])
-                rec(m, f"dispatch[S{p0.slab}]", time_jax(fd, (x, preps), c_q), pbytes)
-            except Exception as e:
-                print(f"FAILED dispatch: {type(e).__name__}: {str(e)[:800]}", flush=True)
+            if not TRITON_SWEEP_OFF:
+                try:
+                    fd = jax.jit(lambda x, ps: [dispatch.matmul(x, p) for p in ps])
+                    rec(m, f"dispatch[S{p0.slab}]", time_jax(fd, (x, preps), c_q), pbytes)
+                except Exception as e:
+                    rows.append(dict(K=k, N=n, M=m, variant="dispatch", error=report_failure("dispatch", e)))
+        if MGPU:
+            bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows)
         if torch_ok:
             try:
                 bench_torch(k, n, m, c_bf, c_q, io, rec)
             except Exception as e:
                 print(f"FAILED torch: {type(e).__name__}: {str(e)[:800]}", flush=True)
                 traceback.print_exc()
+
+
+def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
+    """The Mosaic GPU kernel over a few tile configs (and through dispatch with its default)."""
+    try:
+        packs = [mg.pack_mgpu_linear(lin, bits=4, dtype=x.dtype) for lin in lins]
+    except Exception as e:
+        rows.append(dict(K=k, N=n, M=m, variant="mgpu[pack]", error=report_failure("mgpu pack", e)))
+        return
+    p0 = packs[0]
+    ref = mg.reference(x, p0).astype(jnp.float32)
+    pbytes = p0.w.nbytes + p0.scales.nbytes + p0.zeros.nbytes + io
+    for cfg in mgpu_candidates(m, p0, MAX_MGPU_CFGS):
+        if over_budget():
+            print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)
+            continue
+        name = (f"mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
+                f"{cfg.scale_mode},{cfg.scale_impl}]")
+        try:
+            fk = jax.jit(lambda x, ps, cfg=cfg: [mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=INTERPRET)
+                                                 for p in ps])
+            y = fk(x, packs[:1])[0].astype(jnp.float32)
+            err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+            t = time_jax(fk, (x, packs), c_q)
+            rec(m, name, t, pbytes, err, cfg)
+        except Exception as e:  # keep going: one config failing must not end the run
+            rows.append(dict(K=k, N=n, M=m, variant=name, error=report_failure(name, e)))
 
 
 def bench_torch(k, n, m, c_bf, c_q, io, rec):
@@ -315,6 +405,13 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-xla-dequant", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--mgpu", action="store_true", help="also benchmark the Mosaic GPU kernel")
+    ap.add_argument("--max-mgpu-cfgs", type=int, default=8, help="per point, first shape")
+    ap.add_argument("--max-mgpu-cfgs-rest", type=int, default=8, help="per point, other shapes")
+    ap.add_argument("--triton-default-only", action="store_true",
+                    help="time only the Triton kernel's default config (no dispatch row)")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="skip the remaining points / mgpu configs after this many seconds (0: no limit)")
     ap.add_argument("--e2e", action="store_true", help="only the end-to-end 7B-shape decode benchmark")
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--e2e-slots", type=int, default=256)
@@ -327,8 +424,11 @@ def main() -> None:
         with open(os.path.join(args.out, "bench_e2e.json"), "w") as f:
             json.dump(rows, f, indent=1)
         return
-    global BASELINES
+    global BASELINES, MGPU, MAX_MGPU_CFGS, TRITON_SWEEP_OFF, DEADLINE
+    if args.budget_s > 0:
+        DEADLINE = time.monotonic() + args.budget_s
     BASELINES = not args.no_xla_dequant
+    MGPU, MAX_MGPU_CFGS, TRITON_SWEEP_OFF = args.mgpu, args.max_mgpu_cfgs, args.triton_default_only
     slabs = [None if s == "auto" else int(s) for s in args.slabs.split(",")]
     torch_ok = not args.no_torch
     if torch_ok:
@@ -344,6 +444,7 @@ def main() -> None:
     for shp in args.shapes.split(","):
         k, n = map(int, shp.split("x"))
         sw = args.sweep and (not args.sweep_shapes or shp in args.sweep_shapes.split(","))
+        MAX_MGPU_CFGS = args.max_mgpu_cfgs if shp == args.shapes.split(",")[0] else args.max_mgpu_cfgs_rest
         bench_shape(k, n, [int(m) for m in args.ms.split(",")], sweep=sw, slabs=slabs if sw else [None],
                     torch_ok=torch_ok, rows=rows, max_cfgs=args.max_cfgs)
     os.makedirs(args.out, exist_ok=True)
@@ -357,10 +458,17 @@ def summarize(rows: list[dict]) -> None:
     keys = sorted({(r["K"], r["N"], r["M"]) for r in rows})
     print(f"\n{'K':>6} {'N':>6} {'M':>5} | {'xla_bf16':>9} {'xla_deq':>9} {'torch_bf16':>10} {'tinygemm':>9} | "
           f"{'best_pallas':>11} {'GB/s':>6} {'vs_bf16':>7} {'dispatch':>9} | best config")
+    mg_rows = []
     for key in keys:
         rs = [r for r in rows if (r["K"], r["N"], r["M"]) == key and "us" in r]
         get = lambda name: next((r["us"] for r in rs if r["variant"] == name), float("nan"))  # noqa: E731
         pal = [r for r in rs if r["variant"].startswith("pallas")]
+        mgr = [r for r in rs if r["variant"].startswith("mgpu")]
+        if mgr:
+            bm_ = min(mgr, key=lambda r: r["us"])
+            tri = min((r["us"] for r in pal), default=float("nan"))
+            mg_rows.append((key, get("xla_bf16"), tri, bm_, next((r["us"] for r in mgr), float("nan")),
+                            max(r.get("err") or 0.0 for r in mgr)))
         best = min(pal, key=lambda r: r["us"]) if pal else None
         disp = min((r["us"] for r in rs if r["variant"].startswith("dispatch")), default=float("nan"))
         bf = get("xla_bf16")
@@ -368,6 +476,17 @@ def summarize(rows: list[dict]) -> None:
               f"{get('torch_tinygemm'):9.1f} | {best['us'] if best else float('nan'):11.1f} "
               f"{best['GBps'] if best else float('nan'):6.0f} {bf / best['us'] if best else float('nan'):7.2f} "
               f"{disp:9.1f} | {best['variant'] if best else '-'}")
+    if mg_rows:
+        print(f"\nMosaic GPU kernel (us; 'default' = default_config; err = worst rel. error of any mgpu config)")
+        print(f"{'K':>6} {'N':>6} {'M':>5} | {'xla_bf16':>9} {'triton':>9} {'mgpu_def':>9} {'mgpu_best':>9} "
+              f"{'GB/s':>6} {'vs_bf16':>7} {'vs_triton':>9} {'err':>8} | best mgpu config")
+        for key, bf, tri, b, dflt, err in mg_rows:
+            print(f"{key[0]:6d} {key[1]:6d} {key[2]:5d} | {bf:9.1f} {tri:9.1f} {dflt:9.1f} {b['us']:9.1f} "
+                  f"{b['GBps']:6.0f} {bf / b['us']:7.2f} {tri / b['us']:9.2f} {err:8.1e} | {b['variant']}")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        print(f"\n{len(failed)} config(s) failed: " + ", ".join(f"{r['K']}x{r['N']} M={r['M']} {r['variant']}"
+                                                         for r in failed[:12]))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ A LIN (DESIGN.md) is either float ``{"kernel": [in, out], "bias"?: [out]}`` or q
 
 Packed integers and their scales/zeros are held as :class:`QuantState` variables, not
 ``nnx.Param``, so ``nnx.state(model, nnx.Param)`` (an optimizer, LoRA) sees only float weights.
+When a kernel was prepared, the layer does not keep ``qweight`` itself (the kernel's repacked
+copy holds the same codes; ``to_params()`` rebuilds ``qweight`` exactly from it), so the int codes
+are on the device once, not twice.
 """
 
 from __future__ import annotations
@@ -140,6 +143,17 @@ class Linear(nnx.Module):
         return d
 
 
+def _is_dispatch_prepared(prepared: Any) -> bool:
+    """True for a real ``dispatch.Prepared`` (whose codes ``dispatch.gptq_qweight`` can rebuild)."""
+    if prepared is None:
+        return False
+    try:
+        from jgptq.pallas_kernels import dispatch
+    except ImportError:
+        return False
+    return isinstance(prepared, dispatch.Prepared)
+
+
 def _prepare_kernel(lin: Mapping[str, Any], bits: int) -> Any | None:
     try:
         from jgptq.pallas_kernels import dispatch
@@ -161,15 +175,27 @@ class QuantLinear(nnx.Module):
         self.bits = quant_bits(lin)
         self.in_features = int(lin["g_idx"].shape[0])
         self.out_features = int(lin["qweight"].shape[1])
-        for k in _QUANT_KEYS:
-            setattr(self, k, QuantState(jnp.asarray(lin[k])))
         bias = lin.get("bias")
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
         prepared = _prepare_kernel(lin, self.bits) if use_kernel else None
         self.prepared = None if prepared is None else PreparedKernel(prepared)
+        # With a real kernel layout the codes live only in the kernel's copy (qweight is ~97% of a
+        # layer's GPTQ bytes): to_params() rebuilds qweight from it exactly. scales / zeros / g_idx
+        # are small and kept as given (the kernel layouts may cast or pad them).
+        drop_qweight = _is_dispatch_prepared(prepared)
+        for k in _QUANT_KEYS:
+            if k == "qweight" and drop_qweight:
+                self.qweight = None
+            else:
+                setattr(self, k, QuantState(jnp.asarray(lin[k])))
 
     def _lin(self) -> dict[str, jax.Array]:
-        return {k: getattr(self, k)[...] for k in _QUANT_KEYS}
+        d = {k: getattr(self, k)[...] for k in _QUANT_KEYS if getattr(self, k) is not None}
+        if "qweight" not in d:
+            from jgptq.pallas_kernels import dispatch
+
+            d["qweight"] = dispatch.gptq_qweight(self.prepared.get_value())
+        return {k: d[k] for k in _QUANT_KEYS}
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x[..., in] -> [..., out]`` in ``x.dtype``."""

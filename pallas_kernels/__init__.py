@@ -3,11 +3,13 @@
 Uses only JAX and NumPy (no jgptq core imports). Modules:
 
 - :mod:`.dispatch` — the contract the models call: ``prepare(lin, *, bits, backend)`` once per
-  layer (host side; returns None when no kernel fits, then the caller uses its XLA path) and
-  ``matmul(x, prepared)``.
+  layer (host side; returns None when no kernel fits, then the caller uses its XLA path),
+  ``matmul(x, prepared)`` and ``gptq_qweight(prepared)`` (the GPTQ codes back, exactly).
 - :mod:`.repack` — GPTQ LIN -> block-planar kernel layout (act-order permutation applied once,
   K/N padding), :class:`~.repack.PackedGPTQ`.
 - :mod:`.gptq_matmul_gpu` — Pallas (Triton lowering) dequant-matmul for CUDA GPUs: ``"dot"``
   and ``"gemv"`` variants, split-K.
+- :mod:`.gptq_matmul_mgpu` — Pallas Mosaic GPU (Hopper wgmma) dequant-matmul, 4/8-bit, own layout
+  (:func:`~.gptq_matmul_mgpu.pack_mgpu`); ``dispatch.prepare(..., gpu_kernel="mgpu")``.
 - :mod:`.gptq_matmul_tpu` — Pallas TPU dequant-matmul (tested in interpret mode).
 """

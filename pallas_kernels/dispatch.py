@@ -15,12 +15,16 @@ Choice of kernel:
 | backend | bits | kernel |
 |---|---|---|
 | ``gpu`` (CUDA) | 2, 4, 8 | :mod:`gptq_matmul_gpu` (Pallas, Triton lowering); for M above a threshold, one XLA dequantize + cuBLAS dot when that is faster |
+| ``gpu`` with ``gpu_kernel="mgpu"`` | 4, 8 | :mod:`gptq_matmul_mgpu` (Pallas, Mosaic GPU lowering, Hopper wgmma); 2-bit: None |
 | ``tpu`` | 2, 4, 8 | :mod:`gptq_matmul_tpu` (Pallas TPU) |
 | ``cpu`` | – | None (XLA path); ``interpret=True`` forces the kernels through the Pallas interpreter (tests) |
 | any | 3 | None: 3-bit words straddle fields (a 96-bit stream), no kernel; XLA path |
 
 Also None when ``g_idx`` has groups of unequal sizes (no contiguous permutation exists) or the
-group size is not a multiple of 16.
+group size is not a multiple of 16 (``"mgpu"``: neither divides nor is a multiple of 128).
+
+The GPU kernel is chosen by ``prepare(..., gpu_kernel=...)``; its default is
+:data:`DEFAULT_GPU_KERNEL` (one line to switch once GPU numbers favour ``"mgpu"``).
 """
 
 from __future__ import annotations
@@ -34,11 +38,20 @@ import jax.numpy as jnp
 
 from .repack import PackedGPTQ, SUPPORTED_BITS, dequantize_packed, pack_gptq_linear
 
-__all__ = ["Prepared", "prepare", "matmul", "xla_matmul", "LARGE_M_GPU"]
+__all__ = ["Prepared", "prepare", "matmul", "xla_matmul", "gptq_qweight", "LARGE_M_GPU", "LARGE_M_MGPU",
+           "DEFAULT_GPU_KERNEL", "GPU_KERNELS"]
 
 # Above this many tokens the GPU path dequantizes once and calls XLA's dot (cuBLAS), which was
 # faster than the Pallas kernel there on an H100 (benchmarks/RESULTS.md, "Pallas kernels").
 LARGE_M_GPU = 128
+# The same threshold for the Mosaic GPU kernel: a guess until benchmarks/mgpu_check.sh has run on
+# an H100 (its wgmma tiles are meant to stay competitive at prefill sizes).
+LARGE_M_MGPU = 512
+
+# GPU kernel used when prepare() is not told: "triton" (gptq_matmul_gpu) or "mgpu"
+# (gptq_matmul_mgpu, Hopper only). Switch here once H100 numbers favour "mgpu".
+DEFAULT_GPU_KERNEL = "triton"
+GPU_KERNELS = ("triton", "mgpu")
 
 _GPU_NAMES = ("gpu", "cuda", "rocm")
 
@@ -49,16 +62,19 @@ class Prepared:
     """A layer prepared for one kernel (pytree; ``packed`` holds the arrays).
 
     Attributes:
-      packed: the repacked weights (:class:`repack.PackedGPTQ`).
+      packed: the repacked weights (:class:`repack.PackedGPTQ`, or
+        :class:`gptq_matmul_mgpu.MgpuPacked` for ``kernel == "mgpu"``).
       backend: ``"gpu"`` or ``"tpu"``.
       interpret: run the kernel through the Pallas interpreter (CPU tests).
       large_m: token count from which ``matmul`` uses the XLA dequantize + dot path instead.
+      kernel: ``"triton"`` / ``"mgpu"`` on GPU, ``"tpu"`` on TPU.
     """
 
-    packed: PackedGPTQ
+    packed: Any
     backend: str = dataclasses.field(metadata=dict(static=True))
     interpret: bool = dataclasses.field(default=False, metadata=dict(static=True))
     large_m: int = dataclasses.field(default=LARGE_M_GPU, metadata=dict(static=True))
+    kernel: str = dataclasses.field(default="triton", metadata=dict(static=True))
 
     @property
     def in_features(self) -> int:
@@ -83,6 +99,8 @@ def prepare(
     backend: str | None = None,
     interpret: bool = False,
     large_m: int | None = None,
+    gpu_kernel: str | None = None,
+    dtype: Any = jnp.bfloat16,
 ) -> Prepared | None:
     """Repack a GPTQ LIN dict into a kernel layout, or return None when no kernel fits.
 
@@ -92,6 +110,9 @@ def prepare(
       backend: ``"gpu"``/``"cuda"``, ``"tpu"`` or ``"cpu"``; default ``jax.default_backend()``.
       interpret: use the Pallas interpreter (lets CPU tests run the GPU or TPU kernel).
       large_m: override the GPU large-M threshold (tests, tuning).
+      gpu_kernel: ``"triton"`` or ``"mgpu"`` (GPU backend only); default :data:`DEFAULT_GPU_KERNEL`.
+      dtype: activation dtype the ``"mgpu"`` layout stores scales / zeros in (bf16 or fp16;
+        other activation dtypes are cast per call). Ignored by the other kernels.
 
     Returns:
       A :class:`Prepared` for :func:`matmul`, or ``None`` (use the XLA path).
@@ -107,9 +128,22 @@ def prepare(
         )
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8; got {bits}.")
+    gk = DEFAULT_GPU_KERNEL if gpu_kernel is None else gpu_kernel
+    if gk not in GPU_KERNELS:
+        raise ValueError(f"gpu_kernel must be one of {GPU_KERNELS}; got {gpu_kernel!r}.")
     b = _normalize_backend(backend)
     if bits not in SUPPORTED_BITS:
         return None
+    if b == "gpu" and gk == "mgpu":
+        from .gptq_matmul_mgpu import SUPPORTED_BITS as MGPU_BITS, pack_mgpu
+
+        if bits not in MGPU_BITS:
+            return None
+        mp = pack_mgpu(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=bits, dtype=dtype)
+        if mp is None:
+            return None
+        thr = LARGE_M_MGPU if large_m is None else int(large_m)
+        return Prepared(packed=mp, backend=b, interpret=interpret, large_m=thr, kernel="mgpu")
     if b == "gpu":
         layout = "nk"
     elif b == "tpu":
@@ -120,10 +154,39 @@ def prepare(
     if packed is None:
         return None
     thr = LARGE_M_GPU if large_m is None else int(large_m)
-    return Prepared(packed=packed, backend=b, interpret=interpret, large_m=thr)
+    return Prepared(packed=packed, backend=b, interpret=interpret, large_m=thr,
+                    kernel="triton" if b == "gpu" else b)
 
 
-def xla_matmul(x: jax.Array, packed: PackedGPTQ) -> jax.Array:
+def gptq_qweight(prepared: Prepared) -> jax.Array:
+    """Rebuild the GPTQ ``qweight`` (int32 ``[K*bits/32, N]``, row packing) from a kernel layout.
+
+    Exact: every layout keeps the codes losslessly (undoing the act-order permutation and the
+    K/N padding), so a layer that keeps only the kernel's copy of its codes can still export its
+    checkpoint tensors.
+    """
+    if not isinstance(prepared, Prepared):
+        raise ValueError(f"gptq_qweight() needs the value returned by prepare(); got {type(prepared).__name__}.")
+    packed = prepared.packed
+    bits = packed.bits
+    if isinstance(packed, PackedGPTQ):
+        from .repack import unpack_block_planar
+
+        words = packed.words.T if packed.layout == "nk" else packed.words
+        codes = unpack_block_planar(words, bits=bits, slab=packed.slab)  # [Kp, Np]
+    else:  # gptq_matmul_mgpu.MgpuPacked: w [Np, Kp] holds code - 2^(bits-1)
+        codes = packed.w.astype(jnp.int32).T + (1 << (bits - 1))
+    codes = codes[: packed.k, : packed.n]
+    if packed.perm is not None:  # the layouts hold codes[perm]
+        codes = jnp.take(codes, jnp.argsort(packed.perm), axis=0)
+    p = 32 // bits
+    c = codes.astype(jnp.uint32).reshape(packed.k // p, p, packed.n)
+    shifts = (jnp.arange(p, dtype=jnp.uint32) * bits)[None, :, None]
+    words = jnp.sum(c << shifts, axis=1, dtype=jnp.uint32)  # fields are disjoint: sum == or
+    return jax.lax.bitcast_convert_type(words, jnp.int32)
+
+
+def xla_matmul(x: jax.Array, packed: Any) -> jax.Array:
     """XLA path on the packed layout: dequantize the whole weight in ``x.dtype``, then one dot."""
     k = packed.k
     lead = x.shape[:-1]
@@ -131,7 +194,12 @@ def xla_matmul(x: jax.Array, packed: PackedGPTQ) -> jax.Array:
     if packed.perm is not None:
         x2 = jnp.take(x2, packed.perm, axis=1)
     x2 = jnp.pad(x2, ((0, 0), (0, packed.k_pad - k)))
-    w = dequantize_packed(packed, x.dtype)
+    if isinstance(packed, PackedGPTQ):
+        w = dequantize_packed(packed, x.dtype)
+    else:
+        from .gptq_matmul_mgpu import dequantize_mgpu
+
+        w = dequantize_mgpu(packed, x.dtype)
     y = jnp.dot(x2, w, preferred_element_type=jnp.float32)[:, : packed.n]
     return y.astype(x.dtype).reshape(*lead, packed.n)
 
@@ -156,6 +224,10 @@ def matmul(x: jax.Array, prepared: Prepared) -> jax.Array:
     if prepared.backend == "gpu":
         if m >= prepared.large_m:
             return xla_matmul(x, packed)
+        if prepared.kernel == "mgpu":
+            from .gptq_matmul_mgpu import gptq_matmul_mgpu
+
+            return gptq_matmul_mgpu(x, packed, interpret=prepared.interpret)
         from .gptq_matmul_gpu import gptq_matmul_gpu
 
         return gptq_matmul_gpu(x, packed, interpret=prepared.interpret)

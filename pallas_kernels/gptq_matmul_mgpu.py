@@ -1,0 +1,694 @@
+"""Hopper kernel: ``y = x @ dequant(W)`` for GPTQ 4/8-bit weights, Pallas **Mosaic GPU** lowering.
+
+Recipe A of ``shared/reference/jax.md`` §2.3 ("swap A/B"): the kernel computes
+``yᵀ[N, M] = Wᵀ[N, K] · xᵀ[K, M]`` so that the quantized weights are the wgmma **A operand in
+registers** (the only operand position that can be dequantized on the fly) and the tokens sit in
+wgmma's N dimension (any multiple of 8 up to 256): one kernel for decode (M = 1..16 costs one
+8- or 16-wide tile) and prefill.
+
+Layout (:class:`MgpuPacked`, built once by :func:`pack_mgpu`):
+
+* ``w``: ``[Np, Kp]`` native ``jnp.int4`` (4-bit) or ``jnp.int8`` (8-bit), K contiguous, holding
+  ``q - 2^(bits-1)`` (signed, so the hardware int4/int8 -> bf16 upcast applies);
+* ``scales``: ``[Gp, Np]`` and ``zeros``: ``[Gp, Np]`` in the activation dtype, zeros also shifted
+  by ``2^(bits-1)`` (exact small integers), so ``W[k, n] = (w[n, k] - zeros[g, n]) * scales[g, n]``
+  with ``g = k // group_size``. The subtraction is exact in bf16/fp16, the product rounds once
+  (the same rounding as dequantizing to the activation dtype first).
+* act-order: K is permuted once so that groups are contiguous (:func:`repack.analyze_g_idx`);
+  ``x[..., perm]`` is applied per call. K is zero-padded to ``Kp`` and N to a multiple of 128.
+
+Kernel (grid ``(Np/block_n, Mp/block_m, split_k)``, one warpgroup per CTA): a TMA pipeline
+(:func:`plgpu.emit_pipeline`, ``num_stages`` slots) brings a ``[block_n, block_k]`` int tile of
+``w``, a ``[block_m, block_k]`` tile of ``x`` and the ``[groups, block_n]`` scale (and zero) rows
+of that K block into SMEM; the body loads the weights into registers (int4/int8 -> bf16/fp16
+upcast chosen by Mosaic's layout inference) and issues ``wgmma(acc[block_n, block_m], w_regs,
+x_smemᵀ)`` in chunks of one swizzle width of K. Two ways to apply the group scales
+(``MgpuConfig.scale_mode``):
+
+* ``"acc"`` (default when ``block_k`` divides the group size): the wgmma runs on the raw codes
+  (exact in bf16) into a per-K-block accumulator whose fp32 value is scaled by the group's scale
+  row and added to the running sum; the zero points are removed in XLA as
+  ``(Σ_{k∈g} x_k) @ (s·z)``, a ``[M, G] x [G, N]`` product. Per K block this costs
+  ``block_n*block_m/128`` multiplies per thread instead of two ops per weight.
+* ``"weights"``: ``(q - z) * s`` per weight in registers before the wgmma (any group size).
+
+``MgpuConfig.scale_impl`` picks how the scale rows reach the registers: ``"jnp"`` (a broadcast
+that layout inference lowers) or ``"inline"`` (an :func:`plgpu.inline_mgpu` per-element FMA
+reading SMEM; needed for g32 in ``"weights"`` mode). Split-K partial sums (fp32) are added in
+XLA; the ``[Np, Mp]`` result is transposed in XLA.
+
+The Mosaic GPU interpreter (CPU, jax 0.10.2) rejects transposed SMEM refs in wgmma and reads
+both wgmma operands as SMEM allocations (no register A operand); with ``interpret=True`` the
+same kernel (same grid, pipeline, block specs, TMA copies and SMEM tiles) runs its per-chunk
+dequant and MMA as plain ``jnp`` ops on values read from SMEM. Only the leaf functions differ
+(``_dequant_mma_interpret`` / ``_mma_acc_interpret`` vs. ``_dequant_mma_hw`` / ``_mma_acc_hw``).
+The hardware path is checked on CPU by lowering for CUDA
+(``tests/pallas_kernels/test_gptq_matmul_mgpu.py::test_lowers_for_cuda``), which runs the whole
+Pallas -> Mosaic GPU lowering (layout inference, wgmma shape checks, Mosaic dialect lowering)
+but not the LLVM/ptxas steps.
+
+The file also holds the plain-jnp :func:`reference` and a benchmark :func:`main`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from .repack import analyze_g_idx, unpack_gptq_qweight
+
+__all__ = [
+    "MgpuConfig", "MgpuPacked", "pack_mgpu", "default_config", "gptq_matmul_mgpu", "reference",
+    "random_inputs", "main", "SUPPORTED_BITS", "JAX_VERSION",
+]
+
+SUPPORTED_BITS = (4, 8)
+N_ALIGN = 128
+K_ALIGN = 128
+JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MgpuPacked:
+    """A GPTQ linear in the Mosaic GPU kernel layout (pytree; arrays are leaves).
+
+    Attributes:
+      w: ``[Np, Kp]`` ``int4`` (bits 4) or ``int8`` (bits 8): ``code - 2^(bits-1)``, padded with 0.
+      scales: ``[Gp, Np]`` in ``dtype``; padded rows / columns are 0.
+      zeros: ``[Gp, Np]`` in ``dtype``: ``zero_point - 2^(bits-1)`` (exact integers).
+      perm: int32 ``[K]`` act-order permutation applied to x, or None.
+      bits, k, n, k_pad, n_pad, group_size: static sizes (``group_size`` after ``perm``; ``k_pad``
+        for a single group).
+    """
+
+    w: jax.Array
+    scales: jax.Array
+    zeros: jax.Array
+    perm: jax.Array | None
+    bits: int = dataclasses.field(metadata=dict(static=True))
+    k: int = dataclasses.field(metadata=dict(static=True))
+    n: int = dataclasses.field(metadata=dict(static=True))
+    k_pad: int = dataclasses.field(metadata=dict(static=True))
+    n_pad: int = dataclasses.field(metadata=dict(static=True))
+    group_size: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def dtype(self):
+        return self.scales.dtype
+
+    @property
+    def in_features(self) -> int:
+        return self.k
+
+    @property
+    def out_features(self) -> int:
+        return self.n
+
+
+def pack_mgpu(
+    qweight: Any, scales: Any, zeros: Any, g_idx: Any, *, bits: int, dtype: Any = jnp.bfloat16,
+) -> MgpuPacked | None:
+    """Repack a GPTQ LIN (``qweight`` int32 ``[K*bits/32, N]``, ``scales``/``zeros`` ``[G, N]``,
+    ``g_idx`` ``[K]``) into :class:`MgpuPacked`. Host side, once per layer.
+
+    Args:
+      bits: 4 or 8.
+      dtype: activation dtype the kernel will see most (bfloat16 or float16); scales / zeros are
+        stored in it (other activation dtypes are cast per call).
+
+    Returns:
+      The packed layer, or None when no kernel layout fits: groups of unequal size (no
+      contiguous permutation), or a group size that neither divides nor is a multiple of 128
+      (and is not the whole K).
+
+    Raises:
+      ValueError: bad bits / dtype / shapes, or non-finite scales.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"the Mosaic GPU kernel supports bits in {SUPPORTED_BITS}; got {bits}.")
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"dtype must be bfloat16 or float16; got {dtype}.")
+    qweight = jnp.asarray(qweight)
+    scales = jnp.asarray(scales)
+    zeros = jnp.asarray(zeros)
+    g_idx_np = np.asarray(g_idx)
+    p = 32 // bits
+    k = int(g_idx_np.shape[0])
+    if qweight.ndim != 2 or qweight.dtype != jnp.int32 or qweight.shape[0] * p != k:
+        raise ValueError(
+            f"qweight must be int32 [K*bits/32, N] = [{k}*{bits}/32, N]; got {qweight.dtype} "
+            f"{tuple(qweight.shape)}. Check bits and g_idx."
+        )
+    n = int(qweight.shape[1])
+    if scales.ndim != 2 or scales.shape[1] != n or zeros.shape != scales.shape:
+        raise ValueError(
+            f"scales and zeros must both be [G, N={n}]; got scales {tuple(scales.shape)}, "
+            f"zeros {tuple(zeros.shape)}."
+        )
+    if not jnp.issubdtype(scales.dtype, jnp.floating):
+        raise ValueError(f"scales must be a float array; got {scales.dtype}.")
+    if not bool(jnp.all(jnp.isfinite(scales))):
+        raise ValueError("scales contains NaN or Inf; a GPTQ layer needs finite scales.")
+    num_groups = int(scales.shape[0])
+    groups = analyze_g_idx(g_idx_np, num_groups)
+    if groups is None:
+        return None
+    gs = groups.group_size
+    if num_groups == 1:
+        k_pad = -(-k // K_ALIGN) * K_ALIGN
+        gs = k_pad
+    else:
+        if not (gs % K_ALIGN == 0 or (K_ALIGN % gs == 0 and gs >= 16)):
+            return None
+        align = max(K_ALIGN, gs)
+        k_pad = -(-k // align) * align
+    n_pad = -(-n // N_ALIGN) * N_ALIGN
+    g_pad = k_pad // gs
+    codes = unpack_gptq_qweight(qweight, bits)  # [K, N] in [0, 2^bits)
+    perm = None
+    if groups.perm is not None:
+        perm = jnp.asarray(groups.perm)
+        codes = jnp.take(codes, perm, axis=0)
+    half = 1 << (bits - 1)
+    wdt = jnp.int4 if bits == 4 else jnp.int8
+    w = jnp.pad((codes - half).astype(jnp.int8), ((0, k_pad - k), (0, n_pad - n))).T.astype(wdt)
+    pad = ((0, g_pad - num_groups), (0, n_pad - n))
+    s = jnp.pad(scales.astype(jnp.float32), pad).astype(dtype)
+    z = jnp.pad(zeros.astype(jnp.int32) - half, pad).astype(dtype)
+    return MgpuPacked(w=w, scales=s, zeros=z, perm=perm, bits=bits, k=k, n=n, k_pad=k_pad,
+                      n_pad=n_pad, group_size=gs)
+
+
+def pack_mgpu_linear(lin: Mapping[str, Any], *, bits: int, dtype: Any = jnp.bfloat16) -> MgpuPacked | None:
+    """:func:`pack_mgpu` on a GPTQ LIN dict (``qweight``/``scales``/``zeros``/``g_idx``)."""
+    return pack_mgpu(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=bits, dtype=dtype)
+
+
+def dequantize_mgpu(packed: MgpuPacked, dtype: Any = jnp.float32) -> jax.Array:
+    """Dense ``[Kp, Np]`` weight in *permuted* K order: ``(w - zeros) * scales`` in fp32, cast."""
+    g = jnp.arange(packed.k_pad) // packed.group_size
+    q = packed.w.astype(jnp.float32).T  # [Kp, Np]
+    w = (q - packed.zeros.astype(jnp.float32)[g]) * packed.scales.astype(jnp.float32)[g]
+    return w.astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuConfig:
+    """Tiles of :func:`gptq_matmul_mgpu`.
+
+    Attributes:
+      block_m: tokens per CTA = wgmma N (multiple of 8, ≤ 256).
+      block_n: output features per CTA = wgmma M (multiple of 64, divides ``Np``).
+      block_k: K per pipeline step (64, 128 or 256; divides ``Kp``; divides or is a multiple of
+        the group size).
+      split_k: K partitions (divides ``Kp / block_k``); fp32 partials summed in XLA.
+      num_stages: TMA pipeline depth (SMEM slots).
+      scale_mode: where the group scales are applied:
+
+        * ``"weights"``: dequantize ``(q - z) * s`` per weight in registers before the wgmma
+          (any group size; two bf16 ops per weight);
+        * ``"acc"``: the wgmma runs on the raw codes (int -> bf16 is exact), and each K block's
+          fp32 ``[block_n, block_m]`` product is scaled by the group's ``s`` before it is added
+          to the accumulator (``block_n*block_m/128`` multiplies per thread and K block instead
+          of ``2*block_n*block_k/128``); the zero points are subtracted in XLA as
+          ``(Σ_{k∈g} x_k) @ (s·z)`` (a ``[M, G] x [G, N]`` product). Needs ``block_k`` to divide
+          the group size.
+      scale_impl: how the hardware path applies scales / zeros: ``"jnp"`` (the ``[block_n]``
+        scale row is read from SMEM once and broadcast by Mosaic's layout inference) or
+        ``"inline"`` (an :func:`plgpu.inline_mgpu` per-element FMA reading SMEM per element; the
+        only choice for groups narrower than one wgmma K chunk, i.e. g32 in ``"weights"``).
+        The interpreter ignores it.
+    """
+
+    block_m: int = 16
+    block_n: int = 128
+    block_k: int = 128
+    split_k: int = 1
+    num_stages: int = 4
+    scale_mode: str = "weights"
+    scale_impl: str = "jnp"
+
+
+def _num_sms() -> int:
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+    except Exception:  # pragma: no cover - no devices
+        return 132
+
+
+def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
+    """Heuristic tiles for ``m`` tokens (untuned guesses; benchmarks/mgpu_check.sh tunes them)."""
+    if m <= 8:
+        bm = 8
+    elif m <= 16:
+        bm = 16
+    elif m <= 32:
+        bm = 32
+    elif m <= 64:
+        bm = 64
+    else:
+        bm = 128
+    bn = 128
+    if bm >= 128 or packed.n_pad % bn:
+        bn = 64
+    bk, stages = 128, 4
+    if packed.group_size == 64:  # K blocks of one group each, so that scale_mode="acc" applies
+        bk, stages = 64, 6
+    nk = packed.k_pad // bk
+    ctas = -(-m // bm) * (packed.n_pad // bn)
+    target = 2 * _num_sms()
+    split = 1
+    if ctas < target:
+        for d in range(1, min(nk, 16) + 1):
+            if nk % d == 0 and nk // d >= 4:  # keep ≥ 4 pipeline steps per CTA
+                split = d
+                if ctas * d >= target:
+                    break
+    mode = "acc" if packed.group_size % bk == 0 and bm * bn <= 64 * 128 else "weights"
+    return MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=stages, scale_mode=mode)
+
+
+def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
+    if not isinstance(packed, MgpuPacked):
+        raise ValueError(
+            f"gptq_matmul_mgpu needs an MgpuPacked (pack_mgpu(...)); got {type(packed).__name__}."
+        )
+    if x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"x must be bfloat16 or float16 (cast first); got {x.dtype}.")
+    if x.ndim < 1 or x.shape[-1] != packed.k:
+        raise ValueError(f"x must be [..., K={packed.k}]; got shape {tuple(x.shape)}.")
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    if bm <= 0 or bm % 8 or bm > 256:
+        raise ValueError(f"block_m={bm} must be a multiple of 8 in [8, 256] (it is the wgmma N).")
+    if bn <= 0 or bn % 64 or packed.n_pad % bn:
+        raise ValueError(f"block_n={bn} must be a multiple of 64 dividing Np={packed.n_pad} (wgmma M).")
+    if bm * bn > 128 * 128:
+        raise ValueError(
+            f"block_m*block_n={bm * bn} > 16384: the fp32 accumulator would need more than 128 "
+            "registers per thread."
+        )
+    if bk not in (64, 128, 256) or packed.k_pad % bk:
+        raise ValueError(f"block_k={bk} must be 64, 128 or 256 and divide Kp={packed.k_pad}.")
+    gs = packed.group_size
+    if gs % bk and bk % gs:
+        raise ValueError(f"block_k={bk} must divide or be a multiple of the group size {gs}.")
+    nk = packed.k_pad // bk
+    if cfg.split_k <= 0 or nk % cfg.split_k:
+        raise ValueError(f"split_k={cfg.split_k} must divide the number of K blocks Kp/block_k={nk}.")
+    if cfg.num_stages < 1:
+        raise ValueError(f"num_stages={cfg.num_stages} must be ≥ 1.")
+    if cfg.scale_impl not in ("jnp", "inline"):
+        raise ValueError(f"scale_impl must be 'jnp' or 'inline'; got {cfg.scale_impl!r}.")
+    if cfg.scale_mode not in ("weights", "acc"):
+        raise ValueError(f"scale_mode must be 'weights' or 'acc'; got {cfg.scale_mode!r}.")
+    if cfg.scale_mode == "acc" and bm * bn > 64 * 128:
+        raise ValueError(
+            f"scale_mode='acc' keeps two fp32 accumulators: block_m*block_n={bm * bn} must be ≤ 8192 "
+            "(≤ 64 registers per thread each)."
+        )
+    if cfg.scale_mode == "acc" and gs % bk:
+        raise ValueError(
+            f"scale_mode='acc' needs block_k={bk} to divide the group size {gs}; use scale_mode='weights'."
+        )
+
+
+# ------------------------------------------------------------------------------------------ kernel
+
+
+def _swizzle(minor_bits: int) -> int:
+    for sw in (128, 64, 32, 16):
+        if minor_bits % (sw * 8) == 0:
+            return sw
+    raise ValueError(f"minor dimension of {minor_bits} bits is not a multiple of 16 bytes")
+
+
+def _tiled(rows_bits: int, elem_bits: int):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    sw = _swizzle(rows_bits)
+    if sw == 16:  # Pallas accepts swizzles of 32, 64 and 128 bytes only: leave the tile plain
+        return sw, ()
+    return sw, (plgpu.TilingTransform((8, sw * 8 // elem_bits)), plgpu.SwizzleTransform(sw))
+
+
+def _group_cols(col0: int, width: int, gs: int, bk: int) -> tuple[int, int]:
+    """For tile columns ``[col0, col0+width)``: (first row of the tile's scale block, group size
+    within the chunk, or 0 when the whole chunk is one group)."""
+    if gs >= bk:
+        return 0, 0
+    if gs >= width:
+        return col0 // gs, 0
+    return col0 // gs, gs
+
+
+def _dequant_mma_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk, cdt):
+    """Interpreter leaf: the same per-chunk math as :func:`_dequant_mma_hw` in plain jnp."""
+    w = w_smem[...]
+    x = x_smem[...]
+    s = s_smem[...].astype(jnp.float32)  # [groups_in_tile, bn]
+    z = z_smem[...].astype(jnp.float32)
+    ng = s.shape[0]
+    for j in range(bk // chunk):
+        ks = slice(j * chunk, (j + 1) * chunk)
+        col = jnp.arange(j * chunk, (j + 1) * chunk)
+        grp = col // gs if ng > 1 else jnp.zeros_like(col)
+        sc = s[grp].T  # [bn, chunk]
+        zc = z[grp].T
+        q = w[:, ks].astype(jnp.float32)
+        wd = ((q - zc).astype(cdt) * sc.astype(cdt)).astype(cdt)
+        acc = acc + jax.lax.dot_general(wd, x[:, ks], (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+    return acc
+
+
+def _mma_acc_interpret(acc, w_smem, x_smem, s_smem, *, chunk, bk, cdt):
+    """Interpreter leaf of ``scale_mode="acc"``: raw codes @ x per K block, then * s per row."""
+    w = w_smem[...]
+    x = x_smem[...]
+    t = None
+    for j in range(bk // chunk):
+        ks = slice(j * chunk, (j + 1) * chunk)
+        d = jax.lax.dot_general(w[:, ks].astype(cdt), x[:, ks], (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        t = d if t is None else t + d
+    return acc + t * s_smem[...].astype(jnp.float32)[0][:, None]
+
+
+def _scale_rows_inline(t, s_ref):
+    """``t[n, m] * s[0, n]`` (fp32) over a WGMMA-layout accumulator value (hardware path)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA),
+        return_type=plgpu.ShapeDtypeStruct(t.shape, t.dtype, plgpu.Layout.WGMMA),
+    )
+    def scaled(_, s_smem, tv):
+        index = ir.IndexType.get()
+        f32 = ir.F32Type.get()
+
+        def mul(v, idx):
+            sv = arith.extf(f32, memref.load(s_smem, (arith.constant(index, 0), idx[0])))
+            return arith.mulf(v, sv)
+
+        return tv.foreach(mul, create_array=True)
+
+    return scaled(s_ref, t)
+
+
+def _bcast_rows(v, shape):
+    """``[bn]`` -> ``[bn, cols]`` (each row constant)."""
+    return jax.lax.broadcast_in_dim(v, shape, (0,))
+
+
+def _mma_acc_hw(acc, w_smem, x_smem, s_smem, *, chunk, bk, cdt, bn, bm, impl):
+    """Hardware leaf of ``scale_mode="acc"``: wgmma on upcast codes into a scoped accumulator,
+    then ``acc + product * s`` on the fp32 values."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def mm(tmp_ref):
+        w = w_smem[...]
+        steps = bk // chunk
+        for j in range(steps):
+            ks = slice(j * chunk, (j + 1) * chunk)
+            with jax.named_scope("upcast"):
+                wj = w[:, ks].astype(cdt)
+            with jax.named_scope("wgmma"):
+                plgpu.wgmma(tmp_ref, wj, plgpu.transpose_ref(x_smem.at[:, ks], (1, 0)))
+            plgpu.wgmma_wait(1 if j + 1 < steps else 0)
+        return tmp_ref[...]
+
+    t = pl.run_scoped(mm, plgpu.ACC((bn, bm), jnp.float32))
+    with jax.named_scope("scale"):
+        if impl == "jnp":
+            return acc + t * _bcast_rows(s_smem[0, :].astype(jnp.float32), t.shape)
+        return acc + _scale_rows_inline(t, s_smem)
+
+
+def _scale_inline(w, s_ref, z_ref, *, row0: int, sub_gs: int):
+    """``(w - z[g, n]) * s[g, n]`` over a WGMMA-layout ``[bn, chunk]`` array (hardware path).
+
+    ``g = row0 + col // sub_gs`` (or ``row0`` when ``sub_gs == 0``); ``n`` is the row.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.Layout.WGMMA),
+        return_type=plgpu.ShapeDtypeStruct(w.shape, w.dtype, plgpu.Layout.WGMMA),
+    )
+    def scaled(_, s_smem, z_smem, wv):
+        index = ir.IndexType.get()
+
+        def fma(v, idx):
+            g = arith.constant(index, row0)
+            if sub_gs:
+                g = arith.addi(g, arith.divui(idx[1], arith.constant(index, sub_gs)))
+            sv = memref.load(s_smem, (g, idx[0]))
+            zv = memref.load(z_smem, (g, idx[0]))
+            return arith.mulf(arith.subf(v, zv), sv)
+
+        return wv.foreach(fma, create_array=True)
+
+    return scaled(s_ref, z_ref, w)
+
+
+def _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk, cdt, impl):
+    """Hardware leaf: weights SMEM -> registers (int upcast) -> scaled in registers -> wgmma A."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    w = w_smem[...]
+    steps = bk // chunk
+    for j in range(steps):
+        ks = slice(j * chunk, (j + 1) * chunk)
+        row0, sub = _group_cols(j * chunk, chunk, gs, bk)
+        with jax.named_scope("dequant"):
+            if impl == "jnp" and not sub:
+                shape = (w.shape[0], chunk)
+                wj = ((w[:, ks].astype(cdt) - _bcast_rows(z_smem[row0, :], shape))
+                      * _bcast_rows(s_smem[row0, :], shape))
+            else:
+                wj = _scale_inline(w[:, ks].astype(cdt), s_smem, z_smem, row0=row0, sub_gs=sub)
+        with jax.named_scope("wgmma"):
+            plgpu.wgmma(acc_ref, wj, plgpu.transpose_ref(x_smem.at[:, ks], (1, 0)))
+        plgpu.wgmma_wait(1 if j + 1 < steps else 0)
+
+
+def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    bm, bn, bk, split = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
+    gs = packed.group_size
+    bits = packed.bits
+    nk = packed.k_pad // bk
+    steps_per_split = nk // split
+    grid = (packed.n_pad // bn, mp // bm, split)
+    # fp32 partials for split-K, and for "acc" at small M (the zero correction is subtracted after)
+    out_dt = jnp.float32 if split > 1 or (cfg.scale_mode == "acc" and bm <= 64) else cdt
+    # K chunk per wgmma issue = the swizzle width of the x tile (in elements).
+    x_sw, x_tr = _tiled(bk * 16, 16)
+    chunk = x_sw * 8 // 16
+    _, w_tr = _tiled(bk * bits, bits)
+    if gs >= bk:
+        s_rows, blocks_per_group = 1, gs // bk
+    else:
+        s_rows, blocks_per_group = bk // gs, 0
+    o_sw, o_tr = _tiled(bm * jnp.dtype(out_dt).itemsize * 8, jnp.dtype(out_dt).itemsize * 8)
+
+    def body(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem):
+        ni = jax.lax.axis_index("n")
+        mi = jax.lax.axis_index("m")
+        si = jax.lax.axis_index("k")
+        k0 = si * steps_per_split
+
+        def s_index(ki):
+            if blocks_per_group:
+                return ((k0 + ki) // blocks_per_group, ni)
+            return (k0 + ki, ni)
+
+        specs = [
+            plgpu.BlockSpec((bn, bk), lambda ki: (ni, k0 + ki), transforms=w_tr),
+            plgpu.BlockSpec((bm, bk), lambda ki: (mi, k0 + ki), transforms=x_tr),
+            plgpu.BlockSpec((s_rows, bn), s_index),
+            plgpu.BlockSpec((s_rows, bn), s_index),
+        ]
+        leaf_kw = dict(chunk=chunk, gs=gs, bk=bk, cdt=cdt)
+        if cfg.scale_mode == "acc":
+            pipe = functools.partial(plgpu.emit_pipeline, grid=(steps_per_split,), in_specs=specs[:3],
+                                     max_concurrent_steps=cfg.num_stages,
+                                     init_carry=jnp.zeros((bn, bm), jnp.float32))
+            if interpret:
+                def step(_, w_smem, x_smem, s_smem, acc):
+                    return _mma_acc_interpret(acc, w_smem, x_smem, s_smem, chunk=chunk, bk=bk, cdt=cdt)
+            else:
+                def step(_, w_smem, x_smem, s_smem, acc):
+                    return _mma_acc_hw(acc, w_smem, x_smem, s_smem, chunk=chunk, bk=bk, cdt=cdt, bn=bn, bm=bm,
+                                       impl=cfg.scale_impl)
+            acc = pipe(step)(w_gmem, x_gmem, s_gmem)
+        elif interpret:
+            def step(_, w_smem, x_smem, s_smem, z_smem, acc):
+                return _dequant_mma_interpret(acc, w_smem, x_smem, s_smem, z_smem, **leaf_kw)
+
+            acc = plgpu.emit_pipeline(
+                step, grid=(steps_per_split,), in_specs=specs, max_concurrent_steps=cfg.num_stages,
+                init_carry=jnp.zeros((bn, bm), jnp.float32),
+            )(w_gmem, x_gmem, s_gmem, z_gmem)
+        else:
+            def compute(acc_ref):
+                def step(_, w_smem, x_smem, s_smem, z_smem):
+                    _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, impl=cfg.scale_impl, **leaf_kw)
+
+                plgpu.emit_pipeline(
+                    step, grid=(steps_per_split,), in_specs=specs,
+                    max_concurrent_steps=cfg.num_stages,
+                )(w_gmem, x_gmem, s_gmem, z_gmem)
+                return acc_ref[...]
+
+            acc = pl.run_scoped(compute, plgpu.ACC((bn, bm), jnp.float32))
+        o_smem[...] = acc.astype(out_dt)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn), pl.ds(mi * bm, bm)])
+        plgpu.wait_smem_to_gmem(0)
+
+    kw: dict[str, Any] = dict(
+        out_type=jax.ShapeDtypeStruct((split, packed.n_pad, mp), out_dt),
+        scratch_types=[plgpu.SMEM((bn, bm), out_dt, transforms=() if interpret else o_tr)],
+        grid=grid,
+        grid_names=("n", "m", "k"),
+    )
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        kw["interpret"] = InterpretGPUParams()
+    else:
+        kw["compiler_params"] = plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+        )
+    del o_sw
+    return plgpu.kernel(body, **kw)
+
+
+# ------------------------------------------------------------------------------------------ public
+
+
+def gptq_matmul_mgpu(
+    x: jax.Array,
+    packed: MgpuPacked,
+    *,
+    config: MgpuConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """``x[..., K] @ dequant(W)[K, N] -> [..., N]`` in ``x.dtype`` (fp32 accumulation), Hopper.
+
+    Args:
+      x: bf16 / fp16 activations ``[..., K]`` in the layer's original channel order.
+      packed: the layer from :func:`pack_mgpu`.
+      config: tiles; default :func:`default_config` for this M.
+      interpret: run through the Mosaic GPU interpreter (CPU tests; slow, small shapes only).
+
+    Raises:
+      ValueError: wrong dtype / shape, or a config that does not fit the layer (see
+        :class:`MgpuConfig`).
+    """
+    lead = x.shape[:-1]
+    m = math.prod(lead)
+    if not isinstance(packed, MgpuPacked):
+        _validate(x, packed, MgpuConfig())
+    cfg = config or default_config(max(m, 1), packed)
+    _validate(x, packed, cfg)
+    if m == 0:
+        return jnp.zeros((*lead, packed.n), x.dtype)
+    y = _forward(x.reshape(m, packed.k), packed, cfg, interpret)
+    return y.reshape(*lead, packed.n)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool) -> jax.Array:
+    m = x2.shape[0]
+    cdt = x2.dtype
+    bm = cfg.block_m
+    mp = -(-m // bm) * bm
+    if packed.perm is not None:
+        x2 = jnp.take(x2, packed.perm, axis=1)
+    if mp != m or packed.k_pad != packed.k:
+        x2 = jnp.pad(x2, ((0, mp - m), (0, packed.k_pad - packed.k)))
+    s, z = packed.scales, packed.zeros
+    if s.dtype != cdt:
+        s, z = s.astype(cdt), z.astype(cdt)
+    out = _build(mp, packed, cfg, cdt, interpret)(x2, packed.w, s, z)  # [split, Np, Mp]
+    y = out.sum(0) if cfg.split_k > 1 else out[0]
+    y = y[: packed.n, :m].T
+    if cfg.scale_mode == "acc":  # zero points: y -= (Σ_{k∈g} x_k) @ (s·z)
+        gs, gp = packed.group_size, packed.k_pad // packed.group_size
+        xs = x2[:m].astype(jnp.float32).reshape(m, gp, gs).sum(-1)  # [M, G]
+        sz = packed.scales[:, : packed.n].astype(jnp.float32) * packed.zeros[:, : packed.n].astype(jnp.float32)
+        y = y.astype(jnp.float32) - jnp.dot(xs, sz, precision=jax.lax.Precision.HIGHEST)
+    return y.astype(cdt)
+
+
+def reference(x: jax.Array, packed: MgpuPacked) -> jax.Array:
+    """Plain-jnp ``x @ dequant(W)``: permute x, dequantize in fp32, fp32 dot, cast to x.dtype."""
+    k = packed.k
+    x2 = x.reshape(-1, k)
+    if packed.perm is not None:
+        x2 = jnp.take(x2, packed.perm, axis=1)
+    x2 = jnp.pad(x2, ((0, 0), (0, packed.k_pad - k))).astype(jnp.float32)
+    w = dequantize_mgpu(packed, jnp.float32)
+    y = jnp.dot(x2, w, precision=jax.lax.Precision.HIGHEST)[:, : packed.n]
+    return y.astype(x.dtype).reshape(*x.shape[:-1], packed.n)
+
+
+def random_inputs(key: jax.Array, k: int, n: int, *, bits: int = 4, group_size: int = 128,
+                  act_order: bool = False) -> dict[str, jax.Array]:
+    """A random GPTQ LIN dict (same generator as the Triton kernel's tests)."""
+    from .gptq_matmul_gpu import random_gptq_linear
+
+    return random_gptq_linear(key, k, n, bits=bits, group_size=group_size, act_order=act_order)
+
+
+def main() -> None:  # pragma: no cover - benchmark
+    """Self-check and timing: ``python -m jgptq.pallas_kernels.gptq_matmul_mgpu``.
+
+    The full comparison against the Triton kernel and XLA is ``benchmarks/bench_kernels.py
+    --mgpu`` (``benchmarks/mgpu_check.sh``).
+    """
+    import time
+
+    interpret = jax.default_backend() != "gpu"
+    k, n = (8192, 28672) if not interpret else (256, 128)
+    lin = random_inputs(jax.random.key(0), k, n)
+    packed = pack_mgpu_linear(lin, bits=4)
+    for m in ((1, 16, 64, 256) if not interpret else (1, 9)):
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+        f = jax.jit(lambda x: gptq_matmul_mgpu(x, packed, interpret=interpret))
+        y = f(x).block_until_ready()
+        ref = reference(x, packed)
+        err = float(jnp.linalg.norm((y - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
+        reps = 20 if not interpret else 1
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            y = f(x)
+        y.block_until_ready()
+        dt = (time.perf_counter() - t0) / reps
+        print(f"M={m:5d} K={k} N={n} {default_config(m, packed)}: {dt * 1e6:9.1f} us  rel.err {err:.2e}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

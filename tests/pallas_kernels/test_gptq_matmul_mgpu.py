@@ -1,0 +1,223 @@
+"""Mosaic GPU GPTQ kernel (``gptq_matmul_mgpu``) vs float64 NumPy GPTQ dequantization.
+
+CPU: the kernel through the Mosaic GPU interpreter (same grid, pipeline, TMA copies and SMEM
+tiles; per-chunk dequant + MMA in jnp), and the hardware path *lowered* for CUDA (Pallas ->
+Mosaic GPU incl. layout inference; no ptxas). GPU (``-m gpu``): compiled and run for real.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jgptq.pallas_kernels import dispatch
+from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
+from jgptq.pallas_kernels.gptq_matmul_gpu import random_gptq_linear
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def np_dequant(lin: dict, bits: int) -> np.ndarray:
+    """float64 ``W[K, N] = scales[g_idx] * (codes - zeros[g_idx])`` straight from GPTQ tensors."""
+    q = np.asarray(lin["qweight"]).view(np.uint32)
+    p = 32 // bits
+    k = q.shape[0] * p
+    codes = np.empty((k, q.shape[1]), np.float64)
+    for j in range(p):
+        codes[j::p] = (q >> np.uint32(bits * j)) & np.uint32((1 << bits) - 1)
+    g = np.asarray(lin["g_idx"])
+    return np.asarray(lin["scales"], np.float64)[g] * (codes - np.asarray(lin["zeros"], np.float64)[g])
+
+
+def rel_err(y, ref) -> float:
+    y = np.asarray(jnp.asarray(y).astype(jnp.float32), np.float64)
+    assert np.all(np.isfinite(y)), "kernel output has NaN/Inf"
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def make(seed, k, n, bits, gs, act_order, dtype=jnp.bfloat16):
+    lin = random_gptq_linear(jax.random.key(seed), k, n, bits=bits, group_size=gs, act_order=act_order)
+    return lin, np_dequant(lin, bits), mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype)
+
+
+# ---------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("bits,gs,act_order,k", [(4, 128, True, 576), (4, -1, False, 320), (8, 32, False, 256)])
+def test_pack_dequant_matches_numpy(bits, gs, act_order, k):
+    lin, w64, p = make(1, k, 72, bits, gs, act_order)
+    assert p.w.shape == (128, p.k_pad) and p.w.dtype == (jnp.int4 if bits == 4 else jnp.int8)
+    assert p.k_pad % 128 == 0 and p.k_pad % p.group_size == 0 and p.scales.shape == (p.k_pad // p.group_size, 128)
+    w = np.asarray(mg.dequantize_mgpu(p, jnp.float32), np.float64)[: k, :72]
+    if p.perm is not None:  # dequantize_mgpu is in permuted K order
+        w = w[np.argsort(np.asarray(p.perm))]
+    # scales were rounded to bf16 at pack time
+    np.testing.assert_allclose(w, w64, rtol=8e-3, atol=1e-6)
+
+
+def test_pack_refusals_and_errors():
+    lin, _, _ = make(2, 256, 128, 4, 128, False)
+    assert mg.pack_mgpu_linear(dict(lin, g_idx=jnp.repeat(jnp.arange(3), jnp.asarray([100, 100, 56]),
+                                                          total_repeat_length=256).astype(jnp.int32),
+                                    scales=lin["scales"][:1].repeat(3, 0), zeros=lin["zeros"][:1].repeat(3, 0)),
+                               bits=4) is None  # group size 100: no layout
+    with pytest.raises(ValueError, match="bits in"):
+        mg.pack_mgpu_linear(lin, bits=2)
+    with pytest.raises(ValueError, match="dtype"):
+        mg.pack_mgpu_linear(lin, bits=4, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        mg.pack_mgpu_linear(dict(lin, scales=lin["scales"].at[0, 0].set(jnp.inf)), bits=4)
+    with pytest.raises(ValueError, match="qweight must be int32"):
+        mg.pack_mgpu_linear(lin, bits=8)
+
+
+# ---------------------------------------------------------------- kernel (interpret)
+
+CASES = [
+    # bits, gs, act_order, K, N, M, dtype, (block_m, block_n, block_k, split_k, scale_mode)
+    (4, 128, False, 576, 192, 1, jnp.bfloat16, (8, 64, 128, 1, "weights")),   # SmolLM2 K=576, N padded
+    (4, 128, True, 576, 128, 3, jnp.bfloat16, (8, 64, 128, 1, "weights")),    # act-order
+    (4, 128, True, 576, 128, 3, jnp.bfloat16, (8, 64, 128, 1, "acc")),        # act-order, scales on acc
+    (4, 64, False, 1536, 128, 17, jnp.bfloat16, (16, 64, 128, 3, "weights")), # K=1536, M not a block multiple
+    (4, 64, False, 1536, 128, 17, jnp.bfloat16, (16, 64, 64, 4, "acc")),      # g64 with block_k 64
+    (4, 32, True, 256, 128, 9, jnp.float16, (16, 128, 128, 2, "weights")),    # g32 (4 groups per block), fp16
+    (4, -1, False, 320, 128, 2, jnp.bfloat16, (8, 64, 128, 1, "weights")),    # per-channel
+    (4, -1, False, 320, 128, 2, jnp.float16, (8, 64, 128, 3, "acc")),         # per-channel, split-K, acc
+    (4, 128, False, 512, 64, 5, jnp.float16, (8, 64, 64, 2, "weights")),      # block_k 64 < group
+    (8, 128, True, 384, 128, 5, jnp.bfloat16, (8, 64, 128, 1, "weights")),    # 8-bit act-order
+    (8, 128, False, 384, 128, 70, jnp.bfloat16, (128, 64, 128, 1, "acc")),    # 8-bit, acc, bf16 out (bm 128)
+]
+
+
+@pytest.mark.parametrize("bits,gs,act_order,k,n,m,dtype,tiles", CASES)
+def test_mgpu_kernel_interpret(bits, gs, act_order, k, n, m, dtype, tiles):
+    lin, w64, p = make(10 + k + m, k, n, bits, gs, act_order, dtype)
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
+    bm, bn, bk, split, mode = tiles
+    cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=2, scale_mode=mode)
+    y = mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=True)
+    assert y.shape == (m, n) and y.dtype == dtype
+    ref64 = np.asarray(x, np.float64) @ w64
+    assert rel_err(y, ref64) < 8e-3  # bf16 scales + weights + output rounding
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(mg.reference(x, p), np.float32),
+                               rtol=2e-2, atol=2e-2 * float(np.abs(ref64).max()))
+
+
+def test_mgpu_leading_dims_default_config_and_dtype_cast():
+    lin, w64, p = make(5, 256, 128, 4, 128, True)  # packed for bf16, called with fp16: cast per call
+    x = jax.random.normal(jax.random.key(1), (2, 3, 256), jnp.float32).astype(jnp.float16)
+    y = mg.gptq_matmul_mgpu(x, p, interpret=True)
+    assert y.shape == (2, 3, 128) and y.dtype == jnp.float16
+    assert rel_err(y, np.asarray(x, np.float64) @ w64) < 8e-3
+    assert mg.gptq_matmul_mgpu(jnp.ones((0, 256), jnp.bfloat16), p, interpret=True).shape == (0, 128)
+
+
+def test_mgpu_validation_errors():
+    _, _, p = make(6, 256, 128, 4, 128, False)
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    C = mg.MgpuConfig
+    with pytest.raises(ValueError, match="K=256"):
+        mg.gptq_matmul_mgpu(jnp.ones((2, 255), jnp.bfloat16), p, interpret=True)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        mg.gptq_matmul_mgpu(x.astype(jnp.float32), p, interpret=True)
+    with pytest.raises(ValueError, match="block_m=12"):
+        mg.gptq_matmul_mgpu(x, p, config=C(block_m=12), interpret=True)
+    with pytest.raises(ValueError, match="block_n=96"):
+        mg.gptq_matmul_mgpu(x, p, config=C(block_n=96), interpret=True)
+    with pytest.raises(ValueError, match="registers"):
+        mg.gptq_matmul_mgpu(x, p, config=C(block_m=256, block_n=128), interpret=True)
+    with pytest.raises(ValueError, match="block_k=32"):
+        mg.gptq_matmul_mgpu(x, p, config=C(block_k=32), interpret=True)
+    with pytest.raises(ValueError, match="split_k=3"):
+        mg.gptq_matmul_mgpu(x, p, config=C(split_k=3), interpret=True)
+    with pytest.raises(ValueError, match="two fp32 accumulators"):
+        mg.gptq_matmul_mgpu(x, p, config=C(block_m=128, block_n=128, scale_mode="acc"), interpret=True)
+    with pytest.raises(ValueError, match="scale_impl must"):
+        mg.gptq_matmul_mgpu(x, p, config=C(scale_impl="asm"), interpret=True)
+    with pytest.raises(ValueError, match="scale_mode must"):
+        mg.gptq_matmul_mgpu(x, p, config=C(scale_mode="fused"), interpret=True)
+    _, _, p32 = make(6, 256, 128, 4, 32, False)
+    with pytest.raises(ValueError, match="scale_mode='acc' needs"):
+        mg.gptq_matmul_mgpu(x, p32, config=C(scale_mode="acc"), interpret=True)
+    assert mg.default_config(1, p32).scale_mode == "weights" and mg.default_config(1, p).scale_mode == "acc"
+    with pytest.raises(ValueError, match="MgpuPacked"):
+        mg.gptq_matmul_mgpu(x, {"w": 1}, interpret=True)
+
+
+# ---------------------------------------------------------------- hardware path, lowered on CPU
+
+LOWER_CASES = [
+    # bits, gs, M, dtype, (block_m, block_n, block_k, split_k, scale_mode[, scale_impl])
+    (4, 128, 1, jnp.bfloat16, (8, 128, 128, 2, "weights")),
+    (4, 128, 1, jnp.bfloat16, (8, 128, 128, 2, "weights", "inline")),
+    (4, 128, 1, jnp.bfloat16, (8, 128, 128, 2, "acc")),
+    (4, 128, 1, jnp.bfloat16, (8, 128, 128, 2, "acc", "inline")),
+    (4, 64, 64, jnp.float16, (64, 128, 128, 1, "weights", "inline")),
+    (4, 128, 16, jnp.bfloat16, (16, 128, 128, 1, "weights")),
+    (4, 128, 16, jnp.float16, (16, 128, 256, 1, "acc")),
+    (4, 32, 64, jnp.bfloat16, (64, 128, 128, 1, "weights")),
+    (4, 64, 200, jnp.float16, (128, 128, 128, 1, "weights")),
+    (4, 128, 200, jnp.bfloat16, (128, 64, 128, 1, "acc")),
+    (4, -1, 5, jnp.bfloat16, (8, 64, 256, 2, "weights")),
+    (4, 128, 5, jnp.bfloat16, (8, 64, 64, 1, "weights")),
+    (4, 64, 5, jnp.bfloat16, (8, 128, 64, 2, "acc")),
+    (8, 128, 5, jnp.bfloat16, (8, 64, 128, 1, "weights")),
+    (8, 128, 5, jnp.bfloat16, (8, 64, 128, 1, "acc")),
+    (8, 32, 9, jnp.float16, (16, 64, 64, 1, "weights")),
+]
+
+
+@pytest.mark.parametrize("bits,gs,m,dtype,tiles", LOWER_CASES)
+def test_lowers_for_cuda(bits, gs, m, dtype, tiles):
+    """Pallas -> Mosaic GPU lowering of the real (wgmma, register-A, inline_mgpu) kernel."""
+    _, _, p = make(3, 1024, 256, bits, gs, False, dtype)
+    bm, bn, bk, split, mode, *impl = tiles
+    cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=3, scale_mode=mode,
+                        scale_impl=impl[0] if impl else "jnp")
+    x = jnp.zeros((m, 1024), dtype)
+    lowered = mg._forward.trace(x, p, cfg, False).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def test_dispatch_mgpu_option():
+    lin, w64, _ = make(30, 576, 128, 4, 128, True)
+    prep = dispatch.prepare(lin, bits=4, backend="gpu", interpret=True, gpu_kernel="mgpu")
+    assert prep is not None and prep.kernel == "mgpu" and prep.in_features == 576 and prep.out_features == 128
+    x = jax.random.normal(jax.random.key(3), (2, 576), jnp.float32).astype(jnp.bfloat16)
+    y = jax.jit(dispatch.matmul)(x, prep)
+    assert rel_err(y, np.asarray(x, np.float64) @ w64) < 8e-3
+    y32 = dispatch.matmul(x.astype(jnp.float32), prep)  # fp32: XLA path on the mgpu layout
+    assert y32.dtype == jnp.float32 and rel_err(y32, np.asarray(x, np.float64) @ w64) < 5e-3
+    assert dispatch.prepare(lin, bits=2, backend="gpu", gpu_kernel="mgpu") is None  # no 2-bit mgpu kernel
+    with pytest.raises(ValueError, match="gpu_kernel"):
+        dispatch.prepare(lin, bits=4, backend="gpu", gpu_kernel="cuda")
+
+
+# ---------------------------------------------------------------- real GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits,gs,act_order,k,n,dtype", [
+    (4, 128, True, 576, 1536, jnp.bfloat16), (4, 32, False, 4096, 4096, jnp.float16),
+    (4, 64, True, 1536, 1024, jnp.bfloat16), (4, -1, False, 2048, 1024, jnp.bfloat16),
+    (8, 128, True, 2048, 1024, jnp.float16),
+])
+def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
+    lin, w64, p = make(40 + k, k, n, bits, gs, act_order, dtype)
+    for m in (1, 33, 130):
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
+        ref64 = np.asarray(x, np.float64) @ w64
+        cfgs = [mg.default_config(m, p)]
+        if m == 1:
+            cfgs.append(mg.MgpuConfig(block_m=8, block_n=64, block_k=128, split_k=1, scale_mode="weights"))
+        for cfg in cfgs:
+            y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, p, config=cfg))(x)
+            assert rel_err(y, ref64) < 8e-3, (m, cfg)
+    prep = dispatch.prepare(lin, bits=bits, backend="gpu", gpu_kernel="mgpu")
+    assert rel_err(dispatch.matmul(x, prep), ref64) < 8e-3  # M=130 through dispatch
