@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 import math
 from typing import Any, Mapping
 
@@ -417,6 +418,23 @@ def _bcast_rows(v, shape):
     return jax.lax.broadcast_in_dim(v, shape, (0,))
 
 
+
+def _transposed(ref: Any) -> Any:
+    """The ``[bk, bm]`` x tile as wgmma's ``[bm, bk]``-major B operand.
+
+    ``plgpu.transpose_ref`` is what jax 0.10 lowers and what the H100 run (jax 0.11.2) compiled;
+    0.11 deprecates it in favour of ``ref.transpose``, which is used once it is removed.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fn = getattr(plgpu, "transpose_ref", None)
+    if fn is None:
+        return ref.transpose((1, 0))
+    return fn(ref, (1, 0))
+
+
 def _mma_acc_hw(acc, w_smem, x_smem, s_smem, *, chunk, bk, cdt, bn, bm, impl):
     """Hardware leaf of ``scale_mode="acc"``: wgmma on upcast codes into a scoped accumulator,
     then ``acc + product * s`` on the fp32 values."""
@@ -430,7 +448,7 @@ def _mma_acc_hw(acc, w_smem, x_smem, s_smem, *, chunk, bk, cdt, bn, bm, impl):
             with jax.named_scope("upcast"):
                 wj = w[:, ks].astype(cdt)
             with jax.named_scope("wgmma"):
-                plgpu.wgmma(tmp_ref, wj, plgpu.transpose_ref(x_smem.at[:, ks], (1, 0)))
+                plgpu.wgmma(tmp_ref, wj, _transposed(x_smem.at[:, ks]))
             plgpu.wgmma_wait(1 if j + 1 < steps else 0)
         return tmp_ref[...]
 
@@ -487,7 +505,7 @@ def _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk, c
             else:
                 wj = _scale_inline(w[:, ks].astype(cdt), s_smem, z_smem, row0=row0, sub_gs=sub)
         with jax.named_scope("wgmma"):
-            plgpu.wgmma(acc_ref, wj, plgpu.transpose_ref(x_smem.at[:, ks], (1, 0)))
+            plgpu.wgmma(acc_ref, wj, _transposed(x_smem.at[:, ks]))
         plgpu.wgmma_wait(1 if j + 1 < steps else 0)
 
 
