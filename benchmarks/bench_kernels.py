@@ -94,6 +94,17 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
     return out[:limit]
 
 
+def device_bytes(x) -> int:
+    """Bytes an array occupies on the GPU: sub-byte integer dtypes (``jnp.int4``) are bit-packed
+    there, while ``.nbytes`` counts one byte per element for them."""
+    import jax.numpy as jnp
+
+    dt = jnp.dtype(x.dtype)
+    if jnp.issubdtype(dt, jnp.integer) and jnp.iinfo(dt).bits < 8:
+        return -(-x.size * jnp.iinfo(dt).bits // 8)
+    return int(x.nbytes)
+
+
 def _copies(nbytes: int, cap: int = 16) -> int:
     return max(2, min(cap, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
 
@@ -259,7 +270,7 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
         return
     p0 = packs[0]
     ref = mg.reference(x, p0).astype(jnp.float32)
-    pbytes = p0.w.nbytes + p0.scales.nbytes + p0.zeros.nbytes + io
+    pbytes = device_bytes(p0.w) + p0.scales.nbytes + p0.zeros.nbytes + io
     for cfg in mgpu_candidates(m, p0, MAX_MGPU_CFGS):
         if over_budget():
             print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)
@@ -349,11 +360,11 @@ def bench_e2e(args) -> list[dict]:
         wbytes = 0
         kernels = 0
         flat = nnx_flat_arrays(model)
-        total_bytes = sum(x.nbytes for _, x in flat)
+        total_bytes = sum(device_bytes(x) for _, x in flat)
         for path, x in flat:
             if "prepared" in path:
                 kernels += 1
-                wbytes += x.nbytes
+                wbytes += device_bytes(x)
         step = jax.jit(lambda m, ids, mask, cache: m.step(ids, mask, cache, last_only=True), donate_argnums=(3,))
         for batch in (1, 16):
             cache = model.init_cache(batch, args.e2e_slots)

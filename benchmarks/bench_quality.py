@@ -5,8 +5,9 @@ tokens, window starts ``default_rng(seed).integers(0, n_train - seqlen, nsamples
 128 x 2048, seed 0); perplexity on non-overlapping 2048-token windows of Brown-test (64 windows),
 fp32. RTN = round-to-nearest with the same bits / group size / symmetry.
 
-Rows (``--suite table``): fp; RTN and GPTQ (jgptq defaults) at 4-bit per-channel, 4-bit g128
-(± act-order), 3-bit g128 (± act-order), 2-bit g64. ``--suite ablation`` adds, per setting, what each
+Rows (``--suite table``): fp; RTN and GPTQ with the reference's settings at 4-bit per-channel, 4-bit
+g128 (± act-order), 3-bit g128 (± act-order), 2-bit g64; then GPTQ with jgptq's defaults
+(``GPTQConfig.recommended()``: act-order + static groups + MSE clip search) at each setting. ``--suite ablation`` adds, per setting, what each
 sound fix contributes: act-order + static groups, MSE clip search (``mse``), stronger damping, all
 combined, the asymmetric grid, and RTN with the same clip search / asymmetric grid (the "RTN ppl"
 column always compares with RTN on the same grid). ``--suite all`` runs both.
@@ -47,6 +48,8 @@ TABLE = [
     ("3b g128 act-order", dict(bits=3, group_size=128, desc_act=True)),
     ("2b g64", dict(bits=2, group_size=64)),
 ]
+# GPTQConfig.recommended(): jgptq's defaults (what `jgptq quantize` uses)
+DEFAULTS = dict(desc_act=True, static_groups=True, mse=2.4)
 # What each fix contributes, added to a base setting (label suffix, GPTQConfig overrides).
 ABLATIONS = [
     ("act+static", dict(desc_act=True, static_groups=True)),
@@ -85,6 +88,9 @@ def plan(suite: str) -> list[tuple[str, str, dict[str, Any]]]:
         for label, kw in TABLE:
             add(label.replace(" act-order", ""), "rtn", kw)
             add(label, "gptq", kw)
+        for label, kw in TABLE:
+            if "act-order" not in label:
+                add(f"{label} jgptq defaults", "gptq", {**kw, **DEFAULTS})
     if suite in ("ablation", "all"):
         base = dict(TABLE)
         for b in ABLATION_BASES:
@@ -123,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-windows", type=int, default=None, help="first N test windows only (quick runs)")
     p.add_argument("--eval-batch", type=int, default=4, help="windows per forward call")
     p.add_argument("--packed-eval", action="store_true", help="evaluate through the packed GPTQ linears")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="combine the rows of earlier bench_quality.json files (same protocol) into --out "
+                        "and exit; a later file's row replaces an earlier one with the same label and method")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
 
     import jax
 
@@ -205,6 +216,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def merge(paths: list[str], out: str) -> int:
+    """Merge runs of this script (one protocol) into one table/plot in ``out``."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    base = dict(runs[0])
+    for key in ("calibration", "eval", "model"):
+        for r in runs[1:]:
+            if r[key] != base[key]:
+                raise SystemExit(f"{path}: {key} differs from {paths[0]} ({r[key]} vs {base[key]}); "
+                                 "only runs of one protocol can be merged")
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in runs:
+        for row in r["rows"]:
+            rows[(row["label"], row["method"])] = row
+    base["rows"] = list(rows.values())
+    base["merged_from"] = [{"path": p, "machine": r["machine"]} for p, r in zip(paths, runs)]
+    os.makedirs(out, exist_ok=True)
+    for name, text in (("bench_quality.json", json.dumps(base, indent=1)),
+                       ("bench_quality.md", markdown(base) + "\n"), ("quality.svg", svg_plot(base))):
+        with open(os.path.join(out, name), "w") as f:
+            f.write(text)
+    print(markdown(base))
+    return 0
+
+
 def _rtn_for(result: dict[str, Any], kw: dict[str, Any]) -> float | None:
     """Perplexity of the RTN row (no clip search) on the grid (bits, group, sym) of ``kw``, if it ran."""
     key = (kw["bits"], kw["group_size"], kw.get("sym", True), 0.0)
@@ -243,17 +281,40 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _is_defaults(cfg: dict[str, Any]) -> bool:
+    return all(cfg.get(k) == v for k, v in DEFAULTS.items()) and cfg.get("sym", True) and "damp_percent" not in cfg
+
+
+def _is_reference(cfg: dict[str, Any]) -> bool:
+    return not any(cfg.get(k) for k in ("desc_act", "static_groups", "mse", "damp_percent")) and cfg.get("sym", True)
+
+
+def _find_gptq(result: dict[str, Any], kw: dict[str, Any], pick: Any) -> float | None:
+    for r in result["rows"]:
+        c = r["config"]
+        if (r["method"] == "gptq" and "ppl" in r and c["bits"] == kw["bits"]
+                and c["group_size"] == kw["group_size"] and pick(c)):
+            return r["ppl"]
+    return None
+
+
+def _short(v: float) -> str:
+    return f"{v:.1f}" if v < 1000 else f"{v / 1000:.0f}k" if v < 1e6 else f"{v / 1e6:.1f}M"
+
+
 def svg_plot(result: dict[str, Any]) -> str:
-    """A dependency-free SVG bar chart: ppl (log scale) of RTN and GPTQ per table setting."""
-    groups: list[tuple[str, float | None, float | None]] = []
+    """A dependency-free SVG bar chart: ppl (log scale) of RTN, GPTQ with the reference's settings
+    and GPTQ with jgptq's defaults, per table setting (missing bars were not measured)."""
+    groups: list[tuple[str, list[float | None]]] = []
     for label, kw in TABLE:
-        g = next((r for r in result["rows"] if r["label"] == label and r["method"] == "gptq" and "ppl" in r), None)
-        rtn = _rtn_for(result, kw)
-        if g is not None or rtn is not None:
-            groups.append((label, rtn, g["ppl"] if g else None))
+        if "act-order" in label:
+            continue
+        vals = [_rtn_for(result, kw), _find_gptq(result, kw, _is_reference), _find_gptq(result, kw, _is_defaults)]
+        if any(v is not None for v in vals):
+            groups.append((label, vals))
     fp = result["fp"]["ppl"]
     w, h, left, bottom, top = 760, 360, 60, 70, 30
-    vals = [v for _, a, b in groups for v in (a, b) if v] + [fp]
+    vals = [v for _, vs in groups for v in vs if v] + [fp]
     lo, hi = math.log10(min(vals) * 0.9), math.log10(max(vals) * 1.1)
 
     def y(v: float) -> float:
@@ -263,27 +324,30 @@ def svg_plot(result: dict[str, Any]) -> str:
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
            f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">SmolLM2-135M, Brown-test perplexity '
            f'(log scale; lower is better)</text>']
-    for tick in (10, 20, 30, 50, 100, 200, 500, 1000, 2000, 5000, 10000):
+    for tick in (10, 20, 30, 50, 100, 200, 500, 1000, 10000, 100000, 1000000, 10000000):
         if lo <= math.log10(tick) <= hi:
             out.append(f'<line x1="{left}" x2="{w - 20}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#ddd"/>'
                        f'<text x="{left - 5}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick}</text>')
     out.append(f'<line x1="{left}" x2="{w - 20}" y1="{y(fp):.1f}" y2="{y(fp):.1f}" stroke="#333" '
                f'stroke-dasharray="4 3"/><text x="{w - 22}" y="{y(fp) - 4:.1f}" text-anchor="end">fp32 {fp:.2f}</text>')
     base_y = h - bottom
-    for i, (label, rtn, gp) in enumerate(groups):
-        x0 = left + i * bw + bw * 0.15
-        for j, (v, color, name) in enumerate(((rtn, "#d98c5f", "RTN"), (gp, "#3b7dd8", "GPTQ"))):
+    series = (("#d98c5f", "RTN"), ("#9cc3ee", "GPTQ, reference settings"), ("#1f5fb4", "GPTQ, jgptq defaults"))
+    for i, (label, vs) in enumerate(groups):
+        x0 = left + i * bw + bw * 0.1
+        for j, (v, (color, name)) in enumerate(zip(vs, series)):
             if v is None:
                 continue
-            x = x0 + j * bw * 0.35
-            out.append(f'<rect x="{x:.1f}" y="{y(v):.1f}" width="{bw * 0.33:.1f}" height="{base_y - y(v):.1f}" '
+            x = x0 + j * bw * 0.27
+            out.append(f'<rect x="{x:.1f}" y="{y(v):.1f}" width="{bw * 0.25:.1f}" height="{base_y - y(v):.1f}" '
                        f'fill="{color}"><title>{name} {label}: {v:.3f}</title></rect>'
-                       f'<text x="{x + bw * 0.165:.1f}" y="{y(v) - 3:.1f}" text-anchor="middle" font-size="9">'
-                       f'{v:.1f}</text>')
-        out.append(f'<text x="{x0 + bw * 0.35:.1f}" y="{base_y + 16}" text-anchor="middle">{label}</text>')
-    out.append(f'<rect x="{left}" y="{h - 30}" width="10" height="10" fill="#d98c5f"/><text x="{left + 14}" '
-               f'y="{h - 21}">RTN</text><rect x="{left + 60}" y="{h - 30}" width="10" height="10" fill="#3b7dd8"/>'
-               f'<text x="{left + 74}" y="{h - 21}">GPTQ (jgptq defaults)</text>')
+                       f'<text x="{x + bw * 0.125:.1f}" y="{y(v) - 3:.1f}" text-anchor="middle" font-size="9">'
+                       f'{_short(v)}</text>')
+        out.append(f'<text x="{x0 + bw * 0.39:.1f}" y="{base_y + 16}" text-anchor="middle">{label}</text>')
+    lx = left
+    for color, name in series:
+        out.append(f'<rect x="{lx}" y="{h - 30}" width="10" height="10" fill="{color}"/>'
+                   f'<text x="{lx + 14}" y="{h - 21}">{name}</text>')
+        lx += 14 + 7 * len(name) + 16
     cal = result["calibration"]
     out.append(f'<text x="{w - 20}" y="{h - 21}" text-anchor="end" fill="#555">calibration {cal["nsamples"]}x'
                f'{cal["seqlen"]} Brown-train, seed {cal["seed"]}; {result["machine"]["device"]}</text>')

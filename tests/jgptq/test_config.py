@@ -74,3 +74,36 @@ def test_from_dict_refuses_what_it_does_not_understand():
         GPTQConfig.from_dict({"bits": 6})
     with pytest.raises(ValueError, match="conflicting bits"):
         GPTQConfig.from_dict({"bits": 4, "w_bit": 3})
+
+
+def test_recommended_preset_and_overrides():
+    """jgptq's defaults: the reference plus act-order, static groups and the clip search; the plain
+    constructor keeps the reference defaults."""
+    from jgptq import GPTQConfig
+
+    ref = GPTQConfig()
+    assert (ref.desc_act, ref.static_groups, ref.mse) == (False, False, 0.0)
+    rec = GPTQConfig.recommended()
+    assert (rec.desc_act, rec.static_groups, rec.mse) == (True, True, 2.4)
+    assert rec.replace(desc_act=False, static_groups=False, mse=0.0) == ref
+    assert GPTQConfig.recommended(bits=3, mse=0.0) == GPTQConfig(bits=3, desc_act=True, static_groups=True)
+    with pytest.raises(ValueError, match="bits"):
+        GPTQConfig.recommended(bits=5)
+
+
+def test_cli_preset_builds_the_config():
+    import argparse
+
+    from jgptq.cli import quantize as cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    build = lambda *a: cli._build_config(p.parse_args(["--out", "x", *a]))  # noqa: E731
+    from jgptq import GPTQConfig
+
+    assert build() == GPTQConfig.recommended()
+    assert build("--preset", "reference") == GPTQConfig()
+    assert build("--no-desc-act", "--mse", "0") == GPTQConfig.recommended(desc_act=False, mse=0.0)
+    assert build("--preset", "reference", "--desc-act", "--bits", "3") == GPTQConfig(bits=3, desc_act=True)
+    with pytest.raises(SystemExit, match="--mse"):
+        build("--mse", "-1")
