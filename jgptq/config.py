@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -196,3 +197,24 @@ _IGNORED_KEYS = frozenset({
     "backend", "model_seqlen", "lm_head", "dynamic", "pack_dtype", "method", "rotation",
     "act_group_aware", "quantizer", "uri", "is_marlin_format", "use_marlin",
 })
+
+
+def resolve_dynamic(name: str, config: Any, dynamic: Mapping[str, Mapping[str, Any]] | None) -> Any:
+    """Effective config of module ``name`` under GPTQModel-style ``dynamic`` rules, or ``None`` (skip).
+
+    Rules are tried in order and the first whose regex matches (``re.match``, i.e. anchored at the
+    start of the full name such as ``model.layers.0.mlp.down_proj``) wins: ``"-:regex"`` leaves the
+    module in float; ``"+:regex"`` (or a bare regex) replaces the given ``GPTQConfig`` fields, e.g.
+    ``{"+:.*down_proj": {"bits": 8}, "-:model\\.layers\\.0\\..*": {}}``.
+    """
+    if not dynamic:
+        return config
+    for pattern, overrides in dynamic.items():
+        if pattern.startswith("-:"):
+            if re.match(pattern[2:], name):
+                return None
+            continue
+        regex = pattern[2:] if pattern.startswith("+:") else pattern
+        if re.match(regex, name):
+            return dataclasses.replace(config, **dict(overrides or {}))
+    return config

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jgptq.config import resolve_dynamic
 from jgptq.report import ModuleReport, QuantizationReport
 
 __all__ = ["Calibration", "quantize", "resolve_dynamic", "block_inputs", "module_name"]
@@ -105,27 +106,6 @@ class Calibration:
 def module_name(layer: int, module: str) -> str:
     """Hugging Face name of a linear in block ``layer``: ``model.layers.{layer}.{module}``."""
     return f"model.layers.{layer}.{module}"
-
-
-def resolve_dynamic(name: str, config: Any, dynamic: Mapping[str, Mapping[str, Any]] | None) -> Any:
-    """Effective config of module ``name`` under GPTQModel-style ``dynamic`` rules, or ``None`` (skip).
-
-    Rules are tried in order and the first whose regex matches (``re.match``, i.e. anchored at the
-    start of the full name such as ``model.layers.0.mlp.down_proj``) wins: ``"-:regex"`` leaves the
-    module in float; ``"+:regex"`` (or a bare regex) replaces the given ``GPTQConfig`` fields, e.g.
-    ``{"+:.*down_proj": {"bits": 8}, "-:model\\.layers\\.0\\..*": {}}``.
-    """
-    if not dynamic:
-        return config
-    for pattern, overrides in dynamic.items():
-        if pattern.startswith("-:"):
-            if re.match(pattern[2:], name):
-                return None
-            continue
-        regex = pattern[2:] if pattern.startswith("+:") else pattern
-        if re.match(regex, name):
-            return dataclasses.replace(config, **dict(overrides or {}))
-    return config
 
 
 def _validate_dynamic(config: Any, dynamic: Mapping[str, Mapping[str, Any]] | None) -> None:

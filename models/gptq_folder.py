@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from jgptq import pack
-from jgptq.config import GPTQConfig
+from jgptq.config import GPTQConfig, resolve_dynamic
 from jgptq.models.config import ConfigError, LlamaConfig
 from jgptq.models.hf import SafetensorsError, hf_to_params_names, load_tokenizer, open_checkpoint, resolve_dtype
 
@@ -210,17 +210,10 @@ def _parse_quant_config(path: Path, q: Mapping[str, Any], override_format: str |
 
 
 def module_config(name: str, qc: GPTQConfig, dynamic: Mapping[str, Any] | None) -> GPTQConfig | None:
-    """The settings of module ``name`` (``model.layers.0.mlp.down_proj``) under GPTQModel ``dynamic`` rules.
-
-    The first rule whose regex matches from the start of the name wins: ``"-:regex"`` = not quantized
-    (None); ``"+:regex"`` or a bare regex = ``qc`` with the rule's overrides. No match = ``qc``.
-    """
-    for pattern, overrides in (dynamic or {}).items():
-        negative = pattern.startswith("-:")
-        regex = pattern[2:] if pattern[:2] in ("+:", "-:") else pattern
-        if re.match(regex, name):
-            return None if negative else qc.replace(**dict(overrides or {}))
-    return qc
+    """The settings of module ``name`` (``model.layers.0.mlp.down_proj``) under GPTQModel ``dynamic``
+    rules: :func:`jgptq.config.resolve_dynamic` (first matching rule wins; ``"-:regex"`` = not
+    quantized, None)."""
+    return resolve_dynamic(name, qc, dynamic)
 
 
 def find_weight_files(path: str | os.PathLike, base_names: tuple[str, ...] = ()) -> str:
