@@ -542,19 +542,22 @@ def _gptq_block(i: int, layer: dict[str, Any], master: dict[str, Any], hs: jax.A
         timings["hessian"] += time.perf_counter() - t0
         return out
 
-    def quantize_group(g: int, state: Any) -> None:
-        if not active[g]:
-            return
-        if not true_sequential:
-            deferred.append((g, state))
-            return
+    def quantize_now(g: int, state: Any) -> None:
         t0 = time.perf_counter()
         reports, new = _quantize_shared(i, master, active[g], state, tokens)
         timings["quantize"] += time.perf_counter() - t0
         modules.extend(reports)
-        for m, (pk, deq) in new.items():
+        for m, (pk, deq) in new.items():  # later stages see the quantized weights
             packed[m] = pk
             _set(layer, f"{m}.kernel", deq.astype(cdt))
+
+    def quantize_group(g: int, state: Any) -> None:
+        if not active[g]:
+            return
+        if true_sequential:
+            quantize_now(g, state)
+        else:
+            deferred.append((g, state))
 
     st = hessian(lambda: _stage_attn_in(layer, hs, mask, model)) if active[0] else None
     quantize_group(0, st)
@@ -568,13 +571,7 @@ def _gptq_block(i: int, layer: dict[str, Any], master: dict[str, Any], hs: jax.A
     quantize_group(3, st)
     if deferred:  # not true-sequential: quantize everything from the float block's Hessians
         for g, state in deferred:
-            t0 = time.perf_counter()
-            reports, new = _quantize_shared(i, master, active[g], state, tokens)
-            timings["quantize"] += time.perf_counter() - t0
-            modules.extend(reports)
-            for m, (pk, deq) in new.items():
-                packed[m] = pk
-                _set(layer, f"{m}.kernel", deq.astype(cdt))
+            quantize_now(g, state)
         o, _ = hessian(lambda: _stage_attention(layer, hs, mask, model, attn_impl, False))
         h_mid, _ = hessian(lambda: _stage_residual_donating(layer, hs, o, mask, model, False))
         del o

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from .repack import analyze_g_idx, unpack_gptq_qweight
+from .repack import analyze_g_idx, check_gptq_tensors, unpack_gptq_qweight
 
 __all__ = [
     "MgpuConfig", "MgpuPacked", "pack_mgpu", "default_config", "gptq_matmul_mgpu", "reference",
@@ -141,27 +141,9 @@ def pack_mgpu(
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"dtype must be bfloat16 or float16; got {dtype}.")
-    qweight = jnp.asarray(qweight)
-    scales = jnp.asarray(scales)
-    zeros = jnp.asarray(zeros)
-    g_idx_np = np.asarray(g_idx)
+    qweight, scales, zeros, g_idx_np = check_gptq_tensors(qweight, scales, zeros, g_idx, bits)
     p = 32 // bits
-    k = int(g_idx_np.shape[0])
-    if qweight.ndim != 2 or qweight.dtype != jnp.int32 or qweight.shape[0] * p != k:
-        raise ValueError(
-            f"qweight must be int32 [K*bits/32, N] = [{k}*{bits}/32, N]; got {qweight.dtype} "
-            f"{tuple(qweight.shape)}. Check bits and g_idx."
-        )
-    n = int(qweight.shape[1])
-    if scales.ndim != 2 or scales.shape[1] != n or zeros.shape != scales.shape:
-        raise ValueError(
-            f"scales and zeros must both be [G, N={n}]; got scales {tuple(scales.shape)}, "
-            f"zeros {tuple(zeros.shape)}."
-        )
-    if not jnp.issubdtype(scales.dtype, jnp.floating):
-        raise ValueError(f"scales must be a float array; got {scales.dtype}.")
-    if not bool(jnp.all(jnp.isfinite(scales))):
-        raise ValueError("scales contains NaN or Inf; a GPTQ layer needs finite scales.")
+    k, n = int(g_idx_np.shape[0]), int(qweight.shape[1])
     num_groups = int(scales.shape[0])
     groups = analyze_g_idx(g_idx_np, num_groups)
     if groups is None:

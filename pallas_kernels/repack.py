@@ -186,6 +186,35 @@ class PackedGPTQ:
         return -(-self.k_pad // self.group_size)
 
 
+def check_gptq_tensors(qweight: Any, scales: Any, zeros: Any, g_idx: Any, bits: int
+                       ) -> tuple[jax.Array, jax.Array, jax.Array, np.ndarray]:
+    """Validate a GPTQ LIN's tensors for repacking; ``(qweight, scales, zeros, g_idx as numpy)``.
+
+    Raises ``ValueError`` naming the tensor: ``qweight`` not int32 ``[K*bits/32, N]``, ``scales`` /
+    ``zeros`` not both ``[G, N]``, non-float or non-finite scales.
+    """
+    qweight = jnp.asarray(qweight)
+    scales = jnp.asarray(scales)
+    zeros = jnp.asarray(zeros)
+    g_idx_np = np.asarray(g_idx)
+    k = int(g_idx_np.shape[0])
+    if qweight.ndim != 2 or qweight.dtype != jnp.int32 or qweight.shape[0] * (32 // bits) != k:
+        raise ValueError(
+            f"qweight must be int32 [K*bits/32, N] = [{k}*{bits}/32, N]; got {qweight.dtype} "
+            f"{tuple(qweight.shape)}. Check bits and g_idx."
+        )
+    n = int(qweight.shape[1])
+    if scales.ndim != 2 or scales.shape[1] != n or zeros.shape != scales.shape:
+        raise ValueError(
+            f"scales and zeros must both be [G, N={n}]; got scales {tuple(scales.shape)}, "
+            f"zeros {tuple(zeros.shape)}."
+        )
+    if not jnp.issubdtype(scales.dtype, jnp.floating):
+        raise ValueError(f"scales must be a float array; got {scales.dtype}.")
+    _check_finite("scales", scales)
+    return qweight, scales, zeros, g_idx_np
+
+
 def _check_finite(name: str, a: jax.Array) -> None:
     if jnp.issubdtype(a.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(a))):
         raise ValueError(f"{name} contains NaN or Inf; a GPTQ layer needs finite {name}.")
@@ -220,26 +249,9 @@ def pack_gptq_linear(
         raise ValueError(f"kernel layout supports bits in {SUPPORTED_BITS}; got {bits}.")
     if layout not in ("kn", "nk"):
         raise ValueError(f"layout must be 'kn' or 'nk'; got {layout!r}.")
-    qweight = jnp.asarray(qweight)
-    scales = jnp.asarray(scales)
-    zeros = jnp.asarray(zeros)
+    qweight, scales, zeros, g_idx_np = check_gptq_tensors(qweight, scales, zeros, g_idx, bits)
     p = 32 // bits
-    g_idx_np = np.asarray(g_idx)
-    k = int(g_idx_np.shape[0])
-    if qweight.ndim != 2 or qweight.dtype != jnp.int32 or qweight.shape[0] * p != k:
-        raise ValueError(
-            f"qweight must be int32 [K*bits/32, N] = [{k}*{bits}/32, N]; got {qweight.dtype} "
-            f"{tuple(qweight.shape)}. Check bits and g_idx."
-        )
-    n = int(qweight.shape[1])
-    if scales.ndim != 2 or scales.shape[1] != n or zeros.shape != scales.shape:
-        raise ValueError(
-            f"scales and zeros must both be [G, N={n}]; got scales {tuple(scales.shape)}, "
-            f"zeros {tuple(zeros.shape)}."
-        )
-    if not jnp.issubdtype(scales.dtype, jnp.floating):
-        raise ValueError(f"scales must be a float array; got {scales.dtype}.")
-    _check_finite("scales", scales)
+    k, n = int(g_idx_np.shape[0]), int(qweight.shape[1])
     num_groups = int(scales.shape[0])
     groups = analyze_g_idx(g_idx_np, num_groups)
     if groups is None:

@@ -17,27 +17,9 @@ from jgptq.pallas_kernels.gptq_matmul_gpu import reference as gpu_reference
 from jgptq.pallas_kernels.gptq_matmul_tpu import TPUConfig, gptq_matmul_tpu
 from jgptq.pallas_kernels.gptq_matmul_tpu import reference as tpu_reference
 
+from dequant_reference import np_dequant, rel_err  # noqa: E402
+
 ON_GPU = jax.default_backend() == "gpu"
-
-
-def np_dequant(lin: dict, bits: int) -> np.ndarray:
-    """float64 ``W[K, N] = scales[g_idx] * (codes - zeros[g_idx])`` straight from GPTQ tensors."""
-    q = np.asarray(lin["qweight"]).view(np.uint32)
-    p = 32 // bits
-    k = q.shape[0] * p
-    codes = np.empty((k, q.shape[1]), np.float64)
-    for j in range(p):  # row r holds k = r*p + j at bits [bits*j, bits*j + bits)
-        codes[j::p] = (q >> np.uint32(bits * j)) & np.uint32((1 << bits) - 1)
-    g = np.asarray(lin["g_idx"])
-    s = np.asarray(lin["scales"], np.float64)[g]
-    z = np.asarray(lin["zeros"], np.float64)[g]
-    return s * (codes - z)
-
-
-def rel_err(y, ref) -> float:
-    y = np.asarray(jnp.asarray(y).astype(jnp.float32), np.float64)
-    assert np.all(np.isfinite(y)), "kernel output has NaN/Inf"
-    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
 def make(seed, k, n, bits, gs, act_order):

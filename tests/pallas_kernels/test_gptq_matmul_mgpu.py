@@ -16,25 +16,9 @@ from jgptq.pallas_kernels import dispatch
 from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
 from jgptq.pallas_kernels.gptq_matmul_gpu import random_gptq_linear
 
+from dequant_reference import np_dequant, rel_err  # noqa: E402
+
 ON_GPU = jax.default_backend() == "gpu"
-
-
-def np_dequant(lin: dict, bits: int) -> np.ndarray:
-    """float64 ``W[K, N] = scales[g_idx] * (codes - zeros[g_idx])`` straight from GPTQ tensors."""
-    q = np.asarray(lin["qweight"]).view(np.uint32)
-    p = 32 // bits
-    k = q.shape[0] * p
-    codes = np.empty((k, q.shape[1]), np.float64)
-    for j in range(p):
-        codes[j::p] = (q >> np.uint32(bits * j)) & np.uint32((1 << bits) - 1)
-    g = np.asarray(lin["g_idx"])
-    return np.asarray(lin["scales"], np.float64)[g] * (codes - np.asarray(lin["zeros"], np.float64)[g])
-
-
-def rel_err(y, ref) -> float:
-    y = np.asarray(jnp.asarray(y).astype(jnp.float32), np.float64)
-    assert np.all(np.isfinite(y)), "kernel output has NaN/Inf"
-    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
 def make(seed, k, n, bits, gs, act_order, dtype=jnp.bfloat16):
