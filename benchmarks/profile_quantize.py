@@ -92,7 +92,7 @@ def attention_variants(model: Any, args: argparse.Namespace, record: Callable[..
         v = jax.random.normal(kvv, (b, t, kv, hd), dt)
         ours = jax.jit(lambda q, k, v: llama._attention(q, k, v, jnp.arange(t), valid, pos, pos, model))
         first, st = timed(lambda: ours(q, k, v), args.reps)
-        record(f"attn ours {jnp.dtype(dt).name}", first, st, 4 * len_layers(model))
+        record(f"attn ours {jnp.dtype(dt).name}", first, st, 4 * model.num_layers)
         for impl in ("xla", "cudnn"):
             if impl == "cudnn" and (jax.default_backend() != "gpu" or dt == jnp.float32):
                 continue
@@ -100,7 +100,7 @@ def attention_variants(model: Any, args: argparse.Namespace, record: Callable[..
                 f = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
                     q, k, v, is_causal=True, implementation=impl))
                 first, st = timed(lambda: f(q, k, v), args.reps)
-                record(f"attn dpa-{impl} {jnp.dtype(dt).name}", first, st, 4 * len_layers(model))
+                record(f"attn dpa-{impl} {jnp.dtype(dt).name}", first, st, 4 * model.num_layers)
             except Exception as e:  # noqa: BLE001 - a diagnostic; report and go on
                 print(f"attn dpa-{impl} {jnp.dtype(dt).name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
@@ -128,10 +128,6 @@ def collect_compile_times() -> list[tuple[float, str]]:
         h.setLevel(logging.ERROR)
     logging.getLogger().addHandler(logging.NullHandler())
     return found
-
-
-def len_layers(model: Any) -> int:
-    return int(model.num_layers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,12 +149,6 @@ def _embed_batches(params: Any, ids: jax.Array, model_config: Any, dtype: Any) -
     return jax.lax.map(lambda i: llama.embed(params, i).astype(dtype), ids)
 
 
-def _hessian_acc(names_dims: Mapping[str, int]) -> dict[str, Any]:
-    from jgptq.hessian import hessian_init
-
-    return {name: hessian_init(d) for name, d in names_dims.items()}
-
-
 @partial(jax.jit, static_argnames=("model_config",))
 def _stage_attn_in(layer: Any, hs: jax.Array, mask: jax.Array, model_config: Any) -> Any:
     """Hessian of q/k/v's input ``input_layernorm(h)`` over all batches (``hs [nb, B, S, D]``).
@@ -163,14 +157,14 @@ def _stage_attn_in(layer: Any, hs: jax.Array, mask: jax.Array, model_config: Any
     padding rows included; the scale does not matter) and a finiteness flag; masked tokens add
     nothing (``jgptq.hessian_update``).
     """
-    from jgptq.hessian import hessian_update
+    from jgptq.hessian import hessian_init, hessian_update
     from jgptq.models import llama
 
     def body(acc, xs):
         h, m = xs
         return hessian_update(acc, llama.attention_input(layer, h, model_config), m, check=False), None
 
-    acc, _ = jax.lax.scan(body, _hessian_acc({"attn_in": hs.shape[-1]})["attn_in"], (hs, mask))
+    acc, _ = jax.lax.scan(body, hessian_init(hs.shape[-1]), (hs, mask))
     return acc
 
 
@@ -178,7 +172,7 @@ def _stage_attn_in(layer: Any, hs: jax.Array, mask: jax.Array, model_config: Any
 def _stage_attention(layer: Any, hs: jax.Array, mask: jax.Array, model_config: Any, impl: str,
                      with_h: bool) -> tuple[jax.Array, Any]:
     """Attention outputs ``o [nb, B, S, H*hd]`` (o_proj's input) and, with ``with_h``, their Hessian."""
-    from jgptq.hessian import hessian_update
+    from jgptq.hessian import hessian_init, hessian_update
     from jgptq.models import llama
 
     def body(acc, xs):
@@ -187,7 +181,7 @@ def _stage_attention(layer: Any, hs: jax.Array, mask: jax.Array, model_config: A
         return (hessian_update(acc, o, m, check=False) if with_h else acc), o
 
     width = model_config.num_heads * model_config.head_dim
-    init = _hessian_acc({"o_in": width})["o_in"] if with_h else None
+    init = hessian_init(width) if with_h else None
     acc, o = jax.lax.scan(body, init, (hs, mask))
     return o, acc
 
@@ -196,7 +190,7 @@ def _stage_residual_impl(layer: Any, hs: jax.Array, o: jax.Array, mask: jax.Arra
                          with_h: bool) -> tuple[jax.Array, Any]:
     """Residual after attention ``h_mid = h + o_proj(o)`` and, with ``with_h``, the Hessian of
     gate/up's input ``post_attention_layernorm(h_mid)``."""
-    from jgptq.hessian import hessian_update
+    from jgptq.hessian import hessian_init, hessian_update
     from jgptq.models import llama
 
     def body(acc, xs):
@@ -206,7 +200,7 @@ def _stage_residual_impl(layer: Any, hs: jax.Array, o: jax.Array, mask: jax.Arra
             acc = hessian_update(acc, llama.mlp_input(layer, hm, model_config), m, check=False)
         return acc, hm
 
-    init = _hessian_acc({"mlp_in": hs.shape[-1]})["mlp_in"] if with_h else None
+    init = hessian_init(hs.shape[-1]) if with_h else None
     acc, hm = jax.lax.scan(body, init, (hs, o, mask))
     return hm, acc
 
@@ -220,14 +214,14 @@ _stage_residual_donating = jax.jit(_stage_residual_impl, static_argnames=("model
 @partial(jax.jit, static_argnames=("model_config",))
 def _stage_down_in(layer: Any, h_mid: jax.Array, mask: jax.Array, model_config: Any) -> Any:
     """Hessian of down_proj's input ``silu(gate(x2)) * up(x2)`` over all batches."""
-    from jgptq.hessian import hessian_update
+    from jgptq.hessian import hessian_init, hessian_update
     from jgptq.models import llama
 
     def body(acc, xs):
         hm, m = xs
         return hessian_update(acc, llama.mlp_hidden(layer, hm, model_config), m, check=False), None
 
-    init = _hessian_acc({"down_in": model_config.intermediate_size})["down_in"]
+    init = hessian_init(model_config.intermediate_size)
     acc, _ = jax.lax.scan(body, init, (h_mid, mask))
     return acc
 
