@@ -45,6 +45,7 @@ BASELINES = True
 INTERPRET = jax.default_backend() != "gpu"  # CPU smoke runs go through the Pallas interpreter
 ROTATE_BYTES = 3 * L2_BYTES
 MGPU = False
+MGPU_PARTS = False  # --mgpu-parts: also time each mgpu config's Pallas call without the XLA epilogue
 DEADLINE = float("inf")  # time.monotonic() after which remaining points / configs are skipped
 
 
@@ -69,20 +70,23 @@ def report_failure(name: str, e: Exception) -> str:
 
 
 def mgpu_candidates(m: int, packed, limit: int) -> list:
-    """Default config first, then a few hand-picked tilings for this M (at most ``limit``)."""
+    """Default config first (and the same with the explicit upcast weight layout), then a few
+    hand-picked tilings for this M (at most ``limit``)."""
     C = mg.MgpuConfig
-    A, W = "acc", "weights"
-    c = [mg.default_config(m, packed)]
+    A, W, U = "acc", "weights", "upcast"
+    d = mg.default_config(m, packed)
+    c = [d, dataclasses.replace(d, w_layout=U)]
     if m <= 16:
         bm = 8 if m <= 8 else 16
-        c += [C(bm, 128, 128, 1, 4, A), C(bm, 128, 128, 2, 4, A, "inline"), C(bm, 128, 128, 2, 4, W),
-              C(bm, 128, 128, 4, 4, A), C(bm, 64, 128, 2, 4, A), C(bm, 128, 256, 2, 3, A), C(bm, 128, 128, 2, 6, A)]
+        c += [C(bm, 128, 128, 2, 8, A, w_layout=U), C(bm, 128, 128, 4, 8, W, w_layout=U),
+              C(bm, 128, 256, 2, 4, A, w_layout=U), C(bm, 128, 128, 8, 8, A, w_layout=U),
+              C(bm, 128, 128, 4, 8, A), C(bm, 128, 128, 2, 8, A)]
     elif m <= 64:
-        c += [C(64, 128, 128, 1, 4, A), C(64, 64, 128, 1, 4, A), C(64, 128, 128, 1, 4, W),
-              C(64, 128, 128, 1, 4, A, "inline"), C(32, 128, 128, 1, 4, A), C(64, 128, 128, 2, 4, A)]
+        c += [C(64, 128, 128, 1, 4, A, w_layout=U), C(64, 64, 128, 1, 6, A, w_layout=U),
+              C(64, 64, 128, 2, 4, A, w_layout=U), C(64, 128, 128, 1, 4, W, w_layout=U)]
     else:
-        c += [C(128, 128, 128, 1, 3, W), C(128, 64, 128, 1, 4, W), C(64, 128, 128, 1, 4, A),
-              C(128, 128, 128, 1, 3, W, "inline"), C(256, 64, 128, 1, 2, W), C(128, 64, 256, 1, 2, A)]
+        c += [C(128, 128, 128, 1, 3, W, w_layout=U), C(256, 64, 128, 1, 3, W, w_layout=U),
+              C(128, 64, 128, 1, 4, W, w_layout=U)]
     out = []
     nk = lambda cfg: packed.k_pad // cfg.block_k  # noqa: E731
     for cfg in c:
@@ -276,7 +280,7 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
             print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)
             continue
         name = (f"mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
-                f"{cfg.scale_mode},{cfg.scale_impl}]")
+                f"{cfg.scale_mode},{cfg.scale_impl},{cfg.w_layout}]")
         try:
             fk = jax.jit(lambda x, ps, cfg=cfg: [mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=INTERPRET)
                                                  for p in ps])
@@ -284,6 +288,24 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
             err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
             t = time_jax(fk, (x, packs), c_q)
             rec(m, name, t, pbytes, err, cfg)
+            if MGPU_PARTS:  # the Pallas call alone (inputs already permuted / padded; no XLA epilogue)
+                bm = cfg.block_m
+                mp = -(-m // bm) * bm
+                x2 = jnp.pad(x, ((0, mp - m), (0, p0.k_pad - p0.k)))
+                fo = jax.jit(lambda x2, ps, cfg=cfg: [mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.scales, p.zeros)
+                                                      for p in ps])
+                rec(m, "kernel_only:" + name, time_jax(fo, (x2, packs), c_q), pbytes, None, cfg)
+                if cfg.scale_mode == "acc" and cfg.w_layout == "auto":
+                    # diagnostic: the same pipeline (TMA of w, x, s, z into SMEM) with an empty
+                    # body = the streaming rate this grid / pipeline structure can reach
+                    real = mg._mma_acc_hw
+                    mg._mma_acc_hw = lambda acc, *a, **kw: acc
+                    try:
+                        fe = jax.jit(lambda x2, ps, cfg=cfg: [
+                            mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.scales, p.zeros) for p in ps])
+                        rec(m, "empty_body:" + name, time_jax(fe, (x2, packs), c_q), pbytes, None, cfg)
+                    finally:
+                        mg._mma_acc_hw = real
         except Exception as e:  # keep going: one config failing must not end the run
             rows.append(dict(K=k, N=n, M=m, variant=name, error=report_failure(name, e)))
 
@@ -417,6 +439,7 @@ def main() -> None:
     ap.add_argument("--no-xla-dequant", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--mgpu", action="store_true", help="also benchmark the Mosaic GPU kernel")
+    ap.add_argument("--mgpu-parts", action="store_true", help="also time the mgpu Pallas call alone")
     ap.add_argument("--max-mgpu-cfgs", type=int, default=8, help="per point, first shape")
     ap.add_argument("--max-mgpu-cfgs-rest", type=int, default=8, help="per point, other shapes")
     ap.add_argument("--triton-default-only", action="store_true",
@@ -435,7 +458,8 @@ def main() -> None:
         with open(os.path.join(args.out, "bench_e2e.json"), "w") as f:
             json.dump(rows, f, indent=1)
         return
-    global BASELINES, MGPU, MAX_MGPU_CFGS, TRITON_SWEEP_OFF, DEADLINE
+    global BASELINES, MGPU, MAX_MGPU_CFGS, TRITON_SWEEP_OFF, DEADLINE, MGPU_PARTS
+    MGPU_PARTS = args.mgpu_parts
     if args.budget_s > 0:
         DEADLINE = time.monotonic() + args.budget_s
     BASELINES = not args.no_xla_dequant

@@ -14,8 +14,8 @@ Choice of kernel:
 
 | backend | bits | kernel |
 |---|---|---|
-| ``gpu`` (CUDA) | 2, 4, 8 | :mod:`gptq_matmul_gpu` (Pallas, Triton lowering); for M above a threshold, one XLA dequantize + cuBLAS dot when that is faster |
-| ``gpu`` with ``gpu_kernel="mgpu"`` | 4, 8 | :mod:`gptq_matmul_mgpu` (Pallas, Mosaic GPU lowering, Hopper wgmma); 2-bit: None |
+| ``gpu`` (CUDA), Hopper (default ``gpu_kernel="auto"``, or ``"mgpu"``) | 4, 8 | :mod:`gptq_matmul_mgpu` (Pallas, Mosaic GPU lowering, Hopper wgmma); M >= :data:`LARGE_M_MGPU`: one XLA dequantize + cuBLAS dot; 2-bit: None (XLA path) |
+| ``gpu`` (CUDA), other GPUs (or ``gpu_kernel="triton"``) | 2, 4, 8 | :mod:`gptq_matmul_gpu` (Pallas, Triton lowering); for M above a threshold, one XLA dequantize + cuBLAS dot when that is faster |
 | ``tpu`` | 2, 4, 8 | :mod:`gptq_matmul_tpu` (Pallas TPU) |
 | ``cpu`` | – | None (XLA path); ``interpret=True`` forces the kernels through the Pallas interpreter (tests) |
 | any | 3 | None: 3-bit words straddle fields (a 96-bit stream), no kernel; XLA path |
@@ -24,7 +24,8 @@ Also None when ``g_idx`` has groups of unequal sizes (no contiguous permutation 
 group size is not a multiple of 16 (``"mgpu"``: neither divides nor is a multiple of 128).
 
 The GPU kernel is chosen by ``prepare(..., gpu_kernel=...)``; its default is
-:data:`DEFAULT_GPU_KERNEL` (one line to switch once GPU numbers favour ``"mgpu"``).
+:data:`DEFAULT_GPU_KERNEL` (``"auto"``: the Mosaic GPU kernel on Hopper, the Triton-lowered one
+elsewhere).
 """
 
 from __future__ import annotations
@@ -44,14 +45,27 @@ __all__ = ["Prepared", "prepare", "matmul", "xla_matmul", "gptq_qweight", "LARGE
 # Above this many tokens the GPU path dequantizes once and calls XLA's dot (cuBLAS), which was
 # faster than the Pallas kernel there on an H100 (benchmarks/RESULTS.md, "Pallas kernels").
 LARGE_M_GPU = 128
-# The same threshold for the Mosaic GPU kernel: a guess until benchmarks/mgpu_check.sh has run on
-# an H100 (its wgmma tiles are meant to stay competitive at prefill sizes).
+# The same threshold for the Mosaic GPU kernel: at M = 256 it beats XLA dequantize + cuBLAS on an
+# H100 (270 vs 459 us at 8192 x 28672, benchmarks/RESULTS.md); at M >= 1024 the dequantize pass is
+# the smaller cost.
 LARGE_M_MGPU = 512
 
-# GPU kernel used when prepare() is not told: "triton" (gptq_matmul_gpu) or "mgpu"
-# (gptq_matmul_mgpu, Hopper only). Switch here once H100 numbers favour "mgpu".
-DEFAULT_GPU_KERNEL = "triton"
+# GPU kernel used when prepare() is not told: "auto" picks "mgpu" (gptq_matmul_mgpu, Mosaic GPU,
+# needs Hopper: wgmma / TMA) on compute capability 9.x and "triton" (gptq_matmul_gpu) elsewhere.
+# The Mosaic GPU kernel is faster than the Triton-lowered one at every M measured on an H100 and
+# passed the GPU test suite there (benchmarks/RESULTS.md).
+DEFAULT_GPU_KERNEL = "auto"
 GPU_KERNELS = ("triton", "mgpu")
+
+
+def _auto_gpu_kernel() -> str:
+    """"mgpu" when the default device is a Hopper GPU (compute capability 9.x), else "triton"."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:  # pragma: no cover - no backend at all
+        return "triton"
+    cc = str(getattr(dev, "compute_capability", "") or "")
+    return "mgpu" if dev.platform == "gpu" and cc.split(".")[0] == "9" else "triton"
 
 _GPU_NAMES = ("gpu", "cuda", "rocm")
 
@@ -110,7 +124,8 @@ def prepare(
       backend: ``"gpu"``/``"cuda"``, ``"tpu"`` or ``"cpu"``; default ``jax.default_backend()``.
       interpret: use the Pallas interpreter (lets CPU tests run the GPU or TPU kernel).
       large_m: override the GPU large-M threshold (tests, tuning).
-      gpu_kernel: ``"triton"`` or ``"mgpu"`` (GPU backend only); default :data:`DEFAULT_GPU_KERNEL`.
+      gpu_kernel: ``"triton"``, ``"mgpu"`` or ``"auto"`` (GPU backend only; ``"auto"``: ``"mgpu"`` on
+        Hopper, else ``"triton"``); default :data:`DEFAULT_GPU_KERNEL` (``"auto"``).
       dtype: activation dtype the ``"mgpu"`` layout stores scales / zeros in (bf16 or fp16;
         other activation dtypes are cast per call). Ignored by the other kernels.
 
@@ -129,21 +144,26 @@ def prepare(
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8; got {bits}.")
     gk = DEFAULT_GPU_KERNEL if gpu_kernel is None else gpu_kernel
+    auto = gk == "auto"
+    if auto:
+        gk = _auto_gpu_kernel()
     if gk not in GPU_KERNELS:
-        raise ValueError(f"gpu_kernel must be one of {GPU_KERNELS}; got {gpu_kernel!r}.")
+        raise ValueError(f"gpu_kernel must be 'auto' or one of {GPU_KERNELS}; got {gpu_kernel!r}.")
     b = _normalize_backend(backend)
     if bits not in SUPPORTED_BITS:
         return None
     if b == "gpu" and gk == "mgpu":
         from .gptq_matmul_mgpu import SUPPORTED_BITS as MGPU_BITS, pack_mgpu
 
-        if bits not in MGPU_BITS:
+        mp = None
+        if bits in MGPU_BITS:
+            mp = pack_mgpu(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=bits, dtype=dtype)
+        if mp is not None:
+            thr = LARGE_M_MGPU if large_m is None else int(large_m)
+            return Prepared(packed=mp, backend=b, interpret=interpret, large_m=thr, kernel="mgpu")
+        if not auto:  # asked for the Mosaic GPU kernel explicitly: no layout fits
             return None
-        mp = pack_mgpu(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=bits, dtype=dtype)
-        if mp is None:
-            return None
-        thr = LARGE_M_MGPU if large_m is None else int(large_m)
-        return Prepared(packed=mp, backend=b, interpret=interpret, large_m=thr, kernel="mgpu")
+        # "auto": 2-bit, or a group layout the Mosaic kernel lacks -> the Triton-lowered kernel
     if b == "gpu":
         layout = "nk"
     elif b == "tpu":

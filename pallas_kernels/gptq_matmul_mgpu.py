@@ -25,11 +25,11 @@ upcast chosen by Mosaic's layout inference) and issues ``wgmma(acc[block_n, bloc
 x_smemᵀ)`` in chunks of one swizzle width of K. Two ways to apply the group scales
 (``MgpuConfig.scale_mode``):
 
-* ``"acc"`` (default when ``block_k`` divides the group size): the wgmma runs on the raw codes
-  (exact in bf16) into a per-K-block accumulator whose fp32 value is scaled by the group's scale
-  row and added to the running sum; the zero points are removed in XLA as
-  ``(Σ_{k∈g} x_k) @ (s·z)``, a ``[M, G] x [G, N]`` product. Per K block this costs
-  ``block_n*block_m/128`` multiplies per thread instead of two ops per weight.
+* ``"acc"`` (default when ``block_k`` divides the group size): the wgmma runs on ``q - z``
+  (subtracted in registers; an exact small integer in bf16/fp16) into a per-K-block accumulator
+  whose fp32 value is scaled by the group's scale row and added to the running sum. Per K block
+  this costs one op per weight plus ``block_n*block_m/128`` multiplies per thread, instead of two
+  ops per weight, and the products are exact (no rounding of the dequantized weight).
 * ``"weights"``: ``(q - z) * s`` per weight in registers before the wgmma (any group size).
 
 ``MgpuConfig.scale_impl`` picks how the scale rows reach the registers: ``"jnp"`` (a broadcast
@@ -205,17 +205,22 @@ class MgpuConfig:
 
         * ``"weights"``: dequantize ``(q - z) * s`` per weight in registers before the wgmma
           (any group size; two bf16 ops per weight);
-        * ``"acc"``: the wgmma runs on the raw codes (int -> bf16 is exact), and each K block's
+        * ``"acc"``: the zero point is subtracted from the codes in registers (``q - z`` is an
+          integer in [-255, 255], exact in bf16/fp16), the wgmma runs on those, and each K block's
           fp32 ``[block_n, block_m]`` product is scaled by the group's ``s`` before it is added
-          to the accumulator (``block_n*block_m/128`` multiplies per thread and K block instead
-          of ``2*block_n*block_k/128``); the zero points are subtracted in XLA as
-          ``(Σ_{k∈g} x_k) @ (s·z)`` (a ``[M, G] x [G, N]`` product). Needs ``block_k`` to divide
-          the group size.
+          to the accumulator (one op per weight plus ``block_n*block_m/128`` multiplies per
+          thread and K block, instead of two ops per weight). Needs ``block_k`` to divide the
+          group size.
       scale_impl: how the hardware path applies scales / zeros: ``"jnp"`` (the ``[block_n]``
         scale row is read from SMEM once and broadcast by Mosaic's layout inference) or
         ``"inline"`` (an :func:`plgpu.inline_mgpu` per-element FMA reading SMEM per element; the
         only choice for groups narrower than one wgmma K chunk, i.e. g32 in ``"weights"``).
         The interpreter ignores it.
+      w_layout: how the hardware path loads the int weight tile from SMEM into registers:
+        ``"auto"`` (Mosaic's layout inference picks) or ``"upcast"`` (explicitly in the
+        conversion-friendly ``WGMMA_UPCAST_4X`` / ``_2X`` layout: 32-bit SMEM loads of 8 int4 or
+        4 int8 values per thread, then a register relayout to the wgmma operand layout before
+        the int -> bf16/fp16 upcast). The interpreter ignores it.
     """
 
     block_m: int = 16
@@ -225,6 +230,7 @@ class MgpuConfig:
     num_stages: int = 4
     scale_mode: str = "weights"
     scale_impl: str = "jnp"
+    w_layout: str = "auto"
 
 
 def _num_sms() -> int:
@@ -235,30 +241,32 @@ def _num_sms() -> int:
 
 
 def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
-    """Heuristic tiles for ``m`` tokens (untuned guesses; benchmarks/mgpu_check.sh tunes them)."""
-    if m <= 8:
-        bm = 8
-    elif m <= 16:
-        bm = 16
-    elif m <= 32:
-        bm = 32
+    """Tiles for ``m`` tokens, from the H100 sweeps in benchmarks/RESULTS.md (8192 x 28672 and
+    4096 x 4096, g128): decode (M <= 16) wants deep pipelines (8 stages) and enough CTAs to keep
+    ~4 per SM streaming (split-K); M <= 64 one 64-wide N tile per CTA without split-K; larger M
+    dequantizes the weights in registers ("weights") under the widest token tile."""
+    if m <= 16:
+        bm = 8 if m <= 8 else 16
+        bn, bk, stages = 128, 128, 8
     elif m <= 64:
-        bm = 64
+        bm = 32 if m <= 32 else 64
+        bn, bk, stages = 64, 128, 4
+    elif m <= 128:
+        bm, bn, bk, stages = 128, 128, 128, 3
     else:
-        bm = 128
-    bn = 128
-    if bm >= 128 or packed.n_pad % bn:
+        bm, bn, bk, stages = 256, 64, 128, 2
+    if packed.n_pad % bn:
         bn = 64
-    bk, stages = 128, 4
     if packed.group_size == 64:  # K blocks of one group each, so that scale_mode="acc" applies
-        bk, stages = 64, 6
+        bk = 64
+        stages = min(2 * stages, 8)
     nk = packed.k_pad // bk
     ctas = -(-m // bm) * (packed.n_pad // bn)
-    target = 2 * _num_sms()
+    target = (4 if m <= 16 else 2) * _num_sms()
     split = 1
     if ctas < target:
         for d in range(1, min(nk, 16) + 1):
-            if nk % d == 0 and nk // d >= 4:  # keep ≥ 4 pipeline steps per CTA
+            if nk % d == 0 and nk // d >= 4:  # keep >= 4 pipeline steps per CTA
                 split = d
                 if ctas * d >= target:
                     break
@@ -297,6 +305,8 @@ def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
         raise ValueError(f"num_stages={cfg.num_stages} must be ≥ 1.")
     if cfg.scale_impl not in ("jnp", "inline"):
         raise ValueError(f"scale_impl must be 'jnp' or 'inline'; got {cfg.scale_impl!r}.")
+    if cfg.w_layout not in ("auto", "upcast"):
+        raise ValueError(f"w_layout must be 'auto' or 'upcast'; got {cfg.w_layout!r}.")
     if cfg.scale_mode not in ("weights", "acc"):
         raise ValueError(f"scale_mode must be 'weights' or 'acc'; got {cfg.scale_mode!r}.")
     if cfg.scale_mode == "acc" and bm * bn > 64 * 128:
@@ -359,14 +369,15 @@ def _dequant_mma_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk
     return acc
 
 
-def _mma_acc_interpret(acc, w_smem, x_smem, s_smem, *, chunk, bk, cdt):
-    """Interpreter leaf of ``scale_mode="acc"``: raw codes @ x per K block, then * s per row."""
+def _mma_acc_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt):
+    """Interpreter leaf of ``scale_mode="acc"``: (codes - z) @ x per K block, then * s per row."""
     w = w_smem[...]
     x = x_smem[...]
+    z = z_smem[...].astype(cdt)[0][:, None]  # [bn, 1]
     t = None
     for j in range(bk // chunk):
         ks = slice(j * chunk, (j + 1) * chunk)
-        d = jax.lax.dot_general(w[:, ks].astype(cdt), x[:, ks], (((1,), (1,)), ((), ())),
+        d = jax.lax.dot_general(w[:, ks].astype(cdt) - z, x[:, ks], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
         t = d if t is None else t + d
     return acc + t * s_smem[...].astype(jnp.float32)[0][:, None]
@@ -417,18 +428,37 @@ def _transposed(ref: Any) -> Any:
     return fn(ref, (1, 0))
 
 
-def _mma_acc_hw(acc, w_smem, x_smem, s_smem, *, chunk, bk, cdt, bn, bm, impl):
-    """Hardware leaf of ``scale_mode="acc"``: wgmma on upcast codes into a scoped accumulator,
-    then ``acc + product * s`` on the fp32 values."""
+def _load_w(w_smem, bits: int, w_layout: str):
+    """The ``[bn, bk]`` int weight tile from SMEM into registers."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if w_layout == "upcast":
+        lay = plgpu.Layout.WGMMA_UPCAST_4X if bits == 4 else plgpu.Layout.WGMMA_UPCAST_2X
+        return plgpu.load(w_smem, (), layout=lay)
+    return w_smem[...]
+
+
+def _upcast(wj, cdt, w_layout: str):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if w_layout == "upcast":
+        wj = plgpu.layout_cast(wj, plgpu.Layout.WGMMA)
+    return wj.astype(cdt)
+
+
+def _mma_acc_hw(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt, bn, bm, impl, bits, w_layout):
+    """Hardware leaf of ``scale_mode="acc"``: wgmma on (upcast codes - z) into a scoped
+    accumulator, then ``acc + product * s`` on the fp32 values."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     def mm(tmp_ref):
-        w = w_smem[...]
+        w = _load_w(w_smem, bits, w_layout)
         steps = bk // chunk
         for j in range(steps):
             ks = slice(j * chunk, (j + 1) * chunk)
             with jax.named_scope("upcast"):
-                wj = w[:, ks].astype(cdt)
+                wj = _upcast(w[:, ks], cdt, w_layout)
+                wj = wj - _bcast_rows(z_smem[0, :], wj.shape)
             with jax.named_scope("wgmma"):
                 plgpu.wgmma(tmp_ref, wj, _transposed(x_smem.at[:, ks]))
             plgpu.wgmma_wait(1 if j + 1 < steps else 0)
@@ -470,22 +500,22 @@ def _scale_inline(w, s_ref, z_ref, *, row0: int, sub_gs: int):
     return scaled(s_ref, z_ref, w)
 
 
-def _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk, cdt, impl):
+def _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk, cdt, impl, bits, w_layout):
     """Hardware leaf: weights SMEM -> registers (int upcast) -> scaled in registers -> wgmma A."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    w = w_smem[...]
+    w = _load_w(w_smem, bits, w_layout)
     steps = bk // chunk
     for j in range(steps):
         ks = slice(j * chunk, (j + 1) * chunk)
         row0, sub = _group_cols(j * chunk, chunk, gs, bk)
         with jax.named_scope("dequant"):
+            wc = _upcast(w[:, ks], cdt, w_layout)
             if impl == "jnp" and not sub:
                 shape = (w.shape[0], chunk)
-                wj = ((w[:, ks].astype(cdt) - _bcast_rows(z_smem[row0, :], shape))
-                      * _bcast_rows(s_smem[row0, :], shape))
+                wj = (wc - _bcast_rows(z_smem[row0, :], shape)) * _bcast_rows(s_smem[row0, :], shape)
             else:
-                wj = _scale_inline(w[:, ks].astype(cdt), s_smem, z_smem, row0=row0, sub_gs=sub)
+                wj = _scale_inline(wc, s_smem, z_smem, row0=row0, sub_gs=sub)
         with jax.named_scope("wgmma"):
             plgpu.wgmma(acc_ref, wj, _transposed(x_smem.at[:, ks]))
         plgpu.wgmma_wait(1 if j + 1 < steps else 0)
@@ -500,8 +530,7 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
     nk = packed.k_pad // bk
     steps_per_split = nk // split
     grid = (packed.n_pad // bn, mp // bm, split)
-    # fp32 partials for split-K, and for "acc" at small M (the zero correction is subtracted after)
-    out_dt = jnp.float32 if split > 1 or (cfg.scale_mode == "acc" and bm <= 64) else cdt
+    out_dt = jnp.float32 if split > 1 else cdt  # split-K: fp32 partials, summed in XLA
     # K chunk per wgmma issue = the swizzle width of the x tile (in elements).
     x_sw, x_tr = _tiled(bk * 16, 16)
     chunk = x_sw * 8 // 16
@@ -530,18 +559,19 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
             plgpu.BlockSpec((s_rows, bn), s_index),
         ]
         leaf_kw = dict(chunk=chunk, gs=gs, bk=bk, cdt=cdt)
+        hw_kw = dict(bits=bits, w_layout=cfg.w_layout)
         if cfg.scale_mode == "acc":
-            pipe = functools.partial(plgpu.emit_pipeline, grid=(steps_per_split,), in_specs=specs[:3],
+            pipe = functools.partial(plgpu.emit_pipeline, grid=(steps_per_split,), in_specs=specs,
                                      max_concurrent_steps=cfg.num_stages,
                                      init_carry=jnp.zeros((bn, bm), jnp.float32))
             if interpret:
-                def step(_, w_smem, x_smem, s_smem, acc):
-                    return _mma_acc_interpret(acc, w_smem, x_smem, s_smem, chunk=chunk, bk=bk, cdt=cdt)
+                def step(_, w_smem, x_smem, s_smem, z_smem, acc):
+                    return _mma_acc_interpret(acc, w_smem, x_smem, s_smem, z_smem, chunk=chunk, bk=bk, cdt=cdt)
             else:
-                def step(_, w_smem, x_smem, s_smem, acc):
-                    return _mma_acc_hw(acc, w_smem, x_smem, s_smem, chunk=chunk, bk=bk, cdt=cdt, bn=bn, bm=bm,
-                                       impl=cfg.scale_impl)
-            acc = pipe(step)(w_gmem, x_gmem, s_gmem)
+                def step(_, w_smem, x_smem, s_smem, z_smem, acc):
+                    return _mma_acc_hw(acc, w_smem, x_smem, s_smem, z_smem, chunk=chunk, bk=bk, cdt=cdt, bn=bn,
+                                       bm=bm, impl=cfg.scale_impl, **hw_kw)
+            acc = pipe(step)(w_gmem, x_gmem, s_gmem, z_gmem)
         elif interpret:
             def step(_, w_smem, x_smem, s_smem, z_smem, acc):
                 return _dequant_mma_interpret(acc, w_smem, x_smem, s_smem, z_smem, **leaf_kw)
@@ -553,7 +583,8 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
         else:
             def compute(acc_ref):
                 def step(_, w_smem, x_smem, s_smem, z_smem):
-                    _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, impl=cfg.scale_impl, **leaf_kw)
+                    _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, impl=cfg.scale_impl, **leaf_kw,
+                                    **hw_kw)
 
                 plgpu.emit_pipeline(
                     step, grid=(steps_per_split,), in_specs=specs,
@@ -634,13 +665,7 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
         s, z = s.astype(cdt), z.astype(cdt)
     out = _build(mp, packed, cfg, cdt, interpret)(x2, packed.w, s, z)  # [split, Np, Mp]
     y = out.sum(0) if cfg.split_k > 1 else out[0]
-    y = y[: packed.n, :m].T
-    if cfg.scale_mode == "acc":  # zero points: y -= (Σ_{k∈g} x_k) @ (s·z)
-        gs, gp = packed.group_size, packed.k_pad // packed.group_size
-        xs = x2[:m].astype(jnp.float32).reshape(m, gp, gs).sum(-1)  # [M, G]
-        sz = packed.scales[:, : packed.n].astype(jnp.float32) * packed.zeros[:, : packed.n].astype(jnp.float32)
-        y = y.astype(jnp.float32) - jnp.dot(xs, sz, precision=jax.lax.Precision.HIGHEST)
-    return y.astype(cdt)
+    return y[: packed.n, :m].T.astype(cdt)
 
 
 def reference(x: jax.Array, packed: MgpuPacked) -> jax.Array:

@@ -7,6 +7,8 @@ Mosaic GPU incl. layout inference; no ptxas). GPU (``-m gpu``): compiled and run
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +124,8 @@ def test_mgpu_validation_errors():
         mg.gptq_matmul_mgpu(x, p, config=C(scale_impl="asm"), interpret=True)
     with pytest.raises(ValueError, match="scale_mode must"):
         mg.gptq_matmul_mgpu(x, p, config=C(scale_mode="fused"), interpret=True)
+    with pytest.raises(ValueError, match="w_layout must"):
+        mg.gptq_matmul_mgpu(x, p, config=C(w_layout="tiled"), interpret=True)
     _, _, p32 = make(6, 256, 128, 4, 32, False)
     with pytest.raises(ValueError, match="scale_mode='acc' needs"):
         mg.gptq_matmul_mgpu(x, p32, config=C(scale_mode="acc"), interpret=True)
@@ -150,6 +154,10 @@ LOWER_CASES = [
     (8, 128, 5, jnp.bfloat16, (8, 64, 128, 1, "weights")),
     (8, 128, 5, jnp.bfloat16, (8, 64, 128, 1, "acc")),
     (8, 32, 9, jnp.float16, (16, 64, 64, 1, "weights")),
+    # weights loaded explicitly in the conversion-friendly WGMMA_UPCAST layouts
+    (4, 128, 5, jnp.bfloat16, (8, 128, 128, 2, "acc", "jnp", "upcast")),
+    (4, 128, 200, jnp.bfloat16, (128, 128, 128, 1, "weights", "jnp", "upcast")),
+    (8, 128, 40, jnp.float16, (64, 64, 128, 1, "acc", "jnp", "upcast")),
 ]
 
 
@@ -159,7 +167,7 @@ def test_lowers_for_cuda(bits, gs, m, dtype, tiles):
     _, _, p = make(3, 1024, 256, bits, gs, False, dtype)
     bm, bn, bk, split, mode, *impl = tiles
     cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=3, scale_mode=mode,
-                        scale_impl=impl[0] if impl else "jnp")
+                        scale_impl=impl[0] if impl else "jnp", w_layout=impl[1] if len(impl) > 1 else "auto")
     x = jnp.zeros((m, 1024), dtype)
     lowered = mg._forward.trace(x, p, cfg, False).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
@@ -182,6 +190,25 @@ def test_dispatch_mgpu_option():
         dispatch.prepare(lin, bits=4, backend="gpu", gpu_kernel="cuda")
 
 
+def test_dispatch_auto_kernel_choice(monkeypatch):
+    """``gpu_kernel="auto"`` (the default): the Mosaic GPU kernel on Hopper, the Triton-lowered one
+    elsewhere and for what the Mosaic kernel lacks (2-bit); an explicit "mgpu" refuses 2-bit."""
+    assert dispatch.DEFAULT_GPU_KERNEL == "auto"
+    if not ON_GPU:
+        assert dispatch._auto_gpu_kernel() == "triton"  # CPU: never the Hopper kernel
+    lin4, w64, _ = make(31, 576, 128, 4, 128, True)
+    lin2 = random_gptq_linear(jax.random.key(32), 576, 128, bits=2, group_size=128)
+    monkeypatch.setattr(dispatch, "_auto_gpu_kernel", lambda: "mgpu")
+    p4 = dispatch.prepare(lin4, bits=4, backend="gpu", interpret=True)
+    p2 = dispatch.prepare(lin2, bits=2, backend="gpu", interpret=True)
+    assert p4.kernel == "mgpu" and p2.kernel == "triton"
+    assert dispatch.prepare(lin2, bits=2, backend="gpu", interpret=True, gpu_kernel="mgpu") is None
+    x = jax.random.normal(jax.random.key(4), (3, 576), jnp.float32).astype(jnp.bfloat16)
+    assert rel_err(dispatch.matmul(x, p4), np.asarray(x, np.float64) @ w64) < 8e-3
+    monkeypatch.setattr(dispatch, "_auto_gpu_kernel", lambda: "triton")
+    assert dispatch.prepare(lin4, bits=4, backend="gpu", interpret=True).kernel == "triton"
+
+
 # ---------------------------------------------------------------- real GPU
 
 
@@ -198,6 +225,7 @@ def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
         ref64 = np.asarray(x, np.float64) @ w64
         cfgs = [mg.default_config(m, p)]
+        cfgs.append(dataclasses.replace(cfgs[0], w_layout="upcast"))
         if m == 1:
             cfgs.append(mg.MgpuConfig(block_m=8, block_n=64, block_k=128, split_k=1, scale_mode="weights"))
         for cfg in cfgs:
