@@ -78,12 +78,12 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
     c = [d, dataclasses.replace(d, w_layout=U)]
     if m <= 16:
         bm = 8 if m <= 8 else 16
-        c += [C(bm, 128, 128, 2, 8, A, w_layout=U), C(bm, 128, 128, 4, 8, W, w_layout=U),
-              C(bm, 128, 256, 2, 4, A, w_layout=U), C(bm, 128, 128, 8, 8, A, w_layout=U),
-              C(bm, 128, 128, 4, 8, A), C(bm, 128, 128, 2, 8, A)]
+        c += [C(bm, 128, 128, 8, 8, A, w_layout=U), C(bm, 256, 128, 4, 4, A, w_layout=U),
+              C(bm, 256, 128, 8, 4, A, w_layout=U), C(bm, 256, 128, 8, 8, A, w_layout=U),
+              C(bm, 256, 128, 4, 4, A), C(bm, 128, 128, 16, 8, A, w_layout=U)]
     elif m <= 64:
-        c += [C(64, 128, 128, 1, 4, A, w_layout=U), C(64, 64, 128, 1, 6, A, w_layout=U),
-              C(64, 64, 128, 2, 4, A, w_layout=U), C(64, 128, 128, 1, 4, W, w_layout=U)]
+        c += [C(64, 128, 128, 1, 4, A, w_layout=U), C(64, 64, 128, 2, 4, A, w_layout=U),
+              C(64, 128, 128, 2, 3, A, w_layout=U)]
     else:
         c += [C(128, 128, 128, 1, 3, W, w_layout=U), C(256, 64, 128, 1, 3, W, w_layout=U),
               C(128, 64, 128, 1, 4, W, w_layout=U)]
@@ -274,7 +274,7 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
         return
     p0 = packs[0]
     ref = mg.reference(x, p0).astype(jnp.float32)
-    pbytes = device_bytes(p0.w) + p0.scales.nbytes + p0.zeros.nbytes + io
+    pbytes = device_bytes(p0.w) + p0.sz.nbytes + io
     for cfg in mgpu_candidates(m, p0, MAX_MGPU_CFGS):
         if over_budget():
             print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)
@@ -292,7 +292,7 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
                 bm = cfg.block_m
                 mp = -(-m // bm) * bm
                 x2 = jnp.pad(x, ((0, mp - m), (0, p0.k_pad - p0.k)))
-                fo = jax.jit(lambda x2, ps, cfg=cfg: [mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.scales, p.zeros)
+                fo = jax.jit(lambda x2, ps, cfg=cfg: [mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.sz)
                                                       for p in ps])
                 rec(m, "kernel_only:" + name, time_jax(fo, (x2, packs), c_q), pbytes, None, cfg)
                 if cfg.scale_mode == "acc" and cfg.w_layout == "auto":
@@ -302,7 +302,7 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
                     mg._mma_acc_hw = lambda acc, *a, **kw: acc
                     try:
                         fe = jax.jit(lambda x2, ps, cfg=cfg: [
-                            mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.scales, p.zeros) for p in ps])
+                            mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.sz) for p in ps])
                         rec(m, "empty_body:" + name, time_jax(fe, (x2, packs), c_q), pbytes, None, cfg)
                     finally:
                         mg._mma_acc_hw = real

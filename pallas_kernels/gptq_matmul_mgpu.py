@@ -10,8 +10,10 @@ Layout (:class:`MgpuPacked`, built once by :func:`pack_mgpu`):
 
 * ``w``: ``[Np, Kp]`` native ``jnp.int4`` (4-bit) or ``jnp.int8`` (8-bit), K contiguous, holding
   ``q - 2^(bits-1)`` (signed, so the hardware int4/int8 -> bf16 upcast applies);
-* ``scales``: ``[Gp, Np]`` and ``zeros``: ``[Gp, Np]`` in the activation dtype, zeros also shifted
-  by ``2^(bits-1)`` (exact small integers), so ``W[k, n] = (w[n, k] - zeros[g, n]) * scales[g, n]``
+* ``sz``: ``[2, Gp, Np]`` in the activation dtype, ``sz[0]`` the scales and ``sz[1]`` the zeros
+  shifted by ``2^(bits-1)`` (exact small integers), so ``W[k, n] = (w[n, k] - z[g, n]) * s[g, n]``
+  (one array so that one TMA copy per pipeline step brings both rows; ``scales`` / ``zeros`` are
+  views)
   with ``g = k // group_size``. The subtraction is exact in bf16/fp16, the product rounds once
   (the same rounding as dequantizing to the activation dtype first).
 * act-order: K is permuted once so that groups are contiguous (:func:`repack.analyze_g_idx`);
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import warnings
 import math
 from typing import Any, Mapping
@@ -86,16 +89,15 @@ class MgpuPacked:
 
     Attributes:
       w: ``[Np, Kp]`` ``int4`` (bits 4) or ``int8`` (bits 8): ``code - 2^(bits-1)``, padded with 0.
-      scales: ``[Gp, Np]`` in ``dtype``; padded rows / columns are 0.
-      zeros: ``[Gp, Np]`` in ``dtype``: ``zero_point - 2^(bits-1)`` (exact integers).
+      sz: ``[2, Gp, Np]`` in ``dtype``: ``sz[0]`` the scales (padded rows / columns are 0),
+        ``sz[1]`` the zeros ``zero_point - 2^(bits-1)`` (exact integers).
       perm: int32 ``[K]`` act-order permutation applied to x, or None.
       bits, k, n, k_pad, n_pad, group_size: static sizes (``group_size`` after ``perm``; ``k_pad``
         for a single group).
     """
 
     w: jax.Array
-    scales: jax.Array
-    zeros: jax.Array
+    sz: jax.Array
     perm: jax.Array | None
     bits: int = dataclasses.field(metadata=dict(static=True))
     k: int = dataclasses.field(metadata=dict(static=True))
@@ -106,7 +108,17 @@ class MgpuPacked:
 
     @property
     def dtype(self):
-        return self.scales.dtype
+        return self.sz.dtype
+
+    @property
+    def scales(self) -> jax.Array:
+        """``[Gp, Np]`` scales (a view of ``sz[0]``)."""
+        return self.sz[0]
+
+    @property
+    def zeros(self) -> jax.Array:
+        """``[Gp, Np]`` shifted zero points (a view of ``sz[1]``)."""
+        return self.sz[1]
 
     @property
     def in_features(self) -> int:
@@ -170,7 +182,7 @@ def pack_mgpu(
     pad = ((0, g_pad - num_groups), (0, n_pad - n))
     s = jnp.pad(scales.astype(jnp.float32), pad).astype(dtype)
     z = jnp.pad(zeros.astype(jnp.int32) - half, pad).astype(dtype)
-    return MgpuPacked(w=w, scales=s, zeros=z, perm=perm, bits=bits, k=k, n=n, k_pad=k_pad,
+    return MgpuPacked(w=w, sz=jnp.stack([s, z]), perm=perm, bits=bits, k=k, n=n, k_pad=k_pad,
                       n_pad=n_pad, group_size=gs)
 
 
@@ -434,7 +446,12 @@ def _load_w(w_smem, bits: int, w_layout: str):
 
     if w_layout == "upcast":
         lay = plgpu.Layout.WGMMA_UPCAST_4X if bits == 4 else plgpu.Layout.WGMMA_UPCAST_2X
-        return plgpu.load(w_smem, (), layout=lay)
+        idx = inspect.signature(plgpu.load).parameters.get("idx")
+        if idx is None or idx.default is not inspect.Parameter.empty:
+            return plgpu.load(w_smem, layout=lay)  # jax >= 0.11: the index is part of the ref
+        with warnings.catch_warnings():  # jax 0.10 takes it separately (0.11 deprecates that)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return plgpu.load(w_smem, (), layout=lay)
     return w_smem[...]
 
 
@@ -541,22 +558,21 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
         s_rows, blocks_per_group = bk // gs, 0
     o_sw, o_tr = _tiled(bm * jnp.dtype(out_dt).itemsize * 8, jnp.dtype(out_dt).itemsize * 8)
 
-    def body(x_gmem, w_gmem, s_gmem, z_gmem, o_gmem, o_smem):
+    def body(x_gmem, w_gmem, sz_gmem, o_gmem, o_smem):
         ni = jax.lax.axis_index("n")
         mi = jax.lax.axis_index("m")
         si = jax.lax.axis_index("k")
         k0 = si * steps_per_split
 
-        def s_index(ki):
+        def sz_index(ki):
             if blocks_per_group:
-                return ((k0 + ki) // blocks_per_group, ni)
-            return (k0 + ki, ni)
+                return (0, (k0 + ki) // blocks_per_group, ni)
+            return (0, k0 + ki, ni)
 
         specs = [
             plgpu.BlockSpec((bn, bk), lambda ki: (ni, k0 + ki), transforms=w_tr),
             plgpu.BlockSpec((bm, bk), lambda ki: (mi, k0 + ki), transforms=x_tr),
-            plgpu.BlockSpec((s_rows, bn), s_index),
-            plgpu.BlockSpec((s_rows, bn), s_index),
+            plgpu.BlockSpec((2, s_rows, bn), sz_index),  # scales and zeros: one copy
         ]
         leaf_kw = dict(chunk=chunk, gs=gs, bk=bk, cdt=cdt)
         hw_kw = dict(bits=bits, w_layout=cfg.w_layout)
@@ -565,31 +581,32 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
                                      max_concurrent_steps=cfg.num_stages,
                                      init_carry=jnp.zeros((bn, bm), jnp.float32))
             if interpret:
-                def step(_, w_smem, x_smem, s_smem, z_smem, acc):
-                    return _mma_acc_interpret(acc, w_smem, x_smem, s_smem, z_smem, chunk=chunk, bk=bk, cdt=cdt)
+                def step(_, w_smem, x_smem, sz_smem, acc):
+                    return _mma_acc_interpret(acc, w_smem, x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk,
+                                              bk=bk, cdt=cdt)
             else:
-                def step(_, w_smem, x_smem, s_smem, z_smem, acc):
-                    return _mma_acc_hw(acc, w_smem, x_smem, s_smem, z_smem, chunk=chunk, bk=bk, cdt=cdt, bn=bn,
-                                       bm=bm, impl=cfg.scale_impl, **hw_kw)
-            acc = pipe(step)(w_gmem, x_gmem, s_gmem, z_gmem)
+                def step(_, w_smem, x_smem, sz_smem, acc):
+                    return _mma_acc_hw(acc, w_smem, x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk, bk=bk,
+                                       cdt=cdt, bn=bn, bm=bm, impl=cfg.scale_impl, **hw_kw)
+            acc = pipe(step)(w_gmem, x_gmem, sz_gmem)
         elif interpret:
-            def step(_, w_smem, x_smem, s_smem, z_smem, acc):
-                return _dequant_mma_interpret(acc, w_smem, x_smem, s_smem, z_smem, **leaf_kw)
+            def step(_, w_smem, x_smem, sz_smem, acc):
+                return _dequant_mma_interpret(acc, w_smem, x_smem, sz_smem.at[0], sz_smem.at[1], **leaf_kw)
 
             acc = plgpu.emit_pipeline(
                 step, grid=(steps_per_split,), in_specs=specs, max_concurrent_steps=cfg.num_stages,
                 init_carry=jnp.zeros((bn, bm), jnp.float32),
-            )(w_gmem, x_gmem, s_gmem, z_gmem)
+            )(w_gmem, x_gmem, sz_gmem)
         else:
             def compute(acc_ref):
-                def step(_, w_smem, x_smem, s_smem, z_smem):
-                    _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, impl=cfg.scale_impl, **leaf_kw,
-                                    **hw_kw)
+                def step(_, w_smem, x_smem, sz_smem):
+                    _dequant_mma_hw(acc_ref, w_smem, x_smem, sz_smem.at[0], sz_smem.at[1], impl=cfg.scale_impl,
+                                    **leaf_kw, **hw_kw)
 
                 plgpu.emit_pipeline(
                     step, grid=(steps_per_split,), in_specs=specs,
                     max_concurrent_steps=cfg.num_stages,
-                )(w_gmem, x_gmem, s_gmem, z_gmem)
+                )(w_gmem, x_gmem, sz_gmem)
                 return acc_ref[...]
 
             acc = pl.run_scoped(compute, plgpu.ACC((bn, bm), jnp.float32))
@@ -660,10 +677,8 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
         x2 = jnp.take(x2, packed.perm, axis=1)
     if mp != m or packed.k_pad != packed.k:
         x2 = jnp.pad(x2, ((0, mp - m), (0, packed.k_pad - packed.k)))
-    s, z = packed.scales, packed.zeros
-    if s.dtype != cdt:
-        s, z = s.astype(cdt), z.astype(cdt)
-    out = _build(mp, packed, cfg, cdt, interpret)(x2, packed.w, s, z)  # [split, Np, Mp]
+    sz = packed.sz if packed.sz.dtype == cdt else packed.sz.astype(cdt)
+    out = _build(mp, packed, cfg, cdt, interpret)(x2, packed.w, sz)  # [split, Np, Mp]
     y = out.sum(0) if cfg.split_k > 1 else out[0]
     return y[: packed.n, :m].T.astype(cdt)
 

@@ -74,6 +74,7 @@ CASES = [
     (4, 128, False, 512, 64, 5, jnp.float16, (8, 64, 64, 2, "weights")),      # block_k 64 < group
     (8, 128, True, 384, 128, 5, jnp.bfloat16, (8, 64, 128, 1, "weights")),    # 8-bit act-order
     (8, 128, False, 384, 128, 70, jnp.bfloat16, (128, 64, 128, 1, "acc")),    # 8-bit, acc, bf16 out (bm 128)
+    (4, 128, False, 512, 256, 3, jnp.bfloat16, (8, 256, 128, 2, "acc")),      # 256-row weight tiles
 ]
 
 
@@ -158,6 +159,7 @@ LOWER_CASES = [
     (4, 128, 5, jnp.bfloat16, (8, 128, 128, 2, "acc", "jnp", "upcast")),
     (4, 128, 200, jnp.bfloat16, (128, 128, 128, 1, "weights", "jnp", "upcast")),
     (8, 128, 40, jnp.float16, (64, 64, 128, 1, "acc", "jnp", "upcast")),
+    (4, 128, 16, jnp.bfloat16, (16, 256, 128, 2, "acc", "jnp", "upcast")),
 ]
 
 
