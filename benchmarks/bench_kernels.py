@@ -78,9 +78,9 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
     c = [d, dataclasses.replace(d, w_layout=U)]
     if m <= 16:
         bm = 8 if m <= 8 else 16
-        c += [C(bm, 128, 128, 8, 8, A, w_layout=U), C(bm, 256, 128, 4, 4, A, w_layout=U),
-              C(bm, 256, 128, 8, 4, A, w_layout=U), C(bm, 256, 128, 8, 8, A, w_layout=U),
-              C(bm, 256, 128, 4, 4, A), C(bm, 128, 128, 16, 8, A, w_layout=U)]
+        c += [C(bm, 128, 128, 16, 8, A, w_layout=U), C(bm, 128, 128, 4, 8, A, w_layout=U),
+              C(bm, 128, 128, 8, 6, A, w_layout=U), C(bm, 64, 128, 8, 8, A, w_layout=U),
+              C(bm, 128, 128, 8, 8, A), C(bm, 128, 128, 8, 8, W, w_layout=U)]
     elif m <= 64:
         c += [C(64, 128, 128, 1, 4, A, w_layout=U), C(64, 64, 128, 2, 4, A, w_layout=U),
               C(64, 128, 128, 2, 3, A, w_layout=U)]
@@ -90,6 +90,8 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
     out = []
     nk = lambda cfg: packed.k_pad // cfg.block_k  # noqa: E731
     for cfg in c:
+        if packed.tile_k and (cfg.block_k != packed.tile_k or cfg.block_n not in (64, 128)):
+            continue
         if (cfg not in out and packed.n_pad % cfg.block_n == 0 and packed.k_pad % cfg.block_k == 0
                 and nk(cfg) % cfg.split_k == 0
                 and (cfg.scale_mode == W or (packed.group_size % cfg.block_k == 0
@@ -266,48 +268,53 @@ def bench_shape(k: int, n: int, ms: list[int], *, sweep: bool, slabs: list[int |
 
 
 def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
-    """The Mosaic GPU kernel over a few tile configs (and through dispatch with its default)."""
+    """The Mosaic GPU kernel over a few tile configs on the default (tiled) weight layout, and its
+    default config on the row-major layout ("flat:" rows)."""
     try:
-        packs = [mg.pack_mgpu_linear(lin, bits=4, dtype=x.dtype) for lin in lins]
+        tiled = [mg.pack_mgpu_linear(lin, bits=4, dtype=x.dtype) for lin in lins]
+        flat = [mg.pack_mgpu_linear(lin, bits=4, dtype=x.dtype, tiled=False) for lin in lins]
     except Exception as e:
         rows.append(dict(K=k, N=n, M=m, variant="mgpu[pack]", error=report_failure("mgpu pack", e)))
         return
-    p0 = packs[0]
-    ref = mg.reference(x, p0).astype(jnp.float32)
-    pbytes = device_bytes(p0.w) + p0.sz.nbytes + io
-    for cfg in mgpu_candidates(m, p0, MAX_MGPU_CFGS):
-        if over_budget():
-            print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)
-            continue
-        name = (f"mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
-                f"{cfg.scale_mode},{cfg.scale_impl},{cfg.w_layout}]")
-        try:
-            fk = jax.jit(lambda x, ps, cfg=cfg: [mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=INTERPRET)
-                                                 for p in ps])
-            y = fk(x, packs[:1])[0].astype(jnp.float32)
-            err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
-            t = time_jax(fk, (x, packs), c_q)
-            rec(m, name, t, pbytes, err, cfg)
-            if MGPU_PARTS:  # the Pallas call alone (inputs already permuted / padded; no XLA epilogue)
-                bm = cfg.block_m
-                mp = -(-m // bm) * bm
-                x2 = jnp.pad(x, ((0, mp - m), (0, p0.k_pad - p0.k)))
-                fo = jax.jit(lambda x2, ps, cfg=cfg: [mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.sz)
-                                                      for p in ps])
-                rec(m, "kernel_only:" + name, time_jax(fo, (x2, packs), c_q), pbytes, None, cfg)
-                if cfg.scale_mode == "acc" and cfg.w_layout == "auto":
-                    # diagnostic: the same pipeline (TMA of w, x, s, z into SMEM) with an empty
-                    # body = the streaming rate this grid / pipeline structure can reach
-                    real = mg._mma_acc_hw
-                    mg._mma_acc_hw = lambda acc, *a, **kw: acc
-                    try:
-                        fe = jax.jit(lambda x2, ps, cfg=cfg: [
-                            mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.sz) for p in ps])
-                        rec(m, "empty_body:" + name, time_jax(fe, (x2, packs), c_q), pbytes, None, cfg)
-                    finally:
-                        mg._mma_acc_hw = real
-        except Exception as e:  # keep going: one config failing must not end the run
-            rows.append(dict(K=k, N=n, M=m, variant=name, error=report_failure(name, e)))
+    for tag, packs, cfgs in (("", tiled, mgpu_candidates(m, tiled[0], MAX_MGPU_CFGS)),
+                             ("flat:", flat, mgpu_candidates(m, flat[0], 1))):
+        p0 = packs[0]
+        ref = mg.reference(x, p0).astype(jnp.float32)
+        pbytes = device_bytes(p0.w) + p0.sz.nbytes + io
+        for i, cfg in enumerate(cfgs):
+            if over_budget():
+                print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)
+                continue
+            name = (f"{tag}mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
+                    f"{cfg.scale_mode},{cfg.scale_impl},{cfg.w_layout}]")
+            try:
+                fk = jax.jit(lambda x, ps, cfg=cfg: [mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=INTERPRET)
+                                                     for p in ps])
+                y = fk(x, packs[:1])[0].astype(jnp.float32)
+                err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+                t = time_jax(fk, (x, packs), c_q)
+                rec(m, name, t, pbytes, err, cfg)
+                if MGPU_PARTS:  # the Pallas call alone (inputs already permuted / padded; no XLA epilogue)
+                    bm = cfg.block_m
+                    mp = -(-m // bm) * bm
+                    x2 = jnp.pad(x, ((0, mp - m), (0, p0.k_pad - p0.k)))
+                    fo = jax.jit(lambda x2, ps, cfg=cfg: [
+                        mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.sz) for p in ps])
+                    rec(m, "kernel_only:" + name, time_jax(fo, (x2, packs), c_q), pbytes, None, cfg)
+                    if i == 0:
+                        # diagnostic: the same grid and TMA pipeline (w, x, scales+zeros into SMEM)
+                        # with an empty body = the streaming rate this structure can reach
+                        real = mg._mma_acc_hw, mg._dequant_mma_hw
+                        mg._mma_acc_hw = lambda acc, *a, **kw: acc
+                        mg._dequant_mma_hw = lambda *a, **kw: None
+                        try:
+                            fe = jax.jit(lambda x2, ps, cfg=cfg: [
+                                mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.sz) for p in ps])
+                            rec(m, "empty_body:" + name, time_jax(fe, (x2, packs), c_q), pbytes, None, cfg)
+                        finally:
+                            mg._mma_acc_hw, mg._dequant_mma_hw = real
+            except Exception as e:  # keep going: one config failing must not end the run
+                rows.append(dict(K=k, N=n, M=m, variant=name, error=report_failure(name, e)))
 
 
 def bench_torch(k, n, m, c_bf, c_q, io, rec):
@@ -387,17 +394,25 @@ def bench_e2e(args) -> list[dict]:
             if "prepared" in path:
                 kernels += 1
                 wbytes += device_bytes(x)
-        step = jax.jit(lambda m, ids, mask, cache: m.step(ids, mask, cache, last_only=True), donate_argnums=(3,))
+        # as models/generate.py does: flatten the module once and jit a function of its leaves
+        # (passing the NNX module itself to a jitted function re-walks its graph in Python on
+        # every call, a host cost of milliseconds per step for a 32-layer model)
+        leaves, treedef = jax.tree.flatten(model)
+
+        def run(leaves, ids, mask, cache):
+            return jax.tree.unflatten(treedef, leaves).step(ids, mask, cache, last_only=True)
+
+        step = jax.jit(run, donate_argnums=(3,))
         for batch in (1, 16):
             cache = model.init_cache(batch, args.e2e_slots)
             ids = jnp.ones((batch, 1), jnp.int32)
             mask = jnp.ones((batch, 1), bool)
-            logits, cache = step(model, ids, mask, cache)
+            logits, cache = step(leaves, ids, mask, cache)
             jax.block_until_ready(logits)
             n = args.e2e_steps
             t0 = time.perf_counter()
             for _ in range(n):
-                logits, cache = step(model, ids, mask, cache)
+                logits, cache = step(leaves, ids, mask, cache)
             jax.block_until_ready(logits)
             dt = (time.perf_counter() - t0) / n
             row = dict(e2e=label, batch=batch, layers=layers, ms_per_step=dt * 1e3, tokens_per_s=batch / dt,
@@ -405,7 +420,7 @@ def bench_e2e(args) -> list[dict]:
                        finite=bool(jnp.all(jnp.isfinite(logits))))
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del model, step
+        del model, step, leaves
     q_w = layers * sum(k * n for k, n in shapes.values())
     for r in rows:
         if r["e2e"] != "bf16" and r["kernel_bytes"]:
