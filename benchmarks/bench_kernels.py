@@ -357,7 +357,7 @@ def bench_e2e(args) -> list[dict]:
                       num_heads=d // 128, num_kv_heads=d // 128, head_dim=128)
     shapes = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (d, d), "self_attn.v_proj": (d, d),
               "self_attn.o_proj": (d, d), "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
-    key = iter(jax.random.split(jax.random.key(0), 16 * layers + 8))
+    key = iter(jax.random.split(jax.random.key(0), 16 * layers * (1 + len(args.e2e_kernels.split(","))) + 8))
 
     def float_lin(k, n):
         return {"kernel": (jax.random.normal(next(key), (k, n), jnp.bfloat16) * 0.02)}
@@ -382,7 +382,10 @@ def bench_e2e(args) -> list[dict]:
                 "lm_head": float_lin(d, v)}
 
     rows = []
-    for label, make in (("bf16", float_lin), ("gptq4_g128", quant_lin)):
+    runs = [("bf16", float_lin, None)] + [(f"gptq4_g128[{kn}]", quant_lin, kn) for kn in args.e2e_kernels.split(",")]
+    for label, make, kernel in runs:
+        if kernel is not None:  # the kernel QuantLinear's dispatch.prepare picks at build time
+            dispatch.DEFAULT_GPU_KERNEL = kernel
         params = build(make)
         model = LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16)
         del params
@@ -428,7 +431,7 @@ def bench_e2e(args) -> list[dict]:
     print("\ne2e decode (Llama-2-7B shapes, random weights):")
     for r in rows:
         base = next(b for b in rows if b["e2e"] == "bf16" and b["batch"] == r["batch"])
-        print(f"  {r['e2e']:>11} batch {r['batch']:3d}: {r['ms_per_step']:8.2f} ms/step {r['tokens_per_s']:9.1f} tok/s "
+        print(f"  {r['e2e']:>18} batch {r['batch']:3d}: {r['ms_per_step']:8.2f} ms/step {r['tokens_per_s']:9.1f} tok/s "
               f"({base['ms_per_step'] / r['ms_per_step']:.2f}x vs bf16), state {r['device_bytes_all_state'] / 2**30:.2f} GiB"
               + (f", kernel weights {r.get('bits_per_quantized_weight', 0):.2f} bits/weight" if r["kernel_bytes"] else ""))
     return rows
@@ -465,6 +468,8 @@ def main() -> None:
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--e2e-slots", type=int, default=256)
     ap.add_argument("--e2e-steps", type=int, default=20)
+    ap.add_argument("--e2e-kernels", default="auto",
+                    help="comma list of GPU kernels (auto, mgpu, triton) to build the quantized model with")
     args = ap.parse_args()
     print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
     if args.e2e:

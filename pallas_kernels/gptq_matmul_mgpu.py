@@ -278,7 +278,8 @@ def _num_sms() -> int:
 def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
     """Tiles for ``m`` tokens, from the H100 sweeps in benchmarks/RESULTS.md (8192 x 28672 and
     4096 x 4096, g128): decode (M <= 16) wants deep pipelines (8 stages), many short CTAs (split-K
-    up to ~8 per SM) and the explicit upcast layout; M <= 64 one 64-wide N tile per CTA; larger M
+    up to ~16 CTAs per SM at M <= 8, ~4 at M <= 16, where the fp32 partial sums cost more) and the
+    explicit upcast layout; M <= 64 one 64-wide N tile per CTA; larger M
     dequantizes the weights in registers ("weights") under the widest token tile."""
     if m <= 16:
         bm = 8 if m <= 8 else 16
@@ -299,7 +300,7 @@ def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
         bk = packed.tile_k
     nk = packed.k_pad // bk
     ctas = -(-m // bm) * (packed.n_pad // bn)
-    target = (8 if m <= 16 else 2) * _num_sms()
+    target = (16 if m <= 8 else 4 if m <= 16 else 2) * _num_sms()
     split = 1
     if ctas < target:
         for d in range(1, min(nk, 16) + 1):
