@@ -304,9 +304,7 @@ def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
     split = 1
     if ctas < target:
         for d in range(1, min(nk, 16) + 1):
-            # keep >= 4 pipeline steps per CTA (>= 8 above M = 8: with wider x tiles, short
-            # CTAs and larger fp32 partials lost on the H100, e.g. 4096 x 4096 at M = 16)
-            if nk % d == 0 and nk // d >= (4 if m <= 8 else 8):
+            if nk % d == 0 and nk // d >= 4:  # keep >= 4 pipeline steps per CTA
                 split = d
                 if ctas * d >= target:
                     break
