@@ -10,6 +10,7 @@ Uses only JAX and NumPy (no jgptq core imports). Modules:
 - :mod:`.gptq_matmul_gpu` — Pallas (Triton lowering) dequant-matmul for CUDA GPUs: ``"dot"``
   and ``"gemv"`` variants, split-K.
 - :mod:`.gptq_matmul_mgpu` — Pallas Mosaic GPU (Hopper wgmma) dequant-matmul, 4/8-bit, own layout
-  (:func:`~.gptq_matmul_mgpu.pack_mgpu`); ``dispatch.prepare(..., gpu_kernel="mgpu")``.
+  (:func:`~.gptq_matmul_mgpu.pack_mgpu`); what ``dispatch.prepare`` picks on Hopper by default
+  (``gpu_kernel="auto"``; the Triton-lowered kernel on other GPUs and for 2-bit).
 - :mod:`.gptq_matmul_tpu` — Pallas TPU dequant-matmul (tested in interpret mode).
 """
