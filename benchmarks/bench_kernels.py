@@ -90,8 +90,6 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
     out = []
     nk = lambda cfg: packed.k_pad // cfg.block_k  # noqa: E731
     for cfg in c:
-        if packed.tile_k and (cfg.block_k != packed.tile_k or cfg.block_n not in (64, 128)):
-            continue
         if (cfg not in out and packed.n_pad % cfg.block_n == 0 and packed.k_pad % cfg.block_k == 0
                 and nk(cfg) % cfg.split_k == 0
                 and (cfg.scale_mode == W or (packed.group_size % cfg.block_k == 0
@@ -268,53 +266,50 @@ def bench_shape(k: int, n: int, ms: list[int], *, sweep: bool, slabs: list[int |
 
 
 def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
-    """The Mosaic GPU kernel over a few tile configs on the default (tiled) weight layout, and its
-    default config on the row-major layout ("flat:" rows)."""
+    """The Mosaic GPU kernel over a few tile configs (default first)."""
     try:
-        tiled = [mg.pack_mgpu_linear(lin, bits=4, dtype=x.dtype) for lin in lins]
-        flat = [mg.pack_mgpu_linear(lin, bits=4, dtype=x.dtype, tiled=False) for lin in lins]
+        packs = [mg.pack_mgpu_linear(lin, bits=4, dtype=x.dtype) for lin in lins]
     except Exception as e:
         rows.append(dict(K=k, N=n, M=m, variant="mgpu[pack]", error=report_failure("mgpu pack", e)))
         return
-    for tag, packs, cfgs in (("", tiled, mgpu_candidates(m, tiled[0], MAX_MGPU_CFGS)),
-                             ("flat:", flat, mgpu_candidates(m, flat[0], 1))):
-        p0 = packs[0]
-        ref = mg.reference(x, p0).astype(jnp.float32)
-        pbytes = device_bytes(p0.w) + p0.sz.nbytes + io
-        for i, cfg in enumerate(cfgs):
-            if over_budget():
-                print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)
-                continue
-            name = (f"{tag}mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
-                    f"{cfg.scale_mode},{cfg.scale_impl},{cfg.w_layout}]")
-            try:
-                fk = jax.jit(lambda x, ps, cfg=cfg: [mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=INTERPRET)
-                                                     for p in ps])
-                y = fk(x, packs[:1])[0].astype(jnp.float32)
-                err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
-                t = time_jax(fk, (x, packs), c_q)
-                rec(m, name, t, pbytes, err, cfg)
-                if MGPU_PARTS:  # the Pallas call alone (inputs already permuted / padded; no XLA epilogue)
-                    bm = cfg.block_m
-                    mp = -(-m // bm) * bm
-                    x2 = jnp.pad(x, ((0, mp - m), (0, p0.k_pad - p0.k)))
-                    fo = jax.jit(lambda x2, ps, cfg=cfg: [
-                        mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.sz) for p in ps])
-                    rec(m, "kernel_only:" + name, time_jax(fo, (x2, packs), c_q), pbytes, None, cfg)
-                    if i == 0:
-                        # diagnostic: the same grid and TMA pipeline (w, x, scales+zeros into SMEM)
-                        # with an empty body = the streaming rate this structure can reach
-                        real = mg._mma_acc_hw, mg._dequant_mma_hw
-                        mg._mma_acc_hw = lambda acc, *a, **kw: acc
-                        mg._dequant_mma_hw = lambda *a, **kw: None
-                        try:
-                            fe = jax.jit(lambda x2, ps, cfg=cfg: [
-                                mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.sz) for p in ps])
-                            rec(m, "empty_body:" + name, time_jax(fe, (x2, packs), c_q), pbytes, None, cfg)
-                        finally:
-                            mg._mma_acc_hw, mg._dequant_mma_hw = real
-            except Exception as e:  # keep going: one config failing must not end the run
-                rows.append(dict(K=k, N=n, M=m, variant=name, error=report_failure(name, e)))
+    p0 = packs[0]
+    ref = mg.reference(x, p0).astype(jnp.float32)
+    pbytes = device_bytes(p0.w) + p0.sz.nbytes + io
+    for i, cfg in enumerate(mgpu_candidates(m, p0, MAX_MGPU_CFGS)):
+        if over_budget():
+            print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)
+            continue
+        name = (f"mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
+                f"{cfg.scale_mode},{cfg.scale_impl},{cfg.w_layout}]")
+        try:
+            fk = jax.jit(lambda x, ps, cfg=cfg: [mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=INTERPRET)
+                                                 for p in ps])
+            y = fk(x, packs[:1])[0].astype(jnp.float32)
+            err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+            t = time_jax(fk, (x, packs), c_q)
+            rec(m, name, t, pbytes, err, cfg)
+            if MGPU_PARTS:  # the Pallas call alone (inputs already permuted / padded; no XLA epilogue)
+                bm = cfg.block_m
+                mp = -(-m // bm) * bm
+                x2 = jnp.pad(x, ((0, mp - m), (0, p0.k_pad - p0.k)))
+
+                def pallas_only(x2, ps, cfg=cfg):
+                    return [mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.sz) for p in ps]
+
+                rec(m, "kernel_only:" + name, time_jax(jax.jit(pallas_only), (x2, packs), c_q), pbytes, None, cfg)
+                if i == 0:
+                    # diagnostic: the same grid and TMA pipeline (w, x, scales+zeros into SMEM)
+                    # with an empty body = the streaming rate this structure can reach
+                    real = mg._mma_acc_hw, mg._dequant_mma_hw
+                    mg._mma_acc_hw = lambda acc, *a, **kw: acc
+                    mg._dequant_mma_hw = lambda *a, **kw: None
+                    try:  # a fresh jit of the same function traces the patched leaves
+                        fe = jax.jit(lambda x2, ps: pallas_only(x2, ps))
+                        rec(m, "empty_body:" + name, time_jax(fe, (x2, packs), c_q), pbytes, None, cfg)
+                    finally:
+                        mg._mma_acc_hw, mg._dequant_mma_hw = real
+        except Exception as e:  # keep going: one config failing must not end the run
+            rows.append(dict(K=k, N=n, M=m, variant=name, error=report_failure(name, e)))
 
 
 def bench_torch(k, n, m, c_bf, c_q, io, rec):

@@ -8,11 +8,8 @@ wgmma's N dimension (any multiple of 8 up to 256): one kernel for decode (M = 1.
 
 Layout (:class:`MgpuPacked`, built once by :func:`pack_mgpu`):
 
-* ``w``: the codes ``q - 2^(bits-1)`` (signed, so the hardware int4/int8 -> bf16 upcast applies)
-  as native ``jnp.int4`` (4-bit) or ``jnp.int8`` (8-bit), K contiguous, pre-tiled by default:
-  ``[Np/128, Kp/TK, 128, TK]`` (``TK`` = 128, or 64 for group size 64) so that every TMA copy of a
-  weight tile reads one contiguous block of memory (a row-major ``[Np, Kp]`` tile is 128 strided
-  segments of 64 bytes); ``tiled=False`` keeps the row-major ``[Np, Kp]``;
+* ``w``: ``[Np, Kp]`` native ``jnp.int4`` (4-bit) or ``jnp.int8`` (8-bit), K contiguous, holding
+  ``q - 2^(bits-1)`` (signed, so the hardware int4/int8 -> bf16 upcast applies);
 * ``sz``: ``[2, Gp, Np]`` in the activation dtype, ``sz[0]`` the scales and ``sz[1]`` the zeros
   shifted by ``2^(bits-1)`` (exact small integers), so ``W[k, n] = (w[n, k] - z[g, n]) * s[g, n]``
   (one array so that one TMA copy per pipeline step brings both rows; ``scales`` / ``zeros`` are
@@ -91,8 +88,7 @@ class MgpuPacked:
     """A GPTQ linear in the Mosaic GPU kernel layout (pytree; arrays are leaves).
 
     Attributes:
-      w: ``int4`` (bits 4) or ``int8`` (bits 8) ``code - 2^(bits-1)``, padded with 0: ``[Np/128,
-        Kp/tile_k, 128, tile_k]`` tiles when ``tile_k`` (the default layout), else ``[Np, Kp]``.
+      w: ``[Np, Kp]`` ``int4`` (bits 4) or ``int8`` (bits 8): ``code - 2^(bits-1)``, padded with 0.
       sz: ``[2, Gp, Np]`` in ``dtype``: ``sz[0]`` the scales (padded rows / columns are 0),
         ``sz[1]`` the zeros ``zero_point - 2^(bits-1)`` (exact integers).
       perm: int32 ``[K]`` act-order permutation applied to x, or None.
@@ -109,15 +105,6 @@ class MgpuPacked:
     k_pad: int = dataclasses.field(metadata=dict(static=True))
     n_pad: int = dataclasses.field(metadata=dict(static=True))
     group_size: int = dataclasses.field(metadata=dict(static=True))
-    tile_k: int = dataclasses.field(default=0, metadata=dict(static=True))
-
-    @property
-    def w2d(self) -> jax.Array:
-        """The codes as a row-major ``[Np, Kp]`` array (untiled)."""
-        if not self.tile_k:
-            return self.w
-        nt, kt, tn, tk = self.w.shape
-        return self.w.transpose(0, 2, 1, 3).reshape(nt * tn, kt * tk)
 
     @property
     def dtype(self):
@@ -144,7 +131,6 @@ class MgpuPacked:
 
 def pack_mgpu(
     qweight: Any, scales: Any, zeros: Any, g_idx: Any, *, bits: int, dtype: Any = jnp.bfloat16,
-    tiled: bool = True,
 ) -> MgpuPacked | None:
     """Repack a GPTQ LIN (``qweight`` int32 ``[K*bits/32, N]``, ``scales``/``zeros`` ``[G, N]``,
     ``g_idx`` ``[K]``) into :class:`MgpuPacked`. Host side, once per layer.
@@ -153,8 +139,6 @@ def pack_mgpu(
       bits: 4 or 8.
       dtype: activation dtype the kernel will see most (bfloat16 or float16); scales / zeros are
         stored in it (other activation dtypes are cast per call).
-      tiled: store the weights as contiguous ``[128, TK]`` tiles (default; the kernel then uses
-        ``block_k = TK`` and ``block_n`` 64 or 128), or row-major ``[Np, Kp]`` (any tiles).
 
     Returns:
       The packed layer, or None when no kernel layout fits: groups of unequal size (no
@@ -194,30 +178,23 @@ def pack_mgpu(
         codes = jnp.take(codes, perm, axis=0)
     half = 1 << (bits - 1)
     wdt = jnp.int4 if bits == 4 else jnp.int8
-    w = jnp.pad((codes - half).astype(jnp.int8), ((0, k_pad - k), (0, n_pad - n))).T  # [Np, Kp]
-    tile_k = 0
-    if tiled:
-        tile_k = 64 if gs == 64 else 128
-        w = w.reshape(n_pad // N_ALIGN, N_ALIGN, k_pad // tile_k, tile_k).transpose(0, 2, 1, 3)
-    w = w.astype(wdt)
+    w = jnp.pad((codes - half).astype(jnp.int8), ((0, k_pad - k), (0, n_pad - n))).T.astype(wdt)
     pad = ((0, g_pad - num_groups), (0, n_pad - n))
     s = jnp.pad(scales.astype(jnp.float32), pad).astype(dtype)
     z = jnp.pad(zeros.astype(jnp.int32) - half, pad).astype(dtype)
     return MgpuPacked(w=w, sz=jnp.stack([s, z]), perm=perm, bits=bits, k=k, n=n, k_pad=k_pad,
-                      n_pad=n_pad, group_size=gs, tile_k=tile_k)
+                      n_pad=n_pad, group_size=gs)
 
 
-def pack_mgpu_linear(lin: Mapping[str, Any], *, bits: int, dtype: Any = jnp.bfloat16,
-                     tiled: bool = True) -> MgpuPacked | None:
+def pack_mgpu_linear(lin: Mapping[str, Any], *, bits: int, dtype: Any = jnp.bfloat16) -> MgpuPacked | None:
     """:func:`pack_mgpu` on a GPTQ LIN dict (``qweight``/``scales``/``zeros``/``g_idx``)."""
-    return pack_mgpu(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=bits, dtype=dtype,
-                     tiled=tiled)
+    return pack_mgpu(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=bits, dtype=dtype)
 
 
 def dequantize_mgpu(packed: MgpuPacked, dtype: Any = jnp.float32) -> jax.Array:
     """Dense ``[Kp, Np]`` weight in *permuted* K order: ``(w - zeros) * scales`` in fp32, cast."""
     g = jnp.arange(packed.k_pad) // packed.group_size
-    q = packed.w2d.astype(jnp.float32).T  # [Kp, Np]
+    q = packed.w.astype(jnp.float32).T  # [Kp, Np]
     w = (q - packed.zeros.astype(jnp.float32)[g]) * packed.scales.astype(jnp.float32)[g]
     return w.astype(dtype)
 
@@ -296,8 +273,6 @@ def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
     if packed.group_size == 64:  # K blocks of one group each, so that scale_mode="acc" applies
         bk = 64
         stages = min(2 * stages, 8)
-    if packed.tile_k:
-        bk = packed.tile_k
     nk = packed.k_pad // bk
     ctas = -(-m // bm) * (packed.n_pad // bn)
     target = (16 if m <= 8 else 4 if m <= 16 else 2) * _num_sms()
@@ -334,11 +309,6 @@ def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
         )
     if bk not in (64, 128, 256) or packed.k_pad % bk:
         raise ValueError(f"block_k={bk} must be 64, 128 or 256 and divide Kp={packed.k_pad}.")
-    if packed.tile_k and (bk != packed.tile_k or bn not in (64, 128)):
-        raise ValueError(
-            f"the tiled weight layout (tile_k={packed.tile_k}) needs block_k={packed.tile_k} and block_n "
-            f"64 or 128; got block_k={bk}, block_n={bn} (pack_mgpu(..., tiled=False) allows any)."
-        )
     gs = packed.group_size
     if gs % bk and bk % gs:
         raise ValueError(f"block_k={bk} must divide or be a multiple of the group size {gs}.")
@@ -590,13 +560,6 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
         s_rows, blocks_per_group = bk // gs, 0
     o_sw, o_tr = _tiled(bm * jnp.dtype(out_dt).itemsize * 8, jnp.dtype(out_dt).itemsize * 8)
 
-    def w_spec(ni, k0):
-        if not packed.tile_k:  # row-major [Np, Kp]
-            return plgpu.BlockSpec((bn, bk), lambda ki: (ni, k0 + ki), transforms=w_tr)
-        per = N_ALIGN // bn  # weight blocks per 128-row tile (1 or 2)
-        return plgpu.BlockSpec((None, None, bn, bk), lambda ki: (ni // per, k0 + ki, ni % per, 0),
-                               transforms=w_tr)
-
     def body(x_gmem, w_gmem, sz_gmem, o_gmem, o_smem):
         ni = jax.lax.axis_index("n")
         mi = jax.lax.axis_index("m")
@@ -609,7 +572,7 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
             return (0, k0 + ki, ni)
 
         specs = [
-            w_spec(ni, k0),
+            plgpu.BlockSpec((bn, bk), lambda ki: (ni, k0 + ki), transforms=w_tr),
             plgpu.BlockSpec((bm, bk), lambda ki: (mi, k0 + ki), transforms=x_tr),
             plgpu.BlockSpec((2, s_rows, bn), sz_index),  # scales and zeros: one copy
         ]

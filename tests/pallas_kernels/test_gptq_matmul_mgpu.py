@@ -23,14 +23,9 @@ from dequant_reference import np_dequant, rel_err  # noqa: E402
 ON_GPU = jax.default_backend() == "gpu"
 
 
-def make(seed, k, n, bits, gs, act_order, dtype=jnp.bfloat16, tiled=True):
+def make(seed, k, n, bits, gs, act_order, dtype=jnp.bfloat16):
     lin = random_gptq_linear(jax.random.key(seed), k, n, bits=bits, group_size=gs, act_order=act_order)
-    return lin, np_dequant(lin, bits), mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, tiled=tiled)
-
-
-def fits_tiled(gs, bn, bk):
-    """Whether the default (tiled) weight layout takes these tiles (else pack row-major)."""
-    return bk == (64 if gs == 64 else 128) and bn in (64, 128)
+    return lin, np_dequant(lin, bits), mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype)
 
 
 # ---------------------------------------------------------------- packing
@@ -40,12 +35,8 @@ def fits_tiled(gs, bn, bk):
                                                   (4, 64, False, 384)])
 def test_pack_dequant_matches_numpy(bits, gs, act_order, k):
     lin, w64, p = make(1, k, 72, bits, gs, act_order)
-    _, _, flat = make(1, k, 72, bits, gs, act_order, tiled=False)
-    tk = 64 if gs == 64 else 128
-    assert p.tile_k == tk and p.w.shape == (1, p.k_pad // tk, 128, tk) and flat.tile_k == 0
-    assert flat.w.shape == (128, p.k_pad) and p.w.dtype == flat.w.dtype == (jnp.int4 if bits == 4 else jnp.int8)
-    np.testing.assert_array_equal(np.asarray(p.w2d, np.int8), np.asarray(flat.w, np.int8))  # same codes
-    assert np.asarray(p.w[0, 1, 5, 3], np.int8) == np.asarray(flat.w[5, tk + 3], np.int8)
+    assert p.w.shape == (128, p.k_pad) and p.w.dtype == (jnp.int4 if bits == 4 else jnp.int8)
+    assert p.sz.shape == (2, *p.scales.shape) and p.sz.dtype == jnp.bfloat16
     assert p.k_pad % 128 == 0 and p.k_pad % p.group_size == 0 and p.scales.shape == (p.k_pad // p.group_size, 128)
     w = np.asarray(mg.dequantize_mgpu(p, jnp.float32), np.float64)[: k, :72]
     if p.perm is not None:  # dequantize_mgpu is in permuted K order
@@ -92,7 +83,7 @@ CASES = [
 @pytest.mark.parametrize("bits,gs,act_order,k,n,m,dtype,tiles", CASES)
 def test_mgpu_kernel_interpret(bits, gs, act_order, k, n, m, dtype, tiles):
     bm, bn, bk, split, mode = tiles
-    lin, w64, p = make(10 + k + m, k, n, bits, gs, act_order, dtype, tiled=fits_tiled(gs, bn, bk))
+    lin, w64, p = make(10 + k + m, k, n, bits, gs, act_order, dtype)
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
     cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=2, scale_mode=mode)
     y = mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=True)
@@ -136,8 +127,6 @@ def test_mgpu_validation_errors():
         mg.gptq_matmul_mgpu(x, p, config=C(scale_impl="asm"), interpret=True)
     with pytest.raises(ValueError, match="scale_mode must"):
         mg.gptq_matmul_mgpu(x, p, config=C(scale_mode="fused"), interpret=True)
-    with pytest.raises(ValueError, match="tiled weight layout"):
-        mg.gptq_matmul_mgpu(x, p, config=C(block_k=256), interpret=True)
     with pytest.raises(ValueError, match="w_layout must"):
         mg.gptq_matmul_mgpu(x, p, config=C(w_layout="tiled"), interpret=True)
     _, _, p32 = make(6, 256, 128, 4, 32, False)
@@ -180,7 +169,7 @@ LOWER_CASES = [
 def test_lowers_for_cuda(bits, gs, m, dtype, tiles):
     """Pallas -> Mosaic GPU lowering of the real (wgmma, register-A, inline_mgpu) kernel."""
     bm, bn, bk, split, mode, *impl = tiles
-    _, _, p = make(3, 1024, 256, bits, gs, False, dtype, tiled=fits_tiled(gs, bn, bk))
+    _, _, p = make(3, 1024, 256, bits, gs, False, dtype)
     cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=3, scale_mode=mode,
                         scale_impl=impl[0] if impl else "jnp", w_layout=impl[1] if len(impl) > 1 else "auto")
     x = jnp.zeros((m, 1024), dtype)
@@ -242,13 +231,9 @@ def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
         cfgs = [mg.default_config(m, p)]
         cfgs.append(dataclasses.replace(cfgs[0], w_layout="upcast"))
         if m == 1:
-            cfgs.append(mg.MgpuConfig(block_m=8, block_n=64, block_k=p.tile_k, split_k=1, scale_mode="weights"))
+            cfgs.append(mg.MgpuConfig(block_m=8, block_n=64, block_k=128, split_k=1, scale_mode="weights"))
         for cfg in cfgs:
             y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, p, config=cfg))(x)
             assert rel_err(y, ref64) < 8e-3, (m, cfg)
-        if m == 1:  # the row-major layout too
-            flat = mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, tiled=False)
-            y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, flat))(x)
-            assert rel_err(y, ref64) < 8e-3
     prep = dispatch.prepare(lin, bits=bits, backend="gpu", gpu_kernel="mgpu")
     assert rel_err(dispatch.matmul(x, prep), ref64) < 8e-3  # M=130 through dispatch
