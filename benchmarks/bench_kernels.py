@@ -53,6 +53,7 @@ def over_budget() -> bool:
     return time.monotonic() > DEADLINE
 MAX_MGPU_CFGS = 8
 TRITON_SWEEP_OFF = False
+NO_TRITON = False  # --no-triton: skip the Triton-lowered kernel (gptq_matmul_gpu) entirely
 _FULL_ERROR_SHOWN = [False]
 
 
@@ -70,32 +71,56 @@ def report_failure(name: str, e: Exception) -> str:
 
 
 def mgpu_candidates(m: int, packed, limit: int) -> list:
-    """Default config first (and the same with the explicit upcast weight layout), then a few
-    hand-picked tilings for this M (at most ``limit``)."""
+    """Default config first, then the persistent schedules (stream-K for decode, whole tiles for
+    prefill; one or two compute warpgroups) and the grid schedule's best-known tilings for this
+    M (at most ``limit``, configs that do not fit the layer dropped)."""
     C = mg.MgpuConfig
     A, W, U = "acc", "weights", "upcast"
     d = mg.default_config(m, packed)
-    c = [d, dataclasses.replace(d, w_layout=U)]
+    bk = 64 if packed.group_size == 64 else 128
+    c = [d]
     if m <= 16:
         bm = 8 if m <= 8 else 16
-        c += [C(bm, 128, 128, 16, 8, A, w_layout=U), C(bm, 128, 128, 4, 8, A, w_layout=U),
-              C(bm, 128, 128, 8, 6, A, w_layout=U), C(bm, 64, 128, 8, 8, A, w_layout=U),
-              C(bm, 128, 128, 8, 8, A), C(bm, 128, 128, 8, 8, W, w_layout=U)]
+
+        def S(bn, st, cps, wgs, mode=A):
+            return C(bm, bn, bk, 1, st, mode, "jnp", U, "stream", cps, wgs)
+
+        c += [S(128, 8, 2, 1), S(128, 8, 1, 2), S(128, 4, 2, 2), S(64, 8, 2, 2), S(128, 6, 3, 1),
+              S(128, 12, 1, 1), C(bm, 128, 128, 8, 8, A, w_layout=U)]
     elif m <= 64:
-        c += [C(64, 128, 128, 1, 4, A, w_layout=U), C(64, 64, 128, 2, 4, A, w_layout=U),
-              C(64, 128, 128, 2, 3, A, w_layout=U)]
+        bm = 32 if m <= 32 else 64
+
+        def S(bn, st, cps, wgs, sched="stream", mode=A):
+            return C(bm, bn, bk, 1, st, mode, "jnp", U, sched, cps, wgs)
+
+        c += [S(64, 4, 2, 2), S(128, 4, 1, 2), S(64, 4, 2, 1), S(64, 4, 1, 2, "tiles"), S(64, 3, 2, 2, mode=W),
+              C(64, 128, 128, 1, 4, A, w_layout=U)]
     else:
-        c += [C(128, 128, 128, 1, 3, W, w_layout=U), C(256, 64, 128, 1, 3, W, w_layout=U),
-              C(128, 64, 128, 1, 4, W, w_layout=U)]
+        def T(bm, bn, bk_, st, mode, wgs=2, sched="tiles", tr=True):
+            return C(bm, bn, bk_, 1, st, mode, "jnp", U, sched, 1, wgs, tr)
+
+        c += [T(128, 64, bk, 4, A), T(128, 64, 128, 4, W), T(128, 128, 64, 4, W), T(256, 64, 64, 4, W),
+              T(128, 64, bk, 4, A, tr=False), T(128, 64, bk, 3, A, sched="stream")]
     out = []
     nk = lambda cfg: packed.k_pad // cfg.block_k  # noqa: E731
     for cfg in c:
-        if (cfg not in out and packed.n_pad % cfg.block_n == 0 and packed.k_pad % cfg.block_k == 0
-                and nk(cfg) % cfg.split_k == 0
+        if (cfg not in out and packed.n_pad % (cfg.block_n * cfg.compute_wgs) == 0
+                and packed.k_pad % cfg.block_k == 0 and nk(cfg) % cfg.split_k == 0
+                and (packed.group_size % cfg.block_k == 0 or cfg.block_k % packed.group_size == 0)
                 and (cfg.scale_mode == W or (packed.group_size % cfg.block_k == 0
                                              and cfg.block_m * cfg.block_n <= 8192))):
             out.append(cfg)
     return out[:limit]
+
+
+def mgpu_name(cfg) -> str:
+    s = (f"mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
+         f"{cfg.scale_mode},{cfg.scale_impl},{cfg.w_layout}")
+    if cfg.schedule != "grid":
+        s += f",{cfg.schedule},cps{cfg.ctas_per_sm},wg{cfg.compute_wgs}"
+        if cfg.schedule == "tiles" and not cfg.transpose_out:
+            s += ",yT-xla"
+    return s + "]"
 
 
 def device_bytes(x) -> int:
@@ -223,7 +248,7 @@ def bench_shape(k: int, n: int, ms: list[int], *, sweep: bool, slabs: list[int |
 
         if BASELINES:
             rec(m, "xla_dequant", time_jax(jax.jit(xla_deq), (x, lins), c_q), wbytes + io)
-        for slab in slabs:
+        for slab in ([] if NO_TRITON else slabs):
             packs = [repack.pack_gptq_linear(l["qweight"], l["scales"], l["zeros"], l["g_idx"], bits=4,
                                              layout="nk", slab=slab) for l in lins]
             p0 = packs[0]
@@ -275,12 +300,17 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
     p0 = packs[0]
     ref = mg.reference(x, p0).astype(jnp.float32)
     pbytes = device_bytes(p0.w) + p0.sz.nbytes + io
+    if m >= 256:  # what dispatch does from LARGE_M_MGPU on: dequantize in XLA, then cuBLAS
+        try:
+            fx = jax.jit(lambda x, ps: [dispatch.xla_matmul(x, p) for p in ps])
+            rec(m, "mgpu_layout_xla_dequant", time_jax(fx, (x, packs), c_q), pbytes)
+        except Exception as e:
+            rows.append(dict(K=k, N=n, M=m, variant="mgpu_layout_xla_dequant", error=report_failure("xla", e)))
     for i, cfg in enumerate(mgpu_candidates(m, p0, MAX_MGPU_CFGS)):
         if over_budget():
             print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)
             continue
-        name = (f"mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
-                f"{cfg.scale_mode},{cfg.scale_impl},{cfg.w_layout}]")
+        name = mgpu_name(cfg)
         try:
             fk = jax.jit(lambda x, ps, cfg=cfg: [mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=INTERPRET)
                                                  for p in ps])
@@ -288,26 +318,27 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
             err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
             t = time_jax(fk, (x, packs), c_q)
             rec(m, name, t, pbytes, err, cfg)
-            if MGPU_PARTS:  # the Pallas call alone (inputs already permuted / padded; no XLA epilogue)
+            if MGPU_PARTS and m <= 16 and i < 4:  # the Pallas call alone (inputs already padded; no XLA epilogue)
                 bm = cfg.block_m
                 mp = -(-m // bm) * bm
                 x2 = jnp.pad(x, ((0, mp - m), (0, p0.k_pad - p0.k)))
 
                 def pallas_only(x2, ps, cfg=cfg):
-                    return [mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.sz) for p in ps]
+                    if cfg.schedule == "grid":
+                        return [mg._build(mp, p, cfg, x2.dtype, INTERPRET)(x2, p.w, p.sz) for p in ps]
+                    return [mg._build_stream(mp, p, cfg, x2.dtype, INTERPRET)[0](x2, p.w, p.sz) for p in ps]
 
                 rec(m, "kernel_only:" + name, time_jax(jax.jit(pallas_only), (x2, packs), c_q), pbytes, None, cfg)
-                if i == 0:
-                    # diagnostic: the same grid and TMA pipeline (w, x, scales+zeros into SMEM)
-                    # with an empty body = the streaming rate this structure can reach
-                    real = mg._mma_acc_hw, mg._dequant_mma_hw
-                    mg._mma_acc_hw = lambda acc, *a, **kw: acc
-                    mg._dequant_mma_hw = lambda *a, **kw: None
-                    try:  # a fresh jit of the same function traces the patched leaves
-                        fe = jax.jit(lambda x2, ps: pallas_only(x2, ps))
-                        rec(m, "empty_body:" + name, time_jax(fe, (x2, packs), c_q), pbytes, None, cfg)
-                    finally:
-                        mg._mma_acc_hw, mg._dequant_mma_hw = real
+                # diagnostic: the same grid / persistent schedule and TMA pipeline (w, x, scales+zeros into SMEM)
+                # with an empty body = the streaming rate this structure can reach
+                real = mg._mma_acc_hw, mg._dequant_mma_hw
+                mg._mma_acc_hw = lambda acc, *a, **kw: acc
+                mg._dequant_mma_hw = lambda *a, **kw: None
+                try:  # a fresh jit of the same function traces the patched leaves
+                    fe = jax.jit(lambda x2, ps: pallas_only(x2, ps))
+                    rec(m, "empty_body:" + name, time_jax(fe, (x2, packs), c_q), pbytes, None, cfg)
+                finally:
+                    mg._mma_acc_hw, mg._dequant_mma_hw = real
         except Exception as e:  # keep going: one config failing must not end the run
             rows.append(dict(K=k, N=n, M=m, variant=name, error=report_failure(name, e)))
 
@@ -377,12 +408,16 @@ def bench_e2e(args) -> list[dict]:
                 "lm_head": float_lin(d, v)}
 
     rows = []
-    runs = [("bf16", float_lin, None)] + [(f"gptq4_g128[{kn}]", quant_lin, kn) for kn in args.e2e_kernels.split(",")]
-    for label, make, kernel in runs:
+    runs = [("bf16", float_lin, None, True)]
+    runs += [(f"gptq4_g128[{kn}]", quant_lin, kn, True) for kn in args.e2e_kernels.split(",")]
+    if args.e2e_nofuse:  # q/k/v and gate/up as separate kernels (the first kernel choice)
+        kn = args.e2e_kernels.split(",")[0]
+        runs.append((f"gptq4_g128[{kn},unfused]", quant_lin, kn, False))
+    for label, make, kernel, fuse in runs:
         if kernel is not None:  # the kernel QuantLinear's dispatch.prepare picks at build time
             dispatch.DEFAULT_GPU_KERNEL = kernel
         params = build(make)
-        model = LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16)
+        model = LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16, fuse=fuse)
         del params
         wbytes = 0
         kernels = 0
@@ -455,6 +490,7 @@ def main() -> None:
     ap.add_argument("--mgpu-parts", action="store_true", help="also time the mgpu Pallas call alone")
     ap.add_argument("--max-mgpu-cfgs", type=int, default=8, help="per point, first shape")
     ap.add_argument("--max-mgpu-cfgs-rest", type=int, default=8, help="per point, other shapes")
+    ap.add_argument("--no-triton", action="store_true", help="skip the Triton-lowered kernel")
     ap.add_argument("--triton-default-only", action="store_true",
                     help="time only the Triton kernel's default config (no dispatch row)")
     ap.add_argument("--budget-s", type=float, default=0.0,
@@ -465,6 +501,8 @@ def main() -> None:
     ap.add_argument("--e2e-steps", type=int, default=20)
     ap.add_argument("--e2e-kernels", default="auto",
                     help="comma list of GPU kernels (auto, mgpu, triton) to build the quantized model with")
+    ap.add_argument("--e2e-nofuse", action="store_true",
+                    help="also time the quantized model with q/k/v and gate/up as separate kernels")
     args = ap.parse_args()
     print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
     if args.e2e:
@@ -473,8 +511,8 @@ def main() -> None:
         with open(os.path.join(args.out, "bench_e2e.json"), "w") as f:
             json.dump(rows, f, indent=1)
         return
-    global BASELINES, MGPU, MAX_MGPU_CFGS, TRITON_SWEEP_OFF, DEADLINE, MGPU_PARTS
-    MGPU_PARTS = args.mgpu_parts
+    global BASELINES, MGPU, MAX_MGPU_CFGS, TRITON_SWEEP_OFF, DEADLINE, MGPU_PARTS, NO_TRITON
+    MGPU_PARTS, NO_TRITON = args.mgpu_parts, args.no_triton
     if args.budget_s > 0:
         DEADLINE = time.monotonic() + args.budget_s
     BASELINES = not args.no_xla_dequant

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# One H100 run for the Mosaic GPU GPTQ kernel (issue #6):
-#   bash benchmarks/mgpu_check.sh          (from anywhere; OUT=dir to choose where results go)
-# 1. the kernel's GPU tests (compiled for real), stopping at the first failure;
-# 2. Mosaic kernel (several tile configs) vs the Triton-lowered kernel (default config) vs XLA bf16
-#    at KxN = 8192x28672 and 4096x4096, M = 1, 16, 64, 256; device-timed medians with weights
-#    rotated over copies larger than L2 (benchmarks/bench_kernels.py --mgpu).
-# Writes $OUT/mgpu_pytest.txt, $OUT/bench_log.txt, $OUT/bench_kernels.json; prints the table last.
-# A config that fails to compile is reported (the first failure with its full error) and skipped.
+# One GPU run for the Mosaic GPU GPTQ kernel (issue #6), sized to fit one 10-minute device call:
+#   bash benchmarks/mgpu_check.sh            (from anywhere; OUT=dir chooses where results go)
+# 1. the Pallas kernels' GPU tests (compiled for real), stopping at the first failure;
+# 2. the Mosaic kernel (default + persistent stream-K / tile schedules + grid tilings) vs XLA bf16,
+#    XLA dequant + cuBLAS and torch bf16 / tinygemm at K x N = 8192 x 28672, M = 1 ... 4096;
+# 3. the same with fewer configs at the other Llama shapes (M = 1 ... 256).
+# Device-timed medians with weights rotated over copies larger than L2 (benchmarks/bench_kernels.py).
+# Writes $OUT/gpu_pytest.txt, $OUT/bench_big.log + bench_big.json, $OUT/bench_rest.log +
+# bench_rest.json; prints the tables last. A config that fails to compile is reported and skipped.
+# Time boxes (seconds): TESTS_S (default 130), BIG_S (250), REST_S (120); 0 skips that part.
 set -u
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/mgpu_check_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python}"
+TESTS_S="${TESTS_S:-130}" BIG_S="${BIG_S:-250}" REST_S="${REST_S:-120}"
 # Import this checkout's package whatever is installed: jgptq.models / jgptq.pallas_kernels live in
 # models/ and pallas_kernels/ (pyproject package-dir), so build a jgptq/ of symlinks.
 SHIM="$(mktemp -d)"
@@ -19,16 +22,31 @@ mkdir -p "$SHIM/jgptq"
 ln -s "$REPO"/jgptq/* "$SHIM/jgptq/"
 ln -s "$REPO/models" "$SHIM/jgptq/models"
 ln -s "$REPO/pallas_kernels" "$SHIM/jgptq/pallas_kernels"
-export PYTHONPATH="$SHIM"
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export PYTHONPATH="$SHIM" XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 cd "$SHIM"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv,noheader
 "$PY" -c "import jax, jgptq.pallas_kernels.gptq_matmul_mgpu as m; print('jax', jax.__version__, jax.devices(), 'kernel:', m.__file__, flush=True)"
-echo "=== 1/2 pytest -m gpu (mgpu kernel) ==="
-timeout 90 "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
-  "$REPO/tests/pallas_kernels/test_gptq_matmul_mgpu.py" -m gpu -x -q 2>&1 | tee "$OUT/mgpu_pytest.txt" | tail -120
-echo "pytest exit: ${PIPESTATUS[0]}"
-echo "=== 2/2 benchmark ==="
-timeout 145 "$PY" "$REPO/benchmarks/bench_kernels.py" --shapes 8192x28672,4096x4096 --ms 1,16,64,256 \
-  --no-torch --no-xla-dequant --triton-default-only --mgpu --max-mgpu-cfgs 6 --max-mgpu-cfgs-rest 3 \
-  --budget-s 115 --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt" | grep -v '^{"K"'
-echo "bench exit: ${PIPESTATUS[0]} (124 = killed at 145 s; per-point JSON lines are in $OUT/bench_log.txt)"
+if [ "$TESTS_S" != 0 ]; then
+  echo "=== 1/3 pytest -m gpu (Pallas kernels) ==="
+  timeout "$TESTS_S" "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
+    "$REPO/tests/pallas_kernels/test_gptq_matmul_mgpu.py" "$REPO/tests/pallas_kernels" -m gpu --maxfail=4 -q 2>&1 | tee "$OUT/gpu_pytest.txt" | tail -60
+  echo "pytest exit: ${PIPESTATUS[0]} (124 = cut at ${TESTS_S} s)"
+fi
+if [ "$BIG_S" != 0 ]; then
+  echo "=== 2/3 benchmark 8192 x 28672 ==="
+  mkdir -p "$OUT/big"
+  timeout $((BIG_S + 40)) "$PY" "$REPO/benchmarks/bench_kernels.py" --shapes 8192x28672 --ms 1,16,64,256,1024,4096 \
+    --no-triton --mgpu --max-mgpu-cfgs 9 --mgpu-parts --budget-s "$BIG_S" --out "$OUT/big" 2>&1 \
+    | tee "$OUT/bench_big.log" | grep -v '^{"K"' | tail -40
+  echo "bench exit: ${PIPESTATUS[0]}"
+  mv "$OUT/big/bench_kernels.json" "$OUT/bench_big.json" 2>/dev/null; rmdir "$OUT/big" 2>/dev/null
+fi
+if [ "$REST_S" != 0 ]; then
+  echo "=== 3/3 benchmark 4096 x 4096, 4096 x 14336, 14336 x 4096 ==="
+  mkdir -p "$OUT/rest"
+  timeout $((REST_S + 40)) "$PY" "$REPO/benchmarks/bench_kernels.py" --shapes 4096x4096,4096x14336,14336x4096 \
+    --ms 1,16,64,256 --no-triton --no-xla-dequant --mgpu --max-mgpu-cfgs 4 --max-mgpu-cfgs-rest 4 \
+    --budget-s "$REST_S" --out "$OUT/rest" 2>&1 | tee "$OUT/bench_rest.log" | grep -v '^{"K"' | tail -25
+  echo "bench exit: ${PIPESTATUS[0]}"
+  mv "$OUT/rest/bench_kernels.json" "$OUT/bench_rest.json" 2>/dev/null; rmdir "$OUT/rest" 2>/dev/null
+fi

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jgptq.models.config import LlamaConfig
-from jgptq.models.quant_linear import Linear, QuantLinear, linear, linear_from_params
+from jgptq.models.quant_linear import Linear, QuantLinear, fuse_quantized, linear, linear_from_params
 
 __all__ = [
     "LINEAR_GROUPS", "LINEAR_INPUT", "LINEAR_NAMES", "embed", "decoder_block", "final_logits",
@@ -131,9 +131,13 @@ def _qkv(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, config: LlamaC
          ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Projections and RoPE: ``x [B, T, D]`` -> q ``[B, T, H, hd]``, k, v ``[B, T, KV, hd]``."""
     b, t, _ = x.shape
-    q = linear(attn["q_proj"], x).reshape(b, t, config.num_heads, config.head_dim)
-    k = linear(attn["k_proj"], x).reshape(b, t, config.num_kv_heads, config.head_dim)
-    v = linear(attn["v_proj"], x).reshape(b, t, config.num_kv_heads, config.head_dim)
+    if "qkv_proj" in attn:  # a FusedQuantLinear (LlamaForCausalLM.tree()): one matmul for q, k, v
+        q, k, v = attn["qkv_proj"](x)
+    else:
+        q, k, v = (linear(attn[n], x) for n in ("q_proj", "k_proj", "v_proj"))
+    q = q.reshape(b, t, config.num_heads, config.head_dim)
+    k = k.reshape(b, t, config.num_kv_heads, config.head_dim)
+    v = v.reshape(b, t, config.num_kv_heads, config.head_dim)
     inv_freq = rope_inv_freq(config)
     return _rope(q, q_pos, inv_freq), _rope(k, q_pos, inv_freq), v
 
@@ -155,7 +159,11 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 def _mlp_act(mlp: Mapping[str, Any], x2: jax.Array) -> jax.Array:
-    return jax.nn.silu(linear(mlp["gate_proj"], x2)) * linear(mlp["up_proj"], x2)
+    if "gate_up_proj" in mlp:  # a FusedQuantLinear: one matmul for gate and up
+        gate, up = mlp["gate_up_proj"](x2)
+    else:
+        gate, up = linear(mlp["gate_proj"], x2), linear(mlp["up_proj"], x2)
+    return jax.nn.silu(gate) * up
 
 
 def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Array, config: LlamaConfig,
@@ -437,39 +445,65 @@ class RMSNorm(nnx.Module):
         return rms_norm(self.scale[...], x, self.eps)
 
 
-class Attention(nnx.Module):
-    """The four attention projections (float :class:`Linear` or GPTQ :class:`QuantLinear`)."""
+class _Projections(nnx.Module):
+    """Linears of one block part; those that read the same input (``FUSE``) become one
+    :class:`FusedQuantLinear` when they are GPTQ layers that can share a matmul (``fuse``)."""
 
-    def __init__(self, p: Mapping[str, Any], dtype: Any | None, use_kernels: bool):
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(self, name, linear_from_params(_cast_lin(p[name], dtype), use_kernel=use_kernels))
+    NAMES: tuple[str, ...] = ()
+    FUSE: tuple[str, ...] = ()
+    FUSED_NAME = ""
 
-    def tree(self) -> dict[str, Linear | QuantLinear]:
-        return {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj, "o_proj": self.o_proj}
+    def __init__(self, p: Mapping[str, Any], dtype: Any | None, use_kernels: bool, fuse: bool = True):
+        lins = {name: _cast_lin(p[name], dtype) for name in self.NAMES}
+        fused = fuse_quantized([lins[n] for n in self.FUSE], use_kernel=use_kernels) if fuse else None
+        setattr(self, self.FUSED_NAME, fused)
+        for name in self.NAMES:
+            setattr(self, name, None if fused is not None and name in self.FUSE
+                    else linear_from_params(lins[name], use_kernel=use_kernels))
+
+    def tree(self) -> dict[str, Any]:
+        """Name -> module, with the fused module under ``FUSED_NAME`` in place of its parts."""
+        fused = getattr(self, self.FUSED_NAME)
+        t = {} if fused is None else {self.FUSED_NAME: fused}
+        t.update({n: getattr(self, n) for n in self.NAMES if getattr(self, n) is not None})
+        return t
+
+    def to_params(self) -> dict[str, Any]:
+        """Name -> LIN dict for every linear (fused parts split back)."""
+        fused = getattr(self, self.FUSED_NAME)
+        out = {} if fused is None else dict(zip(self.FUSE, fused.to_params()))
+        out.update({n: getattr(self, n).to_params() for n in self.NAMES if getattr(self, n) is not None})
+        return {n: out[n] for n in self.NAMES}
 
 
-class MLP(nnx.Module):
-    """SwiGLU MLP projections."""
+class Attention(_Projections):
+    """The four attention projections (float :class:`Linear` or GPTQ :class:`QuantLinear`; q/k/v
+    fused into ``qkv_proj`` when they are GPTQ layers with the same ``g_idx``)."""
 
-    def __init__(self, p: Mapping[str, Any], dtype: Any | None, use_kernels: bool):
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(self, name, linear_from_params(_cast_lin(p[name], dtype), use_kernel=use_kernels))
+    NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
+    FUSE = ("q_proj", "k_proj", "v_proj")
+    FUSED_NAME = "qkv_proj"
 
-    def tree(self) -> dict[str, Linear | QuantLinear]:
-        return {"gate_proj": self.gate_proj, "up_proj": self.up_proj, "down_proj": self.down_proj}
+
+class MLP(_Projections):
+    """SwiGLU MLP projections (gate/up fused into ``gate_up_proj`` when they can be)."""
+
+    NAMES = ("gate_proj", "up_proj", "down_proj")
+    FUSE = ("gate_proj", "up_proj")
+    FUSED_NAME = "gate_up_proj"
 
 
 class DecoderLayer(nnx.Module):
     """One decoder block; ``__call__`` runs :func:`decoder_block` over this module's tree."""
 
     def __init__(self, config: LlamaConfig, p: Mapping[str, Any], dtype: Any | None = None,
-                 use_kernels: bool = True):
+                 use_kernels: bool = True, fuse: bool = True):
         self.config = config
         self.input_layernorm = RMSNorm(_cast(p["input_layernorm"]["scale"], dtype), config.rms_norm_eps)
-        self.self_attn = Attention(p["self_attn"], dtype, use_kernels)
+        self.self_attn = Attention(p["self_attn"], dtype, use_kernels, fuse)
         self.post_attention_layernorm = RMSNorm(_cast(p["post_attention_layernorm"]["scale"], dtype),
                                                 config.rms_norm_eps)
-        self.mlp = MLP(p["mlp"], dtype, use_kernels)
+        self.mlp = MLP(p["mlp"], dtype, use_kernels, fuse)
 
     def tree(self) -> dict[str, Any]:
         """The layer-params tree with this module's linears in place of LIN dicts."""
@@ -487,9 +521,9 @@ class DecoderLayer(nnx.Module):
     def to_params(self) -> dict[str, Any]:
         return {
             "input_layernorm": {"scale": self.input_layernorm.scale[...]},
-            "self_attn": {k: m.to_params() for k, m in self.self_attn.tree().items()},
+            "self_attn": self.self_attn.to_params(),
             "post_attention_layernorm": {"scale": self.post_attention_layernorm.scale[...]},
-            "mlp": {k: m.to_params() for k, m in self.mlp.tree().items()},
+            "mlp": self.mlp.to_params(),
         }
 
 
@@ -502,25 +536,27 @@ class LlamaForCausalLM(nnx.Module):
     """
 
     def __init__(self, config: LlamaConfig, params: Mapping[str, Any], *, dtype: Any | None = None,
-                 use_kernels: bool = True, check: bool = True):
+                 use_kernels: bool = True, check: bool = True, fuse: bool = True):
         if check:
             check_params(params, config)
         self.config = config
         self.embed_tokens = nnx.Param(_cast(params["embed_tokens"]["embedding"], dtype))
-        self.layers = nnx.List([DecoderLayer(config, lp, dtype, use_kernels) for lp in params["layers"]])
+        self.layers = nnx.List([DecoderLayer(config, lp, dtype, use_kernels, fuse) for lp in params["layers"]])
         self.norm = RMSNorm(_cast(params["norm"]["scale"], dtype), config.rms_norm_eps)
         self.lm_head = (None if config.tie_word_embeddings
                         else linear_from_params(_cast_lin(params["lm_head"], dtype), use_kernel=use_kernels))
 
     @classmethod
     def from_params(cls, config: LlamaConfig, params: Mapping[str, Any], *, dtype: Any | None = None,
-                    use_kernels: bool = True) -> "LlamaForCausalLM":
+                    use_kernels: bool = True, fuse: bool = True) -> "LlamaForCausalLM":
         """Build from a params tree (DESIGN.md); float arrays are cast to ``dtype`` when given.
 
         Packed GPTQ tensors stay as they are; their linears ask the Pallas dispatch for a kernel
-        unless ``use_kernels=False``.
+        unless ``use_kernels=False``. With ``fuse`` (default) GPTQ q/k/v and gate/up projections
+        that share their ``g_idx`` run as one matmul each (``qkv_proj`` / ``gate_up_proj`` in
+        :meth:`tree`; ``to_params()`` still gives the separate layers).
         """
-        return cls(config, params, dtype=dtype, use_kernels=use_kernels)
+        return cls(config, params, dtype=dtype, use_kernels=use_kernels, fuse=fuse)
 
     @property
     def dtype(self) -> Any:

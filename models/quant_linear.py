@@ -7,7 +7,9 @@ A LIN (DESIGN.md) is either float ``{"kernel": [in, out], "bias"?: [out]}`` or q
 * :func:`linear` applies a LIN dict (or an NNX linear module) to activations; quantized dicts go
   through the XLA dequantize path (``jgptq.pack.dequantize_linear``).
 * :class:`Linear` / :class:`QuantLinear` are the NNX modules built from LIN dicts
-  (:func:`linear_from_params`). ``QuantLinear`` asks ``jgptq.pallas_kernels.dispatch.prepare`` once
+  (:func:`linear_from_params`). :class:`FusedQuantLinear` runs several GPTQ linears that read the
+  same input (q/k/v, gate/up) as one wider quantized matmul (:func:`fuse_quantized`): one kernel
+  launch instead of three or two, over a larger weight that fills the GPU better. ``QuantLinear`` asks ``jgptq.pallas_kernels.dispatch.prepare`` once
   at build time for a kernel; when one fits, calls go to ``dispatch.matmul``, otherwise to the same
   XLA dequantize path. The model code does not change when kernels land.
 
@@ -20,15 +22,16 @@ are on the device once, not twice.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 __all__ = [
-    "QuantState", "PreparedKernel", "Linear", "QuantLinear", "linear", "linear_from_params",
-    "quant_bits", "is_quantized", "dequantize",
+    "QuantState", "PreparedKernel", "Linear", "QuantLinear", "FusedQuantLinear", "linear",
+    "linear_from_params", "fuse_quantized", "concat_quantized", "quant_bits", "is_quantized", "dequantize",
 ]
 
 _QUANT_KEYS = ("qweight", "scales", "zeros", "g_idx")
@@ -220,3 +223,77 @@ def linear_from_params(lin: Mapping[str, Any], *, use_kernel: bool = True) -> Li
         return QuantLinear(lin, use_kernel=use_kernel)
     return Linear(lin["kernel"], lin.get("bias"))
 
+
+
+def concat_quantized(lins: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """One quantized LIN whose output columns are ``lins``' side by side, or None when they cannot
+    share one matmul: not all quantized, other bit widths, input widths, ``g_idx`` (act-order
+    permutations differ unless the layers saw the same Hessian), scale dtypes, or only some
+    with a bias.
+
+    Packing is per output column (GPTQ ``qweight`` rows hold input channels), so the parts'
+    ``qweight`` / ``scales`` / ``zeros`` concatenate along their last axis exactly.
+    """
+    if len(lins) < 2 or not all(is_quantized(l) for l in lins):
+        return None
+    bits = {quant_bits(l) for l in lins}
+    g0 = np.asarray(lins[0]["g_idx"])
+    if len(bits) != 1 or any(np.asarray(l["g_idx"]).shape != g0.shape or not np.array_equal(np.asarray(l["g_idx"]), g0)
+                             for l in lins[1:]):
+        return None
+    if len({jnp.asarray(l["scales"]).dtype for l in lins}) != 1 or len({l["scales"].shape[0] for l in lins}) != 1:
+        return None
+    biased = [l.get("bias") is not None for l in lins]
+    if any(biased) and not all(biased):
+        return None
+    out = {k: jnp.concatenate([jnp.asarray(l[k]) for l in lins], axis=-1) for k in ("qweight", "scales", "zeros")}
+    out["g_idx"] = jnp.asarray(g0)
+    if all(biased):
+        dt = jnp.result_type(*[jnp.asarray(l["bias"]).dtype for l in lins])
+        out["bias"] = jnp.concatenate([jnp.asarray(l["bias"]).astype(dt) for l in lins])
+    return out
+
+
+class FusedQuantLinear(nnx.Module):
+    """GPTQ linears that read the same input, run as one: ``x -> (x @ W_0 + b_0, x @ W_1 + b_1, ...)``.
+
+    Holds one :class:`QuantLinear` over the concatenated output columns (:func:`concat_quantized`);
+    calling it returns the parts' outputs as a tuple, ``to_params()`` the parts' LIN dicts.
+    """
+
+    def __init__(self, lins: Sequence[Mapping[str, Any]], *, use_kernel: bool = True):
+        cat = concat_quantized(lins)
+        if cat is None:
+            raise ValueError("these linears cannot be fused: they need equal bits, g_idx, scale dtype and bias presence")
+        self.sizes = tuple(int(l["qweight"].shape[1]) for l in lins)
+        self.inner = QuantLinear(cat, use_kernel=use_kernel)
+
+    @property
+    def in_features(self) -> int:
+        return self.inner.in_features
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """``x[..., in]`` -> one ``[..., out_i]`` per part, in ``x.dtype``."""
+        y = self.inner(x)
+        return tuple(jnp.split(y, np.cumsum(self.sizes)[:-1].tolist(), axis=-1))
+
+    def to_params(self) -> list[dict[str, jax.Array]]:
+        """The parts' LIN dicts (exact: the columns of the fused tensors)."""
+        d = self.inner.to_params()
+        bounds = np.cumsum((0, *self.sizes))
+        parts = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            lin = {k: d[k][..., a:b] for k in ("qweight", "scales", "zeros")}
+            lin["g_idx"] = d["g_idx"]
+            if "bias" in d:
+                lin["bias"] = d["bias"][a:b]
+            parts.append(lin)
+        return parts
+
+
+def fuse_quantized(lins: Sequence[Mapping[str, Any]], *, use_kernel: bool = True) -> FusedQuantLinear | None:
+    """A :class:`FusedQuantLinear` over ``lins``, or None when they cannot be fused (float layers,
+    or quantized ones that differ; see :func:`concat_quantized`)."""
+    if concat_quantized(lins) is None:
+        return None
+    return FusedQuantLinear(lins, use_kernel=use_kernel)

@@ -74,6 +74,7 @@ __all__ = [
 ]
 
 SUPPORTED_BITS = (4, 8)
+SCHEDULES = ("grid", "stream", "tiles")
 N_ALIGN = 128
 K_ALIGN = 128
 JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
@@ -233,6 +234,25 @@ class MgpuConfig:
         conversion-friendly ``WGMMA_UPCAST_4X`` / ``_2X`` layout: 32-bit SMEM loads of 8 int4 or
         4 int8 values per thread, then a register relayout to the wgmma operand layout before
         the int -> bf16/fp16 upcast). The interpreter ignores it.
+      schedule: how work is spread over CTAs:
+
+        * ``"grid"``: one CTA per ``(N tile, M tile, K split)``; each runs its own pipeline.
+        * ``"stream"``: a persistent grid of ``ctas_per_sm`` CTAs per SM. The
+          ``(M tile, N tile, K block)`` steps are laid out in one line and cut into equal
+          contiguous ranges, one per CTA (stream-K): every CTA streams one uninterrupted TMA
+          pipeline, crossing tile boundaries, and writes an fp32 partial sum per tile it touches;
+          the (at most a few) partials of a tile are added in XLA. Balanced to one K block.
+        * ``"tiles"``: the same persistent pipeline, cut at tile boundaries (each tile in one
+          CTA, written once in the activation dtype; no partial sums).
+
+        ``"stream"`` / ``"tiles"`` need ``split_k=1``.
+      ctas_per_sm: CTAs per SM of the persistent schedules.
+      compute_wgs: 1 (one warpgroup issues the copies and computes) or 2 (warp-specialised:
+        a memory warpgroup issues the TMA copies while two compute warpgroups each take
+        ``block_n`` rows of a ``2 * block_n`` weight tile). Persistent schedules only.
+      transpose_out: ``"tiles"`` only: the kernel writes ``y [Mp, Np]`` itself (the accumulator
+        stored through a transposed SMEM view), so no XLA transpose follows; False writes
+        ``yᵀ [Np, Mp]`` like the other schedules.
     """
 
     block_m: int = 16
@@ -243,6 +263,10 @@ class MgpuConfig:
     scale_mode: str = "weights"
     scale_impl: str = "jnp"
     w_layout: str = "auto"
+    schedule: str = "grid"
+    ctas_per_sm: int = 2
+    compute_wgs: int = 1
+    transpose_out: bool = True
 
 
 def _num_sms() -> int:
@@ -332,6 +356,23 @@ def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
         raise ValueError(
             f"scale_mode='acc' needs block_k={bk} to divide the group size {gs}; use scale_mode='weights'."
         )
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}; got {cfg.schedule!r}.")
+    if cfg.compute_wgs not in (1, 2):
+        raise ValueError(f"compute_wgs={cfg.compute_wgs} must be 1 or 2.")
+    if cfg.schedule == "grid":
+        if cfg.compute_wgs != 1:
+            raise ValueError("compute_wgs=2 (warp specialisation) needs schedule='stream' or 'tiles'.")
+    else:
+        if cfg.split_k != 1:
+            raise ValueError(f"schedule={cfg.schedule!r} needs split_k=1 (it splits K itself); got {cfg.split_k}.")
+        if cfg.ctas_per_sm < 1:
+            raise ValueError(f"ctas_per_sm={cfg.ctas_per_sm} must be ≥ 1.")
+        if packed.n_pad % (bn * cfg.compute_wgs):
+            raise ValueError(
+                f"compute_wgs={cfg.compute_wgs} x block_n={bn} must divide Np={packed.n_pad} "
+                "(one weight tile per CTA holds both warpgroups' rows)."
+            )
 
 
 # ------------------------------------------------------------------------------------------ kernel
@@ -384,7 +425,8 @@ def _dequant_mma_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk
 
 
 def _mma_acc_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt):
-    """Interpreter leaf of ``scale_mode="acc"``: (codes - z) @ x per K block, then * s per row."""
+    """Interpreter leaf of ``scale_mode="acc"``: ``acc + ((codes - z) @ x) * s`` per K block
+    (``acc`` None: the scaled block product alone)."""
     w = w_smem[...]
     x = x_smem[...]
     z = z_smem[...].astype(cdt)[0][:, None]  # [bn, 1]
@@ -394,7 +436,8 @@ def _mma_acc_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt):
         d = jax.lax.dot_general(w[:, ks].astype(cdt) - z, x[:, ks], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
         t = d if t is None else t + d
-    return acc + t * s_smem[...].astype(jnp.float32)[0][:, None]
+    t = t * s_smem[...].astype(jnp.float32)[0][:, None]
+    return t if acc is None else acc + t
 
 
 def _scale_rows_inline(t, s_ref):
@@ -467,7 +510,7 @@ def _upcast(wj, cdt, w_layout: str):
 
 def _mma_acc_hw(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt, bn, bm, impl, bits, w_layout):
     """Hardware leaf of ``scale_mode="acc"``: wgmma on (upcast codes - z) into a scoped
-    accumulator, then ``acc + product * s`` on the fp32 values."""
+    accumulator, then ``acc + product * s`` on the fp32 values (``acc`` None: the product alone)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     def mm(tmp_ref):
@@ -486,8 +529,10 @@ def _mma_acc_hw(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt, bn, bm, 
     t = pl.run_scoped(mm, plgpu.ACC((bn, bm), jnp.float32))
     with jax.named_scope("scale"):
         if impl == "jnp":
-            return acc + t * _bcast_rows(s_smem[0, :].astype(jnp.float32), t.shape)
-        return acc + _scale_rows_inline(t, s_smem)
+            t = t * _bcast_rows(s_smem[0, :].astype(jnp.float32), t.shape)
+        else:
+            t = _scale_rows_inline(t, s_smem)
+    return t if acc is None else acc + t
 
 
 def _scale_inline(w, s_ref, z_ref, *, row0: int, sub_gs: int):
@@ -635,6 +680,223 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
     return plgpu.kernel(body, **kw)
 
 
+def _cta_start(c, *, ctas: int, tiles: int, nk: int, aligned: bool):
+    """First pipeline step of CTA ``c`` (ints, NumPy or traced int32 scalars alike)."""
+    if aligned:
+        return (c * tiles // ctas) * nk
+    return c * (tiles * nk) // ctas
+
+
+def _first_cta(step, *, ctas: int, total: int):
+    """The CTA whose range ``[start_c, start_{c+1})`` holds ``step`` (unaligned split): the largest
+    ``c`` with ``c * total // ctas <= step``, i.e. ``c * total < (step + 1) * ctas``."""
+    return ((step + 1) * ctas - 1) // total
+
+
+def stream_plan(tiles: int, nk: int, ctas: int, aligned: bool) -> tuple[int, np.ndarray, np.ndarray]:
+    """Static work split of the persistent schedules over ``tiles * nk`` pipeline steps.
+
+    CTA ``c`` runs steps ``[starts[c], starts[c + 1])`` of the line ``tile * nk + k``:
+    ``starts[c] = c * T // C`` (``"stream"``, ``T = tiles * nk``), or the same cut at tile
+    boundaries (``aligned``, ``"tiles"``). Returns ``(C, starts [C + 1], counts [tiles])`` where
+    ``counts[t]`` is how many CTAs write a partial sum of tile ``t`` (1 when aligned). The kernel
+    recomputes these bounds from its CTA index with the same integer formulas.
+    """
+    total = tiles * nk
+    c = max(1, min(ctas, tiles if aligned else total))
+    starts = _cta_start(np.arange(c + 1, dtype=np.int64), ctas=c, tiles=tiles, nk=nk, aligned=aligned)
+    first = np.searchsorted(starts, np.arange(tiles) * nk, side="right") - 1
+    last = np.searchsorted(starts, np.arange(tiles) * nk + nk - 1, side="right") - 1
+    return c, starts, (last - first + 1).astype(np.int64)
+
+
+def _stream_geometry(mp: int, packed: MgpuPacked, cfg: MgpuConfig):
+    """(ctas, starts, counts, tile sizes) of a persistent schedule for ``mp`` padded tokens."""
+    bn_cta = cfg.block_n * cfg.compute_wgs
+    n_nt, n_mt = packed.n_pad // bn_cta, mp // cfg.block_m
+    nk = packed.k_pad // cfg.block_k
+    ctas = cfg.ctas_per_sm * _num_sms()
+    total = n_nt * n_mt * nk
+    while ctas > 1 and total * ctas >= 2**31:  # the kernel's int32 step arithmetic
+        ctas //= 2
+    c, starts, counts = stream_plan(n_nt * n_mt, nk, ctas, cfg.schedule == "tiles")
+    return c, starts, counts, bn_cta, n_nt, n_mt, nk
+
+
+def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
+    """Persistent ``"stream"`` / ``"tiles"`` kernel: ``[slots, Np, Mp]`` partial sums (fp32), or
+    for ``"tiles"`` ``[1, Mp, Np]`` (``transpose_out``; else ``[1, Np, Mp]``) in ``cdt``.
+    Returns ``(kernel, counts, slots)``."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    wgs = cfg.compute_wgs
+    bits, gs = packed.bits, packed.group_size
+    ctas, _, counts, bn_cta, n_nt, _, nk = _stream_geometry(mp, packed, cfg)
+    tiles = int(counts.shape[0])
+    total = tiles * nk
+    aligned = cfg.schedule == "tiles"
+    direct = aligned and cfg.transpose_out
+    slots = int(counts.max())
+    out_dt = cdt if aligned else jnp.float32
+    x_sw, x_tr = _tiled(bk * 16, 16)
+    chunk = x_sw * 8 // 16
+    _, w_tr = _tiled(bk * bits, bits)
+    o_bits = jnp.dtype(out_dt).itemsize * 8
+    _, o_tr = _tiled((bn if direct else bm) * o_bits, o_bits)
+    acc_mode = cfg.scale_mode == "acc"
+    acc_ref_mode = not acc_mode and not interpret  # hardware "weights": wgmma into an ACC ref
+    i32 = jnp.int32
+
+    cta_start = functools.partial(_cta_start, ctas=ctas, tiles=tiles, nk=nk, aligned=aligned)
+    first_cta = functools.partial(_first_cta, ctas=ctas, total=total)
+
+    def coords(step):
+        tile = step // nk
+        return tile // n_nt, tile % n_nt, step % nk  # m tile, n tile, K block
+
+    if gs >= bk:
+        sz_block, sz_row = (2, 1, bn_cta), lambda k: k // (gs // bk)
+    else:
+        sz_block, sz_row = (2, bk // gs, bn_cta), lambda k: k
+
+    def block_product(acc, w_smem, x_smem, s_ref, z_ref):
+        """acc (value, or ACC ref in acc_ref_mode) plus this K block's contribution."""
+        if acc_mode:
+            if interpret:
+                return _mma_acc_interpret(acc, w_smem, x_smem, s_ref, z_ref, chunk=chunk, bk=bk, cdt=cdt)
+            return _mma_acc_hw(acc, w_smem, x_smem, s_ref, z_ref, chunk=chunk, bk=bk, cdt=cdt, bn=bn, bm=bm,
+                               impl=cfg.scale_impl, bits=bits, w_layout=cfg.w_layout)
+        if interpret:
+            return _dequant_mma_interpret(acc, w_smem, x_smem, s_ref, z_ref, chunk=chunk, gs=gs, bk=bk, cdt=cdt)
+        _dequant_mma_hw(acc, w_smem, x_smem, s_ref, z_ref, chunk=chunk, gs=gs, bk=bk, cdt=cdt,
+                        impl=cfg.scale_impl, bits=bits, w_layout=cfg.w_layout)
+        return acc
+
+    def body(x_gmem, w_gmem, sz_gmem, o_gmem, o_smem):
+        c = jax.lax.axis_index("c").astype(i32)
+        start = cta_start(c)
+        nsteps = cta_start(c + 1) - start
+
+        specs = [
+            plgpu.BlockSpec((bn_cta, bk), lambda s: (coords(start + s)[1], coords(start + s)[2]), transforms=w_tr),
+            plgpu.BlockSpec((bm, bk), lambda s: (coords(start + s)[0], coords(start + s)[2]), transforms=x_tr),
+            plgpu.BlockSpec(sz_block, lambda s: (0, sz_row(coords(start + s)[2]), coords(start + s)[1])),
+        ]
+
+        def step_fn(idx, w_smem, x_smem, sz_smem, acc, wg):
+            (s,) = idx
+            if wgs > 1:
+                rows = pl.ds(wg * bn, bn)
+                w_smem, sz_s, sz_z = w_smem.at[rows], sz_smem.at[0, :, rows], sz_smem.at[1, :, rows]
+                o_ref = o_smem.at[wg]
+            else:
+                sz_s, sz_z, o_ref = sz_smem.at[0], sz_smem.at[1], o_smem
+            acc = block_product(acc, w_smem, x_smem, sz_s, sz_z)
+            line = start + s
+            mt, nt, k = coords(line)
+            flush = jnp.logical_or(k == nk - 1, s == nsteps - 1)
+
+            @pl.when(flush)
+            def _store():
+                slot = 0 if aligned else c - first_cta(line - k)
+                val = acc[...] if acc_ref_mode else acc
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                if not direct:
+                    o_ref[...] = val.astype(out_dt)
+                elif interpret:
+                    o_ref[...] = val.T.astype(out_dt)
+                else:  # [bn, bm] accumulator into the [bm, bn] tile through a transposed view
+                    _transposed(o_ref)[...] = plgpu.layout_cast(val.astype(out_dt), plgpu.Layout.WGMMA_TRANSPOSED)
+                if acc_ref_mode:
+                    acc[...] = jnp.zeros((bn, bm), jnp.float32)
+                plgpu.commit_smem()
+                row0 = nt * bn_cta + (wg * bn if wgs > 1 else 0)
+                if direct:
+                    dst = o_gmem.at[slot, pl.ds(mt * bm, bm), pl.ds(row0, bn)]
+                else:
+                    dst = o_gmem.at[slot, pl.ds(row0, bn), pl.ds(mt * bm, bm)]
+                plgpu.copy_smem_to_gmem(o_ref, dst)
+
+            if acc_ref_mode:
+                return acc
+            return acc * (1 - flush.astype(jnp.float32))
+
+        def run(init, wg):
+            if wgs == 1:
+                pipe = functools.partial(plgpu.emit_pipeline, grid=(nsteps,), in_specs=specs,
+                                         max_concurrent_steps=cfg.num_stages)
+                if acc_ref_mode:
+                    def step_ref(idx, w, x, sz):
+                        step_fn(idx, w, x, sz, init, None)
+
+                    pipe(step_ref)(w_gmem, x_gmem, sz_gmem)
+                else:
+                    pipe(lambda idx, w, x, sz, acc: step_fn(idx, w, x, sz, acc, None),
+                         init_carry=init)(w_gmem, x_gmem, sz_gmem)
+                return
+
+            def context(pipeline):
+                pipeline(init)
+
+            plgpu.emit_pipeline_warp_specialized(
+                lambda idx, w, x, sz, acc: step_fn(idx, w, x, sz, acc, wg),
+                grid=(nsteps,), memory_registers=40, in_specs=specs, wg_axis="wg", num_compute_wgs=wgs,
+                max_concurrent_steps=cfg.num_stages, compute_context=context,
+            )(w_gmem, x_gmem, sz_gmem)
+
+        wg = jax.lax.axis_index("wg").astype(i32) if wgs > 1 else None
+        if acc_ref_mode:
+            # each compute warpgroup's own accumulator; the memory warpgroup allocates none
+            if wgs == 1:
+                pl.run_scoped(lambda acc_ref: run(acc_ref, wg), plgpu.ACC((bn, bm), jnp.float32))
+            else:
+                def context_ref(pipeline):
+                    pl.run_scoped(lambda acc_ref: pipeline(acc_ref), plgpu.ACC((bn, bm), jnp.float32))
+
+                plgpu.emit_pipeline_warp_specialized(
+                    lambda idx, w, x, sz, acc: step_fn(idx, w, x, sz, acc, wg),
+                    grid=(nsteps,), memory_registers=40, in_specs=specs, wg_axis="wg", num_compute_wgs=wgs,
+                    max_concurrent_steps=cfg.num_stages, compute_context=context_ref,
+                )(w_gmem, x_gmem, sz_gmem)
+        else:
+            run(jnp.zeros((bn, bm), jnp.float32), wg)
+        plgpu.wait_smem_to_gmem(0)
+
+    o_shape = (bm, bn) if direct else (bn, bm)
+    if wgs > 1:
+        o_shape = (wgs, *o_shape)
+    kw: dict[str, Any] = dict(
+        out_type=jax.ShapeDtypeStruct((slots, *((mp, packed.n_pad) if direct else (packed.n_pad, mp))), out_dt),
+        scratch_types=[plgpu.SMEM(o_shape, out_dt, transforms=() if interpret else o_tr)],
+        grid=(ctas,),
+        grid_names=("c",),
+    )
+    if wgs > 1:
+        kw.update(num_threads=wgs + 1, thread_name="wg")
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        kw["interpret"] = InterpretGPUParams()
+    else:
+        kw["compiler_params"] = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+    return plgpu.kernel(body, **kw), counts, slots
+
+
+def _stream_sum(parts: jax.Array, counts: np.ndarray, mp: int, packed: MgpuPacked, cfg: MgpuConfig) -> jax.Array:
+    """``[Np, Mp]`` from the ``[slots, Np, Mp]`` partials: slot ``j`` of tile ``t`` counts only when
+    ``j < counts[t]`` (the other slots were never written)."""
+    slots = parts.shape[0]
+    if slots == 1:
+        return parts[0]
+    bn_cta = cfg.block_n * cfg.compute_wgs
+    n_nt, n_mt = packed.n_pad // bn_cta, mp // cfg.block_m
+    valid = np.arange(slots)[:, None] < counts.reshape(n_mt, n_nt).T.reshape(1, -1)  # [slots, n_nt*n_mt]
+    valid = valid.reshape(slots, n_nt, 1, n_mt, 1)
+    p = parts.reshape(slots, n_nt, bn_cta, n_mt, cfg.block_m)
+    return jnp.where(valid, p, 0.0).sum(0).reshape(packed.n_pad, mp)
+
+
 # ------------------------------------------------------------------------------------------ public
 
 
@@ -680,8 +942,15 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
     if mp != m or packed.k_pad != packed.k:
         x2 = jnp.pad(x2, ((0, mp - m), (0, packed.k_pad - packed.k)))
     sz = packed.sz if packed.sz.dtype == cdt else packed.sz.astype(cdt)
-    out = _build(mp, packed, cfg, cdt, interpret)(x2, packed.w, sz)  # [split, Np, Mp]
-    y = out.sum(0) if cfg.split_k > 1 else out[0]
+    if cfg.schedule == "grid":
+        out = _build(mp, packed, cfg, cdt, interpret)(x2, packed.w, sz)  # [split, Np, Mp]
+        y = out.sum(0) if cfg.split_k > 1 else out[0]
+    else:
+        kernel, counts, _ = _build_stream(mp, packed, cfg, cdt, interpret)
+        out = kernel(x2, packed.w, sz)
+        if cfg.schedule == "tiles" and cfg.transpose_out:  # [1, Mp, Np], already y
+            return out[0, :m, : packed.n]
+        y = _stream_sum(out, counts, mp, packed, cfg)  # [Np, Mp]
     return y[: packed.n, :m].T.astype(cdt)
 
 

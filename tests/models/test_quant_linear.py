@@ -150,13 +150,16 @@ def test_real_pallas_kernel_through_the_interpreter(monkeypatch):
     np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x))), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
-def quantize_params(params: dict, rng: np.random.Generator, bits: int = 4, group: int = 32) -> tuple[dict, dict]:
-    """RTN-quantize every block linear (asym, act-order g_idx on q/k/v) -> (quantized params,
-    float params holding the float64-dequantized kernels)."""
+def quantize_params(params: dict, rng: np.random.Generator, bits: int = 4, group: int = 32,
+                    shared_perm: bool = False) -> tuple[dict, dict]:
+    """RTN-quantize every block linear (asym, act-order g_idx on q/k/v: one permutation per layer
+    with ``shared_perm``, as GPTQ gives layers that see the same Hessian; else one per linear)
+    -> (quantized params, float params holding the float64-dequantized kernels)."""
     qparams = jax.tree.map(lambda x: x, params)
     fparams = jax.tree.map(lambda x: x, params)
     maxq = 2**bits - 1
     for i, lp in enumerate(params["layers"]):
+        perm = None
         for name in llama.LINEAR_NAMES:
             mod, proj = name.split(".")
             lin = lp[mod][proj]
@@ -164,7 +167,9 @@ def quantize_params(params: dict, rng: np.random.Generator, bits: int = 4, group
             k, n = wk.shape
             g_idx = np.arange(k, dtype=np.int32) // group
             if mod == "self_attn" and proj != "o_proj":
-                g_idx = g_idx[rng.permutation(k)]
+                if perm is None or not shared_perm:
+                    perm = rng.permutation(k)
+                g_idx = g_idx[perm]
             G = -(-k // group)
             lo = np.stack([wk[g_idx == g].min(0) for g in range(G)]).clip(max=0)
             hi = np.stack([wk[g_idx == g].max(0) for g in range(G)]).clip(min=0)
@@ -208,6 +213,62 @@ def test_quantized_model_equals_float_model_of_dequantized_weights(tiny_hf_model
     assert all(jnp.issubdtype(x.dtype, jnp.floating) for x in trainable)
     n_lin_biases = sum(1 for lp in qparams["layers"] for m in ("self_attn", "mlp") for l in lp[m].values() if "bias" in l)
     assert len(trainable) == (2 if cfg.tie_word_embeddings else 3) + 2 * cfg.num_layers + n_lin_biases
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "llama"])
+def test_fused_projections_equal_separate_layers(tiny_hf_model, variant, monkeypatch):
+    """q/k/v (same act-order g_idx) and gate/up run as one fused GPTQ matmul each: same logits as
+    the unfused model and the float model of the dequantized weights, exact to_params(), and the
+    same through the real GPU kernel in the Pallas interpreter."""
+    from jgptq.models.quant_linear import FusedQuantLinear
+    from jgptq.pallas_kernels import dispatch
+
+    cfg, params, _ = load_hf(tiny_hf_model(variant).folder)
+    qparams, fparams = quantize_params(params, np.random.default_rng(11), shared_perm=True)
+    fused = LlamaForCausalLM.from_params(cfg, qparams)
+    plain = LlamaForCausalLM.from_params(cfg, qparams, fuse=False)
+    attn, mlp = fused.layers[0].self_attn, fused.layers[0].mlp
+    assert isinstance(attn.qkv_proj, FusedQuantLinear) and attn.q_proj is None and attn.o_proj is not None
+    assert isinstance(mlp.gate_up_proj, FusedQuantLinear) and mlp.gate_proj is None
+    assert attn.qkv_proj.sizes == (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+                                   cfg.num_kv_heads * cfg.head_dim)
+    assert set(fused.layers[0].tree()["self_attn"]) == {"qkv_proj", "o_proj"}
+    assert plain.layers[0].self_attn.qkv_proj is None
+    ids = jnp.asarray(np.random.default_rng(12).integers(0, cfg.vocab_size, size=(2, 9)))
+    fwd = jax.jit(lambda m, x: m(x))
+    a, b = np.asarray(fwd(fused, ids)), np.asarray(fwd(plain, ids))
+    ref = np.asarray(fwd(LlamaForCausalLM.from_params(cfg, fparams), ids))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+    np.testing.assert_allclose(a, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    back = fused.to_params()
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(jax.tree.map(jnp.asarray, qparams)), strict=True):
+        assert x.shape == y.shape and np.array_equal(np.asarray(x), np.asarray(y))
+    # the fused layer through the real GPU kernel (Pallas interpreter) gives the same logits
+    real_prepare = dispatch.prepare
+    monkeypatch.setattr(dispatch, "prepare",
+                        lambda l, *, bits, backend=None: real_prepare(l, bits=bits, backend="gpu", interpret=True))
+    kern = LlamaForCausalLM.from_params(cfg, qparams, dtype=jnp.bfloat16)
+    assert kern.layers[0].self_attn.qkv_proj.inner.prepared is not None
+    c = np.asarray(fwd(kern, ids))
+    d = np.asarray(fwd(LlamaForCausalLM.from_params(cfg, qparams, dtype=jnp.bfloat16, use_kernels=False), ids))
+    assert np.abs(c - d).max() < 0.05 * np.abs(d).max()
+
+
+def test_concat_quantized_refuses_what_cannot_share_a_matmul():
+    from jgptq.models.quant_linear import concat_quantized, fuse_quantized
+
+    rng = np.random.default_rng(13)
+    a, _ = make_lin(rng, 64, 32, 4, 32, True, bias=False)
+    b = dict(a, qweight=a["qweight"][:, :16], scales=a["scales"][:, :16], zeros=a["zeros"][:, :16])
+    cat = concat_quantized([a, b])
+    assert cat["qweight"].shape == (8, 48) and np.array_equal(np.asarray(cat["g_idx"]), a["g_idx"])
+    other_perm, _ = make_lin(rng, 64, 16, 4, 32, True, bias=False)
+    eight, _ = make_lin(rng, 64, 16, 8, 32, False, bias=False)
+    biased = dict(b, bias=np.ones(16, np.float32))
+    floats = {"kernel": np.ones((64, 16), np.float32)}
+    for parts in ([a, other_perm], [a, eight], [a, biased], [a, floats], [a]):
+        assert concat_quantized(parts) is None and fuse_quantized(parts) is None
+    assert concat_quantized([biased, dict(biased)])["bias"].shape == (32,)
 
 
 def test_quantized_model_generates(tiny_hf_model):

@@ -137,6 +137,86 @@ def test_mgpu_validation_errors():
         mg.gptq_matmul_mgpu(x, {"w": 1}, interpret=True)
 
 
+# ---------------------------------------------------------------- persistent schedules (interpret)
+
+
+@pytest.mark.parametrize("tiles,nk,ctas,aligned", [(7, 5, 3, False), (7, 5, 3, True), (224, 64, 264, False),
+                                                   (3, 4, 20, False), (12, 1, 5, False), (5, 3, 5, True),
+                                                   (448, 64, 132, True), (33, 7, 16, False)])
+def test_stream_plan_matches_brute_force(tiles, nk, ctas, aligned):
+    """The static split (which slots are written) and the kernel's integer formulas agree with a
+    step-by-step assignment: every step in exactly one CTA, contiguous ranges, balanced to one
+    step (or one tile when aligned), and each tile's partial slots numbered from its first CTA."""
+    c, starts, counts = mg.stream_plan(tiles, nk, ctas, aligned)
+    total = tiles * nk
+    assert starts[0] == 0 and starts[-1] == total and np.all(np.diff(starts) > 0)
+    sizes = np.diff(starts) // (nk if aligned else 1)
+    assert sizes.max() - sizes.min() <= 1 and c == min(ctas, tiles if aligned else total)
+    owner = np.repeat(np.arange(c), np.diff(starts))  # CTA of every step
+    for ci in range(c + 1):
+        assert mg._cta_start(ci, ctas=c, tiles=tiles, nk=nk, aligned=aligned) == starts[ci]
+    if not aligned:
+        steps = np.arange(total)
+        np.testing.assert_array_equal(mg._first_cta(steps, ctas=c, total=total), owner)
+        assert int(mg._first_cta(jnp.int32(total - 1), ctas=c, total=total)) == owner[-1]
+    for t in range(tiles):
+        cs = np.unique(owner[t * nk:(t + 1) * nk])
+        assert counts[t] == len(cs) and np.all(np.diff(cs) == 1)
+    if aligned:
+        assert counts.max() == 1
+
+
+STREAM_CASES = [
+    # bits, gs, act_order, K, N, M, dtype, (block_m, block_n, block_k, mode, schedule, compute_wgs, sms, cps)
+    (4, 128, True, 576, 192, 1, jnp.bfloat16, (8, 64, 128, "acc", "stream", 1, 3, 1)),     # tiles cut across CTAs
+    (4, 128, False, 512, 256, 3, jnp.bfloat16, (8, 64, 128, "acc", "stream", 2, 2, 2)),    # warp-specialised
+    (4, 64, True, 1536, 128, 17, jnp.float16, (8, 64, 64, "acc", "stream", 1, 5, 1)),      # 3 M tiles, g64
+    (4, -1, False, 320, 128, 5, jnp.bfloat16, (8, 64, 64, "weights", "stream", 2, 3, 1)),  # per-channel
+    (4, 32, False, 256, 128, 9, jnp.bfloat16, (16, 64, 128, "weights", "stream", 1, 2, 2)),  # g32, weights
+    (8, 128, True, 384, 128, 20, jnp.bfloat16, (8, 64, 128, "acc", "tiles", 2, 2, 1)),     # 8-bit, tiles, y direct
+    (4, 128, False, 512, 256, 40, jnp.float16, (16, 64, 128, "weights", "tiles", 1, 3, 1)),  # tiles, weights
+    (4, 128, True, 576, 128, 33, jnp.bfloat16, (16, 64, 128, "acc", "tiles", 2, 40, 1)),   # more CTAs than tiles
+]
+
+
+@pytest.mark.parametrize("bits,gs,act_order,k,n,m,dtype,tiles", STREAM_CASES)
+def test_mgpu_persistent_schedules_interpret(bits, gs, act_order, k, n, m, dtype, tiles, monkeypatch):
+    bm, bn, bk, mode, sched, wgs, sms, cps = tiles
+    monkeypatch.setattr(mg, "_num_sms", lambda: sms)  # a few CTAs, so that tiles are cut across them
+    lin, w64, p = make(60 + k + m, k, n, bits, gs, act_order, dtype)
+    x = jax.random.normal(jax.random.key(m + 7), (m, k), jnp.float32).astype(dtype)
+    cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, num_stages=2, scale_mode=mode, schedule=sched,
+                        compute_wgs=wgs, ctas_per_sm=cps)
+    ctas, _, counts, *_ = mg._stream_geometry(-(-m // bm) * bm, p, cfg)
+    if sched == "stream":
+        assert counts.max() > 1  # the case really adds partial sums of one tile from several CTAs
+    y = mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=True)
+    assert y.shape == (m, n) and y.dtype == dtype
+    ref64 = np.asarray(x, np.float64) @ w64
+    assert rel_err(y, ref64) < 8e-3
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(mg.reference(x, p), np.float32),
+                               rtol=2e-2, atol=2e-2 * float(np.abs(ref64).max()))
+
+
+def test_mgpu_persistent_validation_errors():
+    _, _, p = make(6, 256, 192, 4, 128, False)
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    C = mg.MgpuConfig
+    with pytest.raises(ValueError, match="schedule must be"):
+        mg.gptq_matmul_mgpu(x, p, config=C(schedule="dynamic"), interpret=True)
+    with pytest.raises(ValueError, match="compute_wgs=3"):
+        mg.gptq_matmul_mgpu(x, p, config=C(schedule="stream", compute_wgs=3), interpret=True)
+    with pytest.raises(ValueError, match="needs schedule='stream' or 'tiles'"):
+        mg.gptq_matmul_mgpu(x, p, config=C(compute_wgs=2), interpret=True)
+    with pytest.raises(ValueError, match="needs split_k=1"):
+        mg.gptq_matmul_mgpu(x, p, config=C(schedule="stream", split_k=2), interpret=True)
+    with pytest.raises(ValueError, match="ctas_per_sm=0"):
+        mg.gptq_matmul_mgpu(x, p, config=C(schedule="tiles", ctas_per_sm=0), interpret=True)
+    _, _, p384 = make(7, 256, 384, 4, 128, False)
+    with pytest.raises(ValueError, match="must divide Np=384"):
+        mg.gptq_matmul_mgpu(x, p384, config=C(block_n=128, schedule="stream", compute_wgs=2), interpret=True)
+
+
 # ---------------------------------------------------------------- hardware path, lowered on CPU
 
 LOWER_CASES = [
@@ -162,6 +242,18 @@ LOWER_CASES = [
     (4, 128, 200, jnp.bfloat16, (128, 128, 128, 1, "weights", "jnp", "upcast")),
     (8, 128, 40, jnp.float16, (64, 64, 128, 1, "acc", "jnp", "upcast")),
     (4, 128, 16, jnp.bfloat16, (16, 256, 128, 2, "acc", "jnp", "upcast")),
+    # persistent schedules (schedule, compute_wgs[, transpose_out])
+    (4, 128, 1, jnp.bfloat16, (8, 128, 128, 1, "acc", "jnp", "upcast", "stream", 1)),
+    (4, 128, 1, jnp.bfloat16, (8, 128, 128, 1, "acc", "jnp", "upcast", "stream", 2)),
+    (4, 64, 16, jnp.float16, (16, 128, 64, 1, "acc", "jnp", "upcast", "stream", 2)),
+    (4, 128, 64, jnp.bfloat16, (64, 64, 128, 1, "acc", "jnp", "auto", "stream", 2)),
+    (8, 128, 5, jnp.bfloat16, (8, 64, 128, 1, "acc", "jnp", "upcast", "stream", 1)),
+    (4, 32, 9, jnp.bfloat16, (16, 64, 128, 1, "weights", "jnp", "auto", "stream", 2)),
+    (4, 128, 200, jnp.bfloat16, (128, 64, 128, 1, "acc", "jnp", "auto", "tiles", 2)),
+    (4, 128, 300, jnp.float16, (128, 64, 128, 1, "weights", "jnp", "upcast", "tiles", 2)),
+    (4, 128, 256, jnp.bfloat16, (256, 64, 64, 1, "weights", "jnp", "upcast", "tiles", 2)),
+    (4, 128, 200, jnp.bfloat16, (128, 64, 128, 1, "acc", "jnp", "auto", "tiles", 2, False)),
+    (4, 128, 130, jnp.bfloat16, (128, 128, 128, 1, "weights", "jnp", "upcast", "tiles", 1)),
 ]
 
 
@@ -170,8 +262,10 @@ def test_lowers_for_cuda(bits, gs, m, dtype, tiles):
     """Pallas -> Mosaic GPU lowering of the real (wgmma, register-A, inline_mgpu) kernel."""
     bm, bn, bk, split, mode, *impl = tiles
     _, _, p = make(3, 1024, 256, bits, gs, False, dtype)
+    sched = dict(zip(("schedule", "compute_wgs", "transpose_out"), impl[2:]))
     cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=3, scale_mode=mode,
-                        scale_impl=impl[0] if impl else "jnp", w_layout=impl[1] if len(impl) > 1 else "auto")
+                        scale_impl=impl[0] if impl else "jnp", w_layout=impl[1] if len(impl) > 1 else "auto",
+                        **sched)
     x = jnp.zeros((m, 1024), dtype)
     lowered = mg._forward.trace(x, p, cfg, False).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
@@ -237,3 +331,41 @@ def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
             assert rel_err(y, ref64) < 8e-3, (m, cfg)
     prep = dispatch.prepare(lin, bits=bits, backend="gpu", gpu_kernel="mgpu")
     assert rel_err(dispatch.matmul(x, prep), ref64) < 8e-3  # M=130 through dispatch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits,gs,act_order,k,n,dtype", [
+    (4, 128, True, 576, 1536, jnp.bfloat16), (4, 64, False, 4096, 4096, jnp.float16),
+    (8, 128, True, 2048, 1024, jnp.float16), (4, 32, False, 1024, 1024, jnp.bfloat16),
+])
+def test_mgpu_persistent_compiled(bits, gs, act_order, k, n, dtype):
+    """The stream-K and persistent-tile schedules (1 and 2 compute warpgroups, both scale modes,
+    y written by the kernel or transposed in XLA), compiled, against float64 at M = 1 / 9 / 64 / 130.
+    Every config is checked; the failures are listed together."""
+    lin, w64, p = make(80 + k, k, n, bits, gs, act_order, dtype)
+    C = mg.MgpuConfig
+    bk = 64 if gs == 64 else 128
+    mode = "acc" if gs % bk == 0 else "weights"
+    plan = {
+        1: [C(8, 128, bk, 1, 4, mode, "jnp", "upcast", "stream", 2, 1),
+            C(8, 64, bk, 1, 4, mode, "jnp", "upcast", "stream", 2, 2)],
+        9: [C(16, 128, bk, 1, 4, mode, "jnp", "upcast", "stream", 1, 2)],
+        64: [C(64, 64, bk, 1, 4, mode, "jnp", "upcast", "stream", 2, 2),
+             C(64, 64, bk, 1, 3, mode, "jnp", "auto", "tiles", 1, 2)],
+        130: [C(128, 64, bk, 1, 3, mode, "jnp", "upcast", "tiles", 1, 2),
+              C(128, 64, bk, 1, 3, "weights", "jnp", "upcast", "tiles", 1, 2),
+              C(128, 64, bk, 1, 3, mode, "jnp", "upcast", "tiles", 1, 2, False)],
+    }
+    bad = []
+    for m, cfgs in plan.items():
+        x = jax.random.normal(jax.random.key(m + k), (m, k), jnp.float32).astype(dtype)
+        ref64 = np.asarray(x, np.float64) @ w64
+        for cfg in cfgs:
+            if p.n_pad % (cfg.block_n * cfg.compute_wgs):
+                continue
+            y = jax.jit(lambda x, cfg=cfg: mg.gptq_matmul_mgpu(x, p, config=cfg))(x)
+            err = rel_err(y, ref64)
+            if y.shape != (m, n) or not err < 8e-3:
+                bad.append((m, cfg, err))
+    assert not bad, bad
