@@ -71,36 +71,29 @@ def report_failure(name: str, e: Exception) -> str:
 
 
 def mgpu_candidates(m: int, packed, limit: int) -> list:
-    """Default config first, then the persistent schedules (stream-K for decode, whole tiles for
-    prefill; one or two compute warpgroups) and the grid schedule's best-known tilings for this
-    M (at most ``limit``, configs that do not fit the layer dropped)."""
+    """Default config first, then its neighbours: the other schedule, the zero point folded into
+    the x sums (``zero_mode="xsum"``), and the runners-up of the first H200 sweep (RESULTS.md)
+    for this M (at most ``limit``; configs that do not fit the layer dropped)."""
     C = mg.MgpuConfig
     A, W, U = "acc", "weights", "upcast"
+    rp = dataclasses.replace
     d = mg.default_config(m, packed)
     bk = 64 if packed.group_size == 64 else 128
     c = [d]
+    if d.scale_mode == A:
+        c.append(rp(d, zero_mode="xsum"))
     if m <= 16:
         bm = 8 if m <= 8 else 16
-
-        def S(bn, st, cps, wgs, mode=A):
-            return C(bm, bn, bk, 1, st, mode, "jnp", U, "stream", cps, wgs)
-
-        c += [S(128, 8, 2, 1), S(128, 8, 1, 2), S(128, 4, 2, 2), S(64, 8, 2, 2), S(128, 6, 3, 1),
-              S(128, 12, 1, 1), C(bm, 128, 128, 8, 8, A, w_layout=U)]
+        c += [rp(mg._grid_config(m, packed), zero_mode="xsum"), mg._grid_config(m, packed),
+              C(bm, 128, bk, 1, 8, A, "jnp", U, "stream", 2, 1, zero_mode="xsum"),
+              C(bm, 128, 128, 8, 8, A, w_layout=U)]
     elif m <= 64:
         bm = 32 if m <= 32 else 64
-
-        def S(bn, st, cps, wgs, sched="stream", mode=A):
-            return C(bm, bn, bk, 1, st, mode, "jnp", U, sched, cps, wgs)
-
-        c += [S(64, 4, 2, 2), S(128, 4, 1, 2), S(64, 4, 2, 1), S(64, 4, 1, 2, "tiles"), S(64, 3, 2, 2, mode=W),
-              C(64, 128, 128, 1, 4, A, w_layout=U)]
+        c += [C(bm, 64, bk, 1, 4, A, "jnp", U, "stream", 2, 1), C(bm, 128, bk, 1, 4, A, "jnp", U, "stream", 1, 2),
+              C(bm, 64, bk, 1, 4, A, "jnp", U, "stream", 2, 1, zero_mode="xsum")]
     else:
-        def T(bm, bn, bk_, st, mode, wgs=2, sched="tiles", tr=True):
-            return C(bm, bn, bk_, 1, st, mode, "jnp", U, sched, 1, wgs, tr)
-
-        c += [T(128, 64, bk, 4, A), T(128, 64, 128, 4, W), T(128, 128, 64, 4, W), T(256, 64, 64, 4, W),
-              T(128, 64, bk, 4, A, tr=False), T(128, 64, bk, 3, A, sched="stream")]
+        c += [C(256, 64, 64, 1, 4, W, "jnp", U, "tiles", 1, 2), C(128, 64, 64, 1, 4, W, "jnp", U, "tiles", 1, 2),
+              C(128, 64, 64, 1, 4, W, "jnp", U, "stream", 1, 2), C(128, 64, 128, 1, 4, W, "jnp", U, "tiles", 1, 2)]
     out = []
     nk = lambda cfg: packed.k_pad // cfg.block_k  # noqa: E731
     for cfg in c:
@@ -120,6 +113,8 @@ def mgpu_name(cfg) -> str:
         s += f",{cfg.schedule},cps{cfg.ctas_per_sm},wg{cfg.compute_wgs}"
         if cfg.schedule == "tiles" and not cfg.transpose_out:
             s += ",yT-xla"
+    if cfg.zero_mode != "regs":
+        s += f",z-{cfg.zero_mode}"
     return s + "]"
 
 

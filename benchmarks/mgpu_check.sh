@@ -8,13 +8,16 @@
 # Device-timed medians with weights rotated over copies larger than L2 (benchmarks/bench_kernels.py).
 # Writes $OUT/gpu_pytest.txt, $OUT/bench_big.log + bench_big.json, $OUT/bench_rest.log +
 # bench_rest.json; prints the tables last. A config that fails to compile is reported and skipped.
-# Time boxes (seconds): TESTS_S (default 130), BIG_S (250), REST_S (120); 0 skips that part.
+# 4. (E2E_S > 0) the 7B-shape decode benchmark: bf16 vs GPTQ 4-bit (fused q/k/v + gate/up, and unfused).
+# Time boxes (seconds): TESTS_S (default 130), BIG_S (250), REST_S (120), E2E_S (0); 0 skips that part.
+# BIG_MS / BIG_CFGS / REST_CFGS choose the big shape's token counts and configs per point.
 set -u
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/mgpu_check_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python}"
-TESTS_S="${TESTS_S:-130}" BIG_S="${BIG_S:-250}" REST_S="${REST_S:-120}"
+TESTS_S="${TESTS_S:-130}" BIG_S="${BIG_S:-250}" REST_S="${REST_S:-120}" E2E_S="${E2E_S:-0}"
+BIG_MS="${BIG_MS:-1,16,64,256,1024,4096}" BIG_CFGS="${BIG_CFGS:-9}" REST_CFGS="${REST_CFGS:-4}"
 # Import this checkout's package whatever is installed: jgptq.models / jgptq.pallas_kernels live in
 # models/ and pallas_kernels/ (pyproject package-dir), so build a jgptq/ of symlinks.
 SHIM="$(mktemp -d)"
@@ -35,8 +38,8 @@ fi
 if [ "$BIG_S" != 0 ]; then
   echo "=== 2/3 benchmark 8192 x 28672 ==="
   mkdir -p "$OUT/big"
-  timeout $((BIG_S + 40)) "$PY" "$REPO/benchmarks/bench_kernels.py" --shapes 8192x28672 --ms 1,16,64,256,1024,4096 \
-    --no-triton --mgpu --max-mgpu-cfgs 9 --mgpu-parts --budget-s "$BIG_S" --out "$OUT/big" 2>&1 \
+  timeout $((BIG_S + 40)) "$PY" "$REPO/benchmarks/bench_kernels.py" --shapes 8192x28672 --ms "$BIG_MS" \
+    --no-triton --mgpu --max-mgpu-cfgs "$BIG_CFGS" --mgpu-parts --budget-s "$BIG_S" --out "$OUT/big" 2>&1 \
     | tee "$OUT/bench_big.log" | grep -v '^{"K"' | tail -40
   echo "bench exit: ${PIPESTATUS[0]}"
   mv "$OUT/big/bench_kernels.json" "$OUT/bench_big.json" 2>/dev/null; rmdir "$OUT/big" 2>/dev/null
@@ -45,8 +48,16 @@ if [ "$REST_S" != 0 ]; then
   echo "=== 3/3 benchmark 4096 x 4096, 4096 x 14336, 14336 x 4096 ==="
   mkdir -p "$OUT/rest"
   timeout $((REST_S + 40)) "$PY" "$REPO/benchmarks/bench_kernels.py" --shapes 4096x4096,4096x14336,14336x4096 \
-    --ms 1,16,64,256 --no-triton --no-xla-dequant --mgpu --max-mgpu-cfgs 4 --max-mgpu-cfgs-rest 4 \
+    --ms 1,16,64,256 --no-triton --no-xla-dequant --mgpu --max-mgpu-cfgs "$REST_CFGS" --max-mgpu-cfgs-rest "$REST_CFGS" \
     --budget-s "$REST_S" --out "$OUT/rest" 2>&1 | tee "$OUT/bench_rest.log" | grep -v '^{"K"' | tail -25
   echo "bench exit: ${PIPESTATUS[0]}"
   mv "$OUT/rest/bench_kernels.json" "$OUT/bench_rest.json" 2>/dev/null; rmdir "$OUT/rest" 2>/dev/null
+fi
+if [ "$E2E_S" != 0 ]; then
+  echo "=== 4/4 end to end: 7B-shape decode ==="
+  mkdir -p "$OUT/e2e"
+  timeout "$E2E_S" "$PY" "$REPO/benchmarks/bench_kernels.py" --e2e --e2e-nofuse --out "$OUT/e2e" 2>&1 \
+    | tee "$OUT/bench_e2e.log" | tail -12
+  echo "e2e exit: ${PIPESTATUS[0]}"
+  mv "$OUT/e2e/bench_e2e.json" "$OUT/bench_e2e.json" 2>/dev/null; rmdir "$OUT/e2e" 2>/dev/null
 fi

@@ -45,10 +45,10 @@ __all__ = ["Prepared", "prepare", "matmul", "xla_matmul", "gptq_qweight", "LARGE
 # Above this many tokens the GPU path dequantizes once and calls XLA's dot (cuBLAS), which was
 # faster than the Pallas kernel there on an H100 (benchmarks/RESULTS.md, "Pallas kernels").
 LARGE_M_GPU = 128
-# The same threshold for the Mosaic GPU kernel: at M = 256 it beats XLA dequantize + cuBLAS on an
-# H100 (270 vs 459 us at 8192 x 28672, benchmarks/RESULTS.md); at M >= 1024 the dequantize pass is
-# the smaller cost.
-LARGE_M_MGPU = 512
+# The same threshold for the Mosaic GPU kernel: its persistent warp-specialised tiles beat XLA
+# dequantize + cuBLAS up to M = 1024 on an H200 (756 vs 961 us at 8192 x 28672, and 201 vs 480 us at
+# M = 256) and tie at M = 4096 (3195 vs 3172 us; benchmarks/RESULTS.md).
+LARGE_M_MGPU = 4096
 
 # GPU kernel used when prepare() is not told: "auto" picks "mgpu" (gptq_matmul_mgpu, Mosaic GPU,
 # needs Hopper: wgmma / TMA) on compute capability 9.x and "triton" (gptq_matmul_gpu) elsewhere.

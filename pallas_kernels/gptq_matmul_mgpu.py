@@ -250,6 +250,10 @@ class MgpuConfig:
       compute_wgs: 1 (one warpgroup issues the copies and computes) or 2 (warp-specialised:
         a memory warpgroup issues the TMA copies while two compute warpgroups each take
         ``block_n`` rows of a ``2 * block_n`` weight tile). Persistent schedules only.
+      zero_mode: ``scale_mode="acc"`` only: ``"regs"`` subtracts the zero point from every code
+        in registers; ``"xsum"`` runs the wgmma on the raw codes and corrects each K block's
+        product by ``z[n] * sum_k x[m, k]`` (two FMAs per accumulator element instead of one op
+        per weight; the per-block sums of x are computed in XLA, fp32).
       transpose_out: ``"tiles"`` only: the kernel writes ``y [Mp, Np]`` itself (the accumulator
         stored through a transposed SMEM view), so no XLA transpose follows; False writes
         ``yᵀ [Np, Mp]`` like the other schedules.
@@ -267,6 +271,7 @@ class MgpuConfig:
     ctas_per_sm: int = 2
     compute_wgs: int = 1
     transpose_out: bool = True
+    zero_mode: str = "regs"
 
 
 def _num_sms() -> int:
@@ -276,11 +281,10 @@ def _num_sms() -> int:
         return 132
 
 
-def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
-    """Tiles for ``m`` tokens, from the H100 sweeps in benchmarks/RESULTS.md (8192 x 28672 and
-    4096 x 4096, g128): decode (M <= 16) wants deep pipelines (8 stages), many short CTAs (split-K
-    up to ~16 CTAs per SM at M <= 8, ~4 at M <= 16, where the fp32 partial sums cost more) and the
-    explicit upcast layout; M <= 64 one 64-wide N tile per CTA; larger M
+def _grid_config(m: int, packed: MgpuPacked) -> MgpuConfig:
+    """The ``"grid"`` schedule's tiles for ``m`` tokens (H100 sweeps, benchmarks/RESULTS.md): deep
+    pipelines (8 stages), many short CTAs (split-K up to ~16 CTAs per SM at M <= 8, ~4 at M <= 16)
+    and the explicit upcast layout for decode; M <= 64 one 64-wide N tile per CTA; larger M
     dequantizes the weights in registers ("weights") under the widest token tile."""
     if m <= 16:
         bm = 8 if m <= 8 else 16
@@ -310,6 +314,42 @@ def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
     mode = "acc" if packed.group_size % bk == 0 and bm * bn <= 64 * 128 else "weights"
     return MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=stages, scale_mode=mode,
                       w_layout="upcast" if m <= 16 else "auto")
+
+
+def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
+    """Tiles and schedule for ``m`` tokens, from the H200 sweep in benchmarks/RESULTS.md
+    (8192 x 28672, 4096 x 4096, 4096 x 14336, g128):
+
+    * M <= 8: the ``"grid"`` schedule with split-K (:func:`_grid_config`): its many short CTAs
+      kept more loads in flight than the persistent schedules (56 vs 66+ us at 8192 x 28672).
+    * M <= 64: persistent stream-K (``"stream"``), the zero point subtracted in registers
+      (``"acc"``); two compute warpgroups over 256-row weight tiles for big layers at M > 16,
+      one warpgroup and 2 CTAs per SM otherwise.
+    * larger M: two compute warpgroups dequantizing ``[64, 64]`` weight tiles in registers
+      under a 256- (128-) token tile; whole tiles per CTA written straight to ``y`` when there are
+      at least as many tiles as SMs (``"tiles"``), else stream-K to split K as well.
+    """
+    if m <= 8:
+        return _grid_config(m, packed)
+    gs = packed.group_size
+    if m <= 64:
+        bk = 64 if gs == 64 else 128
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        big = packed.k_pad * packed.n_pad >= 64 * 2**20
+        if m > 16 and big and packed.n_pad % 256 == 0:
+            bn, wgs, cps = 128, 2, 1
+        else:
+            bn, wgs, cps = (128 if m <= 16 else 64), 1, 2
+        return MgpuConfig(block_m=bm, block_n=bn, block_k=bk, num_stages=8 if m <= 16 else 4,
+                          scale_mode="acc" if gs % bk == 0 else "weights", w_layout="upcast",
+                          schedule="stream", ctas_per_sm=cps, compute_wgs=wgs)
+    bm = 256 if m >= 256 else 128
+    tiles = -(-m // bm) * (packed.n_pad // 128)
+    schedule = "tiles" if tiles >= _num_sms() else "stream"
+    if schedule == "stream":
+        bm = 128  # fp32 partial-sum tiles of 2 x [64, 256] would not fit SMEM beside the pipeline
+    return MgpuConfig(block_m=bm, block_n=64, block_k=64, num_stages=4, scale_mode="weights", w_layout="upcast",
+                      schedule=schedule, ctas_per_sm=1, compute_wgs=2)
 
 
 def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
@@ -356,6 +396,10 @@ def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
         raise ValueError(
             f"scale_mode='acc' needs block_k={bk} to divide the group size {gs}; use scale_mode='weights'."
         )
+    if cfg.zero_mode not in ("regs", "xsum"):
+        raise ValueError(f"zero_mode must be 'regs' or 'xsum'; got {cfg.zero_mode!r}.")
+    if cfg.zero_mode == "xsum" and cfg.scale_mode != "acc":
+        raise ValueError("zero_mode='xsum' needs scale_mode='acc'.")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {cfg.schedule!r}.")
     if cfg.compute_wgs not in (1, 2):
@@ -424,18 +468,21 @@ def _dequant_mma_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk
     return acc
 
 
-def _mma_acc_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt):
+def _mma_acc_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt, xs_smem=None):
     """Interpreter leaf of ``scale_mode="acc"``: ``acc + ((codes - z) @ x) * s`` per K block
-    (``acc`` None: the scaled block product alone)."""
+    (``acc`` None: the scaled block product alone); with ``xs_smem`` (the block's ``sum_k x``,
+    ``[1, bm]``) as ``(codes @ x - z * xs) * s``."""
     w = w_smem[...]
     x = x_smem[...]
     z = z_smem[...].astype(cdt)[0][:, None]  # [bn, 1]
     t = None
     for j in range(bk // chunk):
         ks = slice(j * chunk, (j + 1) * chunk)
-        d = jax.lax.dot_general(w[:, ks].astype(cdt) - z, x[:, ks], (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32)
+        wj = w[:, ks].astype(cdt) if xs_smem is not None else w[:, ks].astype(cdt) - z
+        d = jax.lax.dot_general(wj, x[:, ks], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         t = d if t is None else t + d
+    if xs_smem is not None:
+        t = t - z.astype(jnp.float32) * xs_smem[...][0][None, :]
     t = t * s_smem[...].astype(jnp.float32)[0][:, None]
     return t if acc is None else acc + t
 
@@ -508,7 +555,7 @@ def _upcast(wj, cdt, w_layout: str):
     return wj.astype(cdt)
 
 
-def _mma_acc_hw(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt, bn, bm, impl, bits, w_layout):
+def _mma_acc_hw(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt, bn, bm, impl, bits, w_layout, xs_smem=None):
     """Hardware leaf of ``scale_mode="acc"``: wgmma on (upcast codes - z) into a scoped
     accumulator, then ``acc + product * s`` on the fp32 values (``acc`` None: the product alone)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -520,7 +567,8 @@ def _mma_acc_hw(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt, bn, bm, 
             ks = slice(j * chunk, (j + 1) * chunk)
             with jax.named_scope("upcast"):
                 wj = _upcast(w[:, ks], cdt, w_layout)
-                wj = wj - _bcast_rows(z_smem[0, :], wj.shape)
+                if xs_smem is None:
+                    wj = wj - _bcast_rows(z_smem[0, :], wj.shape)
             with jax.named_scope("wgmma"):
                 plgpu.wgmma(tmp_ref, wj, _transposed(x_smem.at[:, ks]))
             plgpu.wgmma_wait(1 if j + 1 < steps else 0)
@@ -528,6 +576,9 @@ def _mma_acc_hw(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt, bn, bm, 
 
     t = pl.run_scoped(mm, plgpu.ACC((bn, bm), jnp.float32))
     with jax.named_scope("scale"):
+        if xs_smem is not None:  # codes @ x - z (x) sum_k x, then * s
+            t = t - _bcast_rows(z_smem[0, :].astype(jnp.float32), t.shape) * jax.lax.broadcast_in_dim(
+                xs_smem[0, :], t.shape, (1,))
         if impl == "jnp":
             t = t * _bcast_rows(s_smem[0, :].astype(jnp.float32), t.shape)
         else:
@@ -605,7 +656,10 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
         s_rows, blocks_per_group = bk // gs, 0
     o_sw, o_tr = _tiled(bm * jnp.dtype(out_dt).itemsize * 8, jnp.dtype(out_dt).itemsize * 8)
 
-    def body(x_gmem, w_gmem, sz_gmem, o_gmem, o_smem):
+    xsum = cfg.zero_mode == "xsum"
+
+    def body(x_gmem, w_gmem, sz_gmem, *rest):
+        xs_gmem, o_gmem, o_smem = rest if xsum else (None, *rest)
         ni = jax.lax.axis_index("n")
         mi = jax.lax.axis_index("m")
         si = jax.lax.axis_index("k")
@@ -624,18 +678,24 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
         leaf_kw = dict(chunk=chunk, gs=gs, bk=bk, cdt=cdt)
         hw_kw = dict(bits=bits, w_layout=cfg.w_layout)
         if cfg.scale_mode == "acc":
+            gm = (w_gmem, x_gmem, sz_gmem)
+            if xsum:  # per-K-block sums of x: [nk, Mp] fp32
+                specs.append(plgpu.BlockSpec((1, bm), lambda ki: (k0 + ki, mi)))
+                gm += (xs_gmem,)
             pipe = functools.partial(plgpu.emit_pipeline, grid=(steps_per_split,), in_specs=specs,
                                      max_concurrent_steps=cfg.num_stages,
                                      init_carry=jnp.zeros((bn, bm), jnp.float32))
-            if interpret:
-                def step(_, w_smem, x_smem, sz_smem, acc):
+
+            def step(_, w_smem, x_smem, sz_smem, *rest):
+                *xs, acc = rest
+                xs_kw = dict(xs_smem=xs[0]) if xs else {}
+                if interpret:
                     return _mma_acc_interpret(acc, w_smem, x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk,
-                                              bk=bk, cdt=cdt)
-            else:
-                def step(_, w_smem, x_smem, sz_smem, acc):
-                    return _mma_acc_hw(acc, w_smem, x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk, bk=bk,
-                                       cdt=cdt, bn=bn, bm=bm, impl=cfg.scale_impl, **hw_kw)
-            acc = pipe(step)(w_gmem, x_gmem, sz_gmem)
+                                              bk=bk, cdt=cdt, **xs_kw)
+                return _mma_acc_hw(acc, w_smem, x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk, bk=bk,
+                                   cdt=cdt, bn=bn, bm=bm, impl=cfg.scale_impl, **hw_kw, **xs_kw)
+
+            acc = pipe(step)(*gm)
         elif interpret:
             def step(_, w_smem, x_smem, sz_smem, acc):
                 return _dequant_mma_interpret(acc, w_smem, x_smem, sz_smem.at[0], sz_smem.at[1], **leaf_kw)
@@ -760,20 +820,24 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
     else:
         sz_block, sz_row = (2, bk // gs, bn_cta), lambda k: k
 
-    def block_product(acc, w_smem, x_smem, s_ref, z_ref):
+    xsum = cfg.zero_mode == "xsum"
+
+    def block_product(acc, w_smem, x_smem, s_ref, z_ref, xs_ref=None):
         """acc (value, or ACC ref in acc_ref_mode) plus this K block's contribution."""
         if acc_mode:
+            xs_kw = {} if xs_ref is None else dict(xs_smem=xs_ref)
             if interpret:
-                return _mma_acc_interpret(acc, w_smem, x_smem, s_ref, z_ref, chunk=chunk, bk=bk, cdt=cdt)
+                return _mma_acc_interpret(acc, w_smem, x_smem, s_ref, z_ref, chunk=chunk, bk=bk, cdt=cdt, **xs_kw)
             return _mma_acc_hw(acc, w_smem, x_smem, s_ref, z_ref, chunk=chunk, bk=bk, cdt=cdt, bn=bn, bm=bm,
-                               impl=cfg.scale_impl, bits=bits, w_layout=cfg.w_layout)
+                               impl=cfg.scale_impl, bits=bits, w_layout=cfg.w_layout, **xs_kw)
         if interpret:
             return _dequant_mma_interpret(acc, w_smem, x_smem, s_ref, z_ref, chunk=chunk, gs=gs, bk=bk, cdt=cdt)
         _dequant_mma_hw(acc, w_smem, x_smem, s_ref, z_ref, chunk=chunk, gs=gs, bk=bk, cdt=cdt,
                         impl=cfg.scale_impl, bits=bits, w_layout=cfg.w_layout)
         return acc
 
-    def body(x_gmem, w_gmem, sz_gmem, o_gmem, o_smem):
+    def body(x_gmem, w_gmem, sz_gmem, *rest):
+        xs_gmem, o_gmem, o_smem = rest if xsum else (None, *rest)
         c = jax.lax.axis_index("c").astype(i32)
         start = cta_start(c)
         nsteps = cta_start(c + 1) - start
@@ -783,8 +847,12 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
             plgpu.BlockSpec((bm, bk), lambda s: (coords(start + s)[0], coords(start + s)[2]), transforms=x_tr),
             plgpu.BlockSpec(sz_block, lambda s: (0, sz_row(coords(start + s)[2]), coords(start + s)[1])),
         ]
+        gm = (w_gmem, x_gmem, sz_gmem)
+        if xsum:  # per-K-block sums of x: [nk, Mp] fp32
+            specs.append(plgpu.BlockSpec((1, bm), lambda s: (coords(start + s)[2], coords(start + s)[0])))
+            gm += (xs_gmem,)
 
-        def step_fn(idx, w_smem, x_smem, sz_smem, acc, wg):
+        def step_fn(idx, w_smem, x_smem, sz_smem, xs_smem, acc, wg):
             (s,) = idx
             if wgs > 1:
                 rows = pl.ds(wg * bn, bn)
@@ -792,7 +860,7 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
                 o_ref = o_smem.at[wg]
             else:
                 sz_s, sz_z, o_ref = sz_smem.at[0], sz_smem.at[1], o_smem
-            acc = block_product(acc, w_smem, x_smem, sz_s, sz_z)
+            acc = block_product(acc, w_smem, x_smem, sz_s, sz_z, xs_smem)
             line = start + s
             mt, nt, k = coords(line)
             flush = jnp.logical_or(k == nk - 1, s == nsteps - 1)
@@ -822,28 +890,30 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
                 return acc
             return acc * (1 - flush.astype(jnp.float32))
 
+        def split(args):  # (w, x, sz[, xs], carry) -> (w, x, sz, xs or None, carry)
+            return (*args[:3], args[3] if xsum else None, args[-1])
+
         def run(init, wg):
             if wgs == 1:
                 pipe = functools.partial(plgpu.emit_pipeline, grid=(nsteps,), in_specs=specs,
                                          max_concurrent_steps=cfg.num_stages)
                 if acc_ref_mode:
-                    def step_ref(idx, w, x, sz):
-                        step_fn(idx, w, x, sz, init, None)
+                    def step_ref(idx, *args):
+                        step_fn(idx, *split((*args, init)), None)
 
-                    pipe(step_ref)(w_gmem, x_gmem, sz_gmem)
+                    pipe(step_ref)(*gm)
                 else:
-                    pipe(lambda idx, w, x, sz, acc: step_fn(idx, w, x, sz, acc, None),
-                         init_carry=init)(w_gmem, x_gmem, sz_gmem)
+                    pipe(lambda idx, *args: step_fn(idx, *split(args), None), init_carry=init)(*gm)
                 return
 
             def context(pipeline):
                 pipeline(init)
 
             plgpu.emit_pipeline_warp_specialized(
-                lambda idx, w, x, sz, acc: step_fn(idx, w, x, sz, acc, wg),
+                lambda idx, *args: step_fn(idx, *split(args), wg),
                 grid=(nsteps,), memory_registers=40, in_specs=specs, wg_axis="wg", num_compute_wgs=wgs,
                 max_concurrent_steps=cfg.num_stages, compute_context=context,
-            )(w_gmem, x_gmem, sz_gmem)
+            )(*gm)
 
         wg = jax.lax.axis_index("wg").astype(i32) if wgs > 1 else None
         if acc_ref_mode:
@@ -855,10 +925,10 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
                     pl.run_scoped(lambda acc_ref: pipeline(acc_ref), plgpu.ACC((bn, bm), jnp.float32))
 
                 plgpu.emit_pipeline_warp_specialized(
-                    lambda idx, w, x, sz, acc: step_fn(idx, w, x, sz, acc, wg),
+                    lambda idx, *args: step_fn(idx, *split(args), wg),
                     grid=(nsteps,), memory_registers=40, in_specs=specs, wg_axis="wg", num_compute_wgs=wgs,
                     max_concurrent_steps=cfg.num_stages, compute_context=context_ref,
-                )(w_gmem, x_gmem, sz_gmem)
+                )(*gm)
         else:
             run(jnp.zeros((bn, bm), jnp.float32), wg)
         plgpu.wait_smem_to_gmem(0)
@@ -942,12 +1012,15 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
     if mp != m or packed.k_pad != packed.k:
         x2 = jnp.pad(x2, ((0, mp - m), (0, packed.k_pad - packed.k)))
     sz = packed.sz if packed.sz.dtype == cdt else packed.sz.astype(cdt)
+    args = (x2, packed.w, sz)
+    if cfg.zero_mode == "xsum":  # [nk, Mp] fp32 sums of x over each K block
+        args += (x2.astype(jnp.float32).reshape(mp, packed.k_pad // cfg.block_k, cfg.block_k).sum(-1).T,)
     if cfg.schedule == "grid":
-        out = _build(mp, packed, cfg, cdt, interpret)(x2, packed.w, sz)  # [split, Np, Mp]
+        out = _build(mp, packed, cfg, cdt, interpret)(*args)  # [split, Np, Mp]
         y = out.sum(0) if cfg.split_k > 1 else out[0]
     else:
         kernel, counts, _ = _build_stream(mp, packed, cfg, cdt, interpret)
-        out = kernel(x2, packed.w, sz)
+        out = kernel(*args)
         if cfg.schedule == "tiles" and cfg.transpose_out:  # [1, Mp, Np], already y
             return out[0, :m, : packed.n]
         y = _stream_sum(out, counts, mp, packed, cfg)  # [Np, Mp]

@@ -219,7 +219,7 @@ def test_dispatch_contract():
 ])
 def test_gpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
     lin, w64 = make(40 + k, k, n, bits, gs, act_order)
-    prep = dispatch.prepare(lin, bits=bits, backend="gpu")
+    prep = dispatch.prepare(lin, bits=bits, backend="gpu", gpu_kernel="triton")  # not "auto": Hopper picks mgpu
     packed = prep.packed
     for m in (1, 33):
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)

@@ -349,14 +349,19 @@ def test_mgpu_persistent_compiled(bits, gs, act_order, k, n, dtype):
     mode = "acc" if gs % bk == 0 else "weights"
     plan = {
         1: [C(8, 128, bk, 1, 4, mode, "jnp", "upcast", "stream", 2, 1),
-            C(8, 64, bk, 1, 4, mode, "jnp", "upcast", "stream", 2, 2)],
-        9: [C(16, 128, bk, 1, 4, mode, "jnp", "upcast", "stream", 1, 2)],
+            C(8, 64, bk, 1, 4, mode, "jnp", "upcast", "stream", 2, 2),
+            mg.default_config(1, p)],
+        9: [C(16, 128, bk, 1, 4, mode, "jnp", "upcast", "stream", 1, 2), mg.default_config(9, p)],
         64: [C(64, 64, bk, 1, 4, mode, "jnp", "upcast", "stream", 2, 2),
              C(64, 64, bk, 1, 3, mode, "jnp", "auto", "tiles", 1, 2)],
         130: [C(128, 64, bk, 1, 3, mode, "jnp", "upcast", "tiles", 1, 2),
               C(128, 64, bk, 1, 3, "weights", "jnp", "upcast", "tiles", 1, 2),
               C(128, 64, bk, 1, 3, mode, "jnp", "upcast", "tiles", 1, 2, False)],
     }
+    if mode == "acc":  # the zero point folded into per-block x sums
+        plan[1].append(dataclasses.replace(mg.default_config(1, p), zero_mode="xsum"))
+        plan[9].append(dataclasses.replace(plan[9][0], zero_mode="xsum"))
+    plan[130].append(mg.default_config(130, p))
     bad = []
     for m, cfgs in plan.items():
         x = jax.random.normal(jax.random.key(m + k), (m, k), jnp.float32).astype(dtype)
@@ -369,3 +374,49 @@ def test_mgpu_persistent_compiled(bits, gs, act_order, k, n, dtype):
             if y.shape != (m, n) or not err < 8e-3:
                 bad.append((m, cfg, err))
     assert not bad, bad
+
+
+@pytest.mark.parametrize("k,n,gs", [(576, 960, 128), (1536, 576, 64), (4096, 12288, 128), (8192, 28672, 128),
+                                    (1024, 512, 32), (2048, 1024, -1), (4096, 4096, 64)])
+def test_default_configs_fit_every_layer(k, n, gs, monkeypatch):
+    """default_config gives a valid config for every M regime and layer shape (no compile here:
+    _validate is the same check gptq_matmul_mgpu runs), with the schedule the tuning chose."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 132)
+    lin = random_gptq_linear(jax.random.key(k + n), k, n, bits=4, group_size=gs)
+    p = mg.pack_mgpu_linear(lin, bits=4)
+    for m in (1, 8, 9, 16, 17, 33, 64, 65, 128, 256, 1000, 3000):
+        cfg = mg.default_config(m, p)
+        mg._validate(jnp.zeros((m, k), jnp.bfloat16), p, cfg)
+        assert cfg.schedule == ("grid" if m <= 8 else "stream" if m <= 64 else cfg.schedule)
+        if m > 64:
+            tiles = -(-m // cfg.block_m) * (p.n_pad // 128)
+            assert cfg.schedule in ("tiles", "stream") and cfg.compute_wgs == 2
+            assert cfg.schedule == "stream" or tiles >= 132
+
+
+def test_default_config_runs_in_the_interpreter(monkeypatch):
+    """The default configs of the three regimes (grid / stream / tiles) on one small layer."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 2)
+    lin, w64, p = make(90, 256, 256, 4, 64, True)
+    for m in (3, 20, 130):
+        cfg = mg.default_config(m, p)
+        x = jax.random.normal(jax.random.key(m), (m, 256), jnp.float32).astype(jnp.bfloat16)
+        assert rel_err(mg.gptq_matmul_mgpu(x, p, interpret=True), np.asarray(x, np.float64) @ w64) < 8e-3, cfg
+
+
+@pytest.mark.parametrize("sched,wgs,split,gs,m", [("grid", 1, 3, 128, 2), ("stream", 1, 1, 64, 5), ("stream", 2, 1, 128, 17),
+                                                  ("tiles", 2, 1, -1, 20)])
+def test_zero_point_through_x_sums(sched, wgs, split, gs, m, monkeypatch):
+    """zero_mode="xsum": wgmma on the raw codes, each K block corrected by z * sum(x) — the same
+    function (interpreter), and the hardware path lowers for CUDA."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 3)
+    lin, w64, p = make(95 + m, 384, 256, 4, gs, gs == 128)
+    bk = 64 if gs == 64 else 128
+    cfg = mg.MgpuConfig(block_m=8 if m <= 8 else 16, block_n=64, block_k=bk, split_k=split, num_stages=2,
+                        scale_mode="acc", schedule=sched, compute_wgs=wgs, ctas_per_sm=1, zero_mode="xsum")
+    x = jax.random.normal(jax.random.key(m), (m, 384), jnp.float32).astype(jnp.bfloat16)
+    assert rel_err(mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=True), np.asarray(x, np.float64) @ w64) < 8e-3
+    lowered = mg._forward.trace(x, p, cfg, False).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+    with pytest.raises(ValueError, match="zero_mode='xsum' needs scale_mode='acc'"):
+        mg.gptq_matmul_mgpu(x, p, config=dataclasses.replace(cfg, scale_mode="weights"), interpret=True)
