@@ -54,6 +54,9 @@ def over_budget() -> bool:
 MAX_MGPU_CFGS = 8
 TRITON_SWEEP_OFF = False
 NO_TRITON = False  # --no-triton: skip the Triton-lowered kernel (gptq_matmul_gpu) entirely
+NO_BF16 = False  # --no-baselines
+MGPU_FILTER: list[str] = []  # --mgpu-filter: only mgpu configs whose name holds all of these
+MGPU_EXCLUDE: list[str] = []  # --mgpu-exclude: drop mgpu configs whose name holds any of these
 _FULL_ERROR_SHOWN = [False]
 
 
@@ -84,9 +87,11 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
         c.append(rp(d, zero_mode="xsum"))
     if m <= 16:
         bm = 8 if m <= 8 else 16
-        c += [rp(mg._grid_config(m, packed), zero_mode="xsum"), mg._grid_config(m, packed),
+        g = mg._grid_config(m, packed)
+        c += [rp(g, zero_mode="xsum"), g, C(bm, 128, bk, 1, 8, A, "jnp", U, "stream", 2, 1),
               C(bm, 128, bk, 1, 8, A, "jnp", U, "stream", 2, 1, zero_mode="xsum"),
-              C(bm, 128, 128, 8, 8, A, w_layout=U)]
+              rp(g, block_n=64), rp(g, split_k=min(2 * g.split_k, packed.k_pad // g.block_k), num_stages=4),
+              rp(g, block_k=256, split_k=max(1, g.split_k // 2), num_stages=4) if bk == 128 else g]
     elif m <= 64:
         bm = 32 if m <= 32 else 64
         c += [C(bm, 64, bk, 1, 4, A, "jnp", U, "stream", 2, 1), C(bm, 128, bk, 1, 4, A, "jnp", U, "stream", 1, 2),
@@ -229,7 +234,8 @@ def bench_shape(k: int, n: int, ms: list[int], *, sweep: bool, slabs: list[int |
         io = m * k * 2 + m * n * 2
         # XLA bf16
         f = jax.jit(lambda x, ws: [x @ w for w in ws])
-        rec(m, "xla_bf16", time_jax(f, (x, ws_bf), c_bf), k * n * 2 + io)
+        if not NO_BF16:
+            rec(m, "xla_bf16", time_jax(f, (x, ws_bf), c_bf), k * n * 2 + io)
         # XLA dequant (GPTQ int32 unpacked in-graph, gather by g_idx, then dot)
 
         def xla_deq(x, ls):
@@ -301,7 +307,9 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
             rec(m, "mgpu_layout_xla_dequant", time_jax(fx, (x, packs), c_q), pbytes)
         except Exception as e:
             rows.append(dict(K=k, N=n, M=m, variant="mgpu_layout_xla_dequant", error=report_failure("xla", e)))
-    for i, cfg in enumerate(mgpu_candidates(m, p0, MAX_MGPU_CFGS)):
+    cands = [c for c in mgpu_candidates(m, p0, 64)
+             if all(f in mgpu_name(c) for f in MGPU_FILTER) and not any(f in mgpu_name(c) for f in MGPU_EXCLUDE)]
+    for i, cfg in enumerate(cands[:MAX_MGPU_CFGS]):
         if over_budget():
             print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)
             continue
@@ -446,6 +454,9 @@ def bench_e2e(args) -> list[dict]:
             row = dict(e2e=label, batch=batch, layers=layers, ms_per_step=dt * 1e3, tokens_per_s=batch / dt,
                        device_bytes_all_state=total_bytes, kernel_arrays=kernels, kernel_bytes=wbytes,
                        finite=bool(jnp.all(jnp.isfinite(logits))))
+            if args.e2e_trace and batch == 1:  # where a decode step's GPU time goes
+                cache, row["gpu_time"] = trace_steps(lambda c: step(leaves, ids, mask, c), cache, 5,
+                                                     os.path.join(args.out, f"trace_{len(rows)}"))
             rows.append(row)
             print(json.dumps(row), flush=True)
         del model, step, leaves
@@ -460,6 +471,49 @@ def bench_e2e(args) -> list[dict]:
               f"({base['ms_per_step'] / r['ms_per_step']:.2f}x vs bf16), state {r['device_bytes_all_state'] / 2**30:.2f} GiB"
               + (f", kernel weights {r.get('bits_per_quantized_weight', 0):.2f} bits/weight" if r["kernel_bytes"] else ""))
     return rows
+
+
+def trace_steps(step, cache, n: int, tdir: str):
+    """Profile ``n`` decode steps; return (cache, summary): GPU busy time per step and the ops
+    that take it (from the profiler's Perfetto trace: complete events on GPU device tracks)."""
+    import glob
+    import gzip
+
+    logits, cache = step(cache)
+    jax.block_until_ready(logits)
+    with jax.profiler.trace(tdir, create_perfetto_trace=True):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            logits, cache = step(cache)
+        jax.block_until_ready(logits)
+        wall = (time.perf_counter() - t0) / n
+    files = glob.glob(os.path.join(tdir, "**", "*perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        return cache, {"error": "no perfetto trace written"}
+    with gzip.open(files[0]) as f:
+        tr = json.load(f)
+    events = tr["traceEvents"] if isinstance(tr, dict) else tr
+    pname = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, nm in pname.items() if "GPU" in nm or "gpu" in nm or "/device:" in nm}
+    ops: dict[str, float] = {}
+    spans = []
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
+            ops[e["name"]] = ops.get(e["name"], 0.0) + e["dur"]
+            spans.append((e["ts"], e["ts"] + e["dur"]))
+    spans.sort()
+    busy, end = 0.0, -1e30  # union of intervals = GPU busy time
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:15]
+    summary = dict(wall_us_per_step=wall * 1e6, gpu_busy_us_per_step=busy / n, gpu_events=len(spans) // n,
+                   gpu_tracks=sorted(pname[p] for p in gpu)[:6], all_tracks=sorted(pname.values())[:12],
+                   top_ops_us_per_step=[(k[:90], v / n) for k, v in top])
+    print(json.dumps(summary), flush=True)
+    return cache, summary
 
 
 def nnx_flat_arrays(model) -> list[tuple[str, jax.Array]]:
@@ -486,6 +540,9 @@ def main() -> None:
     ap.add_argument("--max-mgpu-cfgs", type=int, default=8, help="per point, first shape")
     ap.add_argument("--max-mgpu-cfgs-rest", type=int, default=8, help="per point, other shapes")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton-lowered kernel")
+    ap.add_argument("--mgpu-filter", default="", help="comma list: only mgpu configs whose name holds all")
+    ap.add_argument("--mgpu-exclude", default="", help="comma list: drop mgpu configs whose name holds any")
+    ap.add_argument("--no-baselines", action="store_true", help="skip XLA bf16 (and torch) rows")
     ap.add_argument("--triton-default-only", action="store_true",
                     help="time only the Triton kernel's default config (no dispatch row)")
     ap.add_argument("--budget-s", type=float, default=0.0,
@@ -496,6 +553,8 @@ def main() -> None:
     ap.add_argument("--e2e-steps", type=int, default=20)
     ap.add_argument("--e2e-kernels", default="auto",
                     help="comma list of GPU kernels (auto, mgpu, triton) to build the quantized model with")
+    ap.add_argument("--e2e-trace", action="store_true",
+                    help="also profile 5 batch-1 decode steps per model: GPU busy time and the top ops")
     ap.add_argument("--e2e-nofuse", action="store_true",
                     help="also time the quantized model with q/k/v and gate/up as separate kernels")
     args = ap.parse_args()
@@ -508,6 +567,10 @@ def main() -> None:
         return
     global BASELINES, MGPU, MAX_MGPU_CFGS, TRITON_SWEEP_OFF, DEADLINE, MGPU_PARTS, NO_TRITON
     MGPU_PARTS, NO_TRITON = args.mgpu_parts, args.no_triton
+    MGPU_FILTER[:] = [f for f in args.mgpu_filter.split(",") if f]
+    MGPU_EXCLUDE[:] = [f for f in args.mgpu_exclude.split(",") if f]
+    global NO_BF16
+    NO_BF16 = args.no_baselines
     if args.budget_s > 0:
         DEADLINE = time.monotonic() + args.budget_s
     BASELINES = not args.no_xla_dequant

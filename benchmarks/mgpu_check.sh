@@ -18,6 +18,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python}"
 TESTS_S="${TESTS_S:-130}" BIG_S="${BIG_S:-250}" REST_S="${REST_S:-120}" E2E_S="${E2E_S:-0}"
 BIG_MS="${BIG_MS:-1,16,64,256,1024,4096}" BIG_CFGS="${BIG_CFGS:-9}" REST_CFGS="${REST_CFGS:-4}"
+BENCH_ARGS="${BENCH_ARGS:-}"  # extra bench_kernels.py flags for parts 2 and 3 (e.g. --mgpu-exclude z-xsum)
 # Import this checkout's package whatever is installed: jgptq.models / jgptq.pallas_kernels live in
 # models/ and pallas_kernels/ (pyproject package-dir), so build a jgptq/ of symlinks.
 SHIM="$(mktemp -d)"
@@ -30,16 +31,21 @@ cd "$SHIM"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv,noheader
 "$PY" -c "import jax, jgptq.pallas_kernels.gptq_matmul_mgpu as m; print('jax', jax.__version__, jax.devices(), 'kernel:', m.__file__, flush=True)"
 if [ "$TESTS_S" != 0 ]; then
-  echo "=== 1/3 pytest -m gpu (Pallas kernels) ==="
+  echo "=== 1/3 pytest -m gpu (Pallas kernels; the persistent-schedule test in its own process) ==="
+  T="$REPO/tests/pallas_kernels"
   timeout "$TESTS_S" "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
-    "$REPO/tests/pallas_kernels/test_gptq_matmul_mgpu.py" "$REPO/tests/pallas_kernels" -m gpu --maxfail=4 -q 2>&1 | tee "$OUT/gpu_pytest.txt" | tail -60
+    "$T" -m gpu -k "not persistent_compiled" --maxfail=4 -q 2>&1 | tee "$OUT/gpu_pytest.txt" | tail -30
   echo "pytest exit: ${PIPESTATUS[0]} (124 = cut at ${TESTS_S} s)"
+  timeout "$TESTS_S" "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
+    "$T/test_gptq_matmul_mgpu.py" -m gpu -k "persistent_compiled" -q 2>&1 | tee "$OUT/gpu_pytest_persistent.txt" \
+    | grep -v "cuda_event.cc\|Source Location\|cuda_status.cc\|allocator.cc\|^$" | tail -30
+  echo "pytest (persistent) exit: ${PIPESTATUS[0]}"
 fi
 if [ "$BIG_S" != 0 ]; then
   echo "=== 2/3 benchmark 8192 x 28672 ==="
   mkdir -p "$OUT/big"
   timeout $((BIG_S + 40)) "$PY" "$REPO/benchmarks/bench_kernels.py" --shapes 8192x28672 --ms "$BIG_MS" \
-    --no-triton --mgpu --max-mgpu-cfgs "$BIG_CFGS" --mgpu-parts --budget-s "$BIG_S" --out "$OUT/big" 2>&1 \
+    --no-triton --mgpu --max-mgpu-cfgs "$BIG_CFGS" --mgpu-parts --budget-s "$BIG_S" --out "$OUT/big" $BENCH_ARGS 2>&1 \
     | tee "$OUT/bench_big.log" | grep -v '^{"K"' | tail -40
   echo "bench exit: ${PIPESTATUS[0]}"
   mv "$OUT/big/bench_kernels.json" "$OUT/bench_big.json" 2>/dev/null; rmdir "$OUT/big" 2>/dev/null
@@ -49,14 +55,14 @@ if [ "$REST_S" != 0 ]; then
   mkdir -p "$OUT/rest"
   timeout $((REST_S + 40)) "$PY" "$REPO/benchmarks/bench_kernels.py" --shapes 4096x4096,4096x14336,14336x4096 \
     --ms 1,16,64,256 --no-triton --no-xla-dequant --mgpu --max-mgpu-cfgs "$REST_CFGS" --max-mgpu-cfgs-rest "$REST_CFGS" \
-    --budget-s "$REST_S" --out "$OUT/rest" 2>&1 | tee "$OUT/bench_rest.log" | grep -v '^{"K"' | tail -25
+    --budget-s "$REST_S" --out "$OUT/rest" $BENCH_ARGS 2>&1 | tee "$OUT/bench_rest.log" | grep -v '^{"K"' | tail -25
   echo "bench exit: ${PIPESTATUS[0]}"
   mv "$OUT/rest/bench_kernels.json" "$OUT/bench_rest.json" 2>/dev/null; rmdir "$OUT/rest" 2>/dev/null
 fi
 if [ "$E2E_S" != 0 ]; then
   echo "=== 4/4 end to end: 7B-shape decode ==="
   mkdir -p "$OUT/e2e"
-  timeout "$E2E_S" "$PY" "$REPO/benchmarks/bench_kernels.py" --e2e --e2e-nofuse --out "$OUT/e2e" 2>&1 \
+  timeout "$E2E_S" "$PY" "$REPO/benchmarks/bench_kernels.py" --e2e ${E2E_ARGS:---e2e-nofuse} --out "$OUT/e2e" 2>&1 \
     | tee "$OUT/bench_e2e.log" | tail -12
   echo "e2e exit: ${PIPESTATUS[0]}"
   mv "$OUT/e2e/bench_e2e.json" "$OUT/bench_e2e.json" 2>/dev/null; rmdir "$OUT/e2e" 2>/dev/null

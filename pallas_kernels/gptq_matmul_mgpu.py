@@ -471,7 +471,7 @@ def _dequant_mma_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk
 def _mma_acc_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt, xs_smem=None):
     """Interpreter leaf of ``scale_mode="acc"``: ``acc + ((codes - z) @ x) * s`` per K block
     (``acc`` None: the scaled block product alone); with ``xs_smem`` (the block's ``sum_k x``,
-    ``[1, bm]``) as ``(codes @ x - z * xs) * s``."""
+    a ``[bm]`` ref) as ``(codes @ x - z * xs) * s``."""
     w = w_smem[...]
     x = x_smem[...]
     z = z_smem[...].astype(cdt)[0][:, None]  # [bn, 1]
@@ -482,7 +482,7 @@ def _mma_acc_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt, x
         d = jax.lax.dot_general(wj, x[:, ks], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         t = d if t is None else t + d
     if xs_smem is not None:
-        t = t - z.astype(jnp.float32) * xs_smem[...][0][None, :]
+        t = t - z.astype(jnp.float32) * xs_smem[...][None, :]
     t = t * s_smem[...].astype(jnp.float32)[0][:, None]
     return t if acc is None else acc + t
 
@@ -578,7 +578,7 @@ def _mma_acc_hw(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt, bn, bm, 
     with jax.named_scope("scale"):
         if xs_smem is not None:  # codes @ x - z (x) sum_k x, then * s
             t = t - _bcast_rows(z_smem[0, :].astype(jnp.float32), t.shape) * jax.lax.broadcast_in_dim(
-                xs_smem[0, :], t.shape, (1,))
+                xs_smem[...], t.shape, (1,))
         if impl == "jnp":
             t = t * _bcast_rows(s_smem[0, :].astype(jnp.float32), t.shape)
         else:
@@ -679,8 +679,8 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
         hw_kw = dict(bits=bits, w_layout=cfg.w_layout)
         if cfg.scale_mode == "acc":
             gm = (w_gmem, x_gmem, sz_gmem)
-            if xsum:  # per-K-block sums of x: [nk, Mp] fp32
-                specs.append(plgpu.BlockSpec((1, bm), lambda ki: (k0 + ki, mi)))
+            if xsum:  # per-K-block sums of x (_x_block_sums)
+                specs.append(plgpu.BlockSpec((1, 1, _xs_width(bm)), lambda ki: (k0 + ki, mi, 0)))
                 gm += (xs_gmem,)
             pipe = functools.partial(plgpu.emit_pipeline, grid=(steps_per_split,), in_specs=specs,
                                      max_concurrent_steps=cfg.num_stages,
@@ -688,7 +688,7 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
 
             def step(_, w_smem, x_smem, sz_smem, *rest):
                 *xs, acc = rest
-                xs_kw = dict(xs_smem=xs[0]) if xs else {}
+                xs_kw = dict(xs_smem=xs[0].at[0, 0, pl.ds(0, bm)]) if xs else {}
                 if interpret:
                     return _mma_acc_interpret(acc, w_smem, x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk,
                                               bk=bk, cdt=cdt, **xs_kw)
@@ -738,6 +738,21 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
         )
     del o_sw
     return plgpu.kernel(body, **kw)
+
+
+def _xs_width(bm: int) -> int:
+    """Row width (fp32) of the x-sums array: at least 32 floats, so that every TMA copy of one
+    row lands on a 128-byte SMEM slot (a bare ``[1, 8]`` fp32 block would give 32-byte slots)."""
+    return max(bm, 32)
+
+
+def _x_block_sums(x2: jax.Array, cfg: MgpuConfig) -> jax.Array:
+    """``xs[k, i, j] = sum(x2[i*bm + j, k*bk:(k+1)*bk])`` in fp32, ``[nk, Mp/bm, _xs_width(bm)]``
+    (zero beyond ``bm``): what ``zero_mode="xsum"`` multiplies the zero points by."""
+    mp, kp = x2.shape
+    bm, bk = cfg.block_m, cfg.block_k
+    xs = x2.astype(jnp.float32).reshape(mp // bm, bm, kp // bk, bk).sum(-1).transpose(2, 0, 1)
+    return jnp.pad(xs, ((0, 0), (0, 0), (0, _xs_width(bm) - bm)))
 
 
 def _cta_start(c, *, ctas: int, tiles: int, nk: int, aligned: bool):
@@ -848,8 +863,9 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
             plgpu.BlockSpec(sz_block, lambda s: (0, sz_row(coords(start + s)[2]), coords(start + s)[1])),
         ]
         gm = (w_gmem, x_gmem, sz_gmem)
-        if xsum:  # per-K-block sums of x: [nk, Mp] fp32
-            specs.append(plgpu.BlockSpec((1, bm), lambda s: (coords(start + s)[2], coords(start + s)[0])))
+        if xsum:  # per-K-block sums of x (_x_block_sums)
+            specs.append(plgpu.BlockSpec((1, 1, _xs_width(bm)),
+                                         lambda s: (coords(start + s)[2], coords(start + s)[0], 0)))
             gm += (xs_gmem,)
 
         def step_fn(idx, w_smem, x_smem, sz_smem, xs_smem, acc, wg):
@@ -860,7 +876,8 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
                 o_ref = o_smem.at[wg]
             else:
                 sz_s, sz_z, o_ref = sz_smem.at[0], sz_smem.at[1], o_smem
-            acc = block_product(acc, w_smem, x_smem, sz_s, sz_z, xs_smem)
+            acc = block_product(acc, w_smem, x_smem, sz_s, sz_z,
+                                None if xs_smem is None else xs_smem.at[0, 0, pl.ds(0, bm)])
             line = start + s
             mt, nt, k = coords(line)
             flush = jnp.logical_or(k == nk - 1, s == nsteps - 1)
@@ -1013,8 +1030,8 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
         x2 = jnp.pad(x2, ((0, mp - m), (0, packed.k_pad - packed.k)))
     sz = packed.sz if packed.sz.dtype == cdt else packed.sz.astype(cdt)
     args = (x2, packed.w, sz)
-    if cfg.zero_mode == "xsum":  # [nk, Mp] fp32 sums of x over each K block
-        args += (x2.astype(jnp.float32).reshape(mp, packed.k_pad // cfg.block_k, cfg.block_k).sum(-1).T,)
+    if cfg.zero_mode == "xsum":
+        args += (_x_block_sums(x2, cfg),)
     if cfg.schedule == "grid":
         out = _build(mp, packed, cfg, cdt, interpret)(*args)  # [split, Np, Mp]
         y = out.sum(0) if cfg.split_k > 1 else out[0]
