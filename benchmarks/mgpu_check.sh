@@ -10,7 +10,8 @@
 # bench_rest.json; prints the tables last. A config that fails to compile is reported and skipped.
 # 4. (E2E_S > 0) the 7B-shape decode benchmark: bf16 vs GPTQ 4-bit (fused q/k/v + gate/up, and unfused).
 # Time boxes (seconds): TESTS_S (default 130), BIG_S (250), REST_S (120), E2E_S (0); 0 skips that part.
-# BIG_MS / BIG_CFGS / REST_CFGS choose the big shape's token counts and configs per point.
+# BIG_MS / BIG_CFGS / REST_CFGS choose the big shape's token counts and configs per point; PARTS=0 drops the
+# kernel-only / empty-body decode diagnostics.
 set -u
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/mgpu_check_out}"
@@ -45,7 +46,7 @@ if [ "$BIG_S" != 0 ]; then
   echo "=== 2/3 benchmark 8192 x 28672 ==="
   mkdir -p "$OUT/big"
   timeout $((BIG_S + 40)) "$PY" "$REPO/benchmarks/bench_kernels.py" --shapes 8192x28672 --ms "$BIG_MS" \
-    --no-triton --mgpu --max-mgpu-cfgs "$BIG_CFGS" --mgpu-parts --budget-s "$BIG_S" --out "$OUT/big" $BENCH_ARGS 2>&1 \
+    --no-triton --mgpu --max-mgpu-cfgs "$BIG_CFGS" $( [ "${PARTS:-1}" = 1 ] && echo --mgpu-parts) --budget-s "$BIG_S" --out "$OUT/big" $BENCH_ARGS 2>&1 \
     | tee "$OUT/bench_big.log" | grep -v '^{"K"' | tail -40
   echo "bench exit: ${PIPESTATUS[0]}"
   mv "$OUT/big/bench_kernels.json" "$OUT/bench_big.json" 2>/dev/null; rmdir "$OUT/big" 2>/dev/null
