@@ -19,7 +19,23 @@ Layout (:class:`MgpuPacked`, built once by :func:`pack_mgpu`):
 * act-order: K is permuted once so that groups are contiguous (:func:`repack.analyze_g_idx`);
   ``x[..., perm]`` is applied per call. K is zero-padded to ``Kp`` and N to a multiple of 128.
 
-Kernel (grid ``(Np/block_n, Mp/block_m, split_k)``, one warpgroup per CTA): a TMA pipeline
+Schedules (``MgpuConfig.schedule``; :func:`default_config` picks by M):
+
+* ``"grid"`` (decode, M <= 16): grid ``(Np/block_n, Mp/block_m, split_k)``, one warpgroup per
+  CTA, described next; split-K partials (fp32) added in XLA.
+* ``"stream"`` (M <= 64, and larger M when there are fewer tiles than SMs): a persistent grid;
+  the ``(M tile, N tile, K block)`` steps form one line cut into equal contiguous ranges, one per
+  CTA (stream-K), each streamed through one uninterrupted TMA pipeline; a CTA writes an fp32
+  partial sum for every tile it touches and XLA adds the (few) partials of a tile
+  (:func:`stream_plan` says which slots exist).
+* ``"tiles"`` (prefill): the same persistent pipeline cut at tile boundaries; each tile is
+  written once, straight into ``y [M, N]`` through a transposed SMEM view (no XLA transpose).
+
+The persistent schedules can be warp-specialised (``compute_wgs=2``): a memory warpgroup issues
+the TMA copies (``plgpu.emit_pipeline_warp_specialized``) while two compute warpgroups each take
+``block_n`` rows of a ``2 * block_n``-row weight tile.
+
+Per-step math (grid ``(Np/block_n, Mp/block_m, split_k)``, one warpgroup per CTA): a TMA pipeline
 (:func:`plgpu.emit_pipeline`, ``num_stages`` slots) brings a ``[block_n, block_k]`` int tile of
 ``w``, a ``[block_m, block_k]`` tile of ``x`` and the ``[groups, block_n]`` scale (and zero) rows
 of that K block into SMEM; the body loads the weights into registers (int4/int8 -> bf16/fp16
@@ -282,13 +298,14 @@ def _num_sms() -> int:
 
 
 def _grid_config(m: int, packed: MgpuPacked) -> MgpuConfig:
-    """The ``"grid"`` schedule's tiles for ``m`` tokens (H100 sweeps, benchmarks/RESULTS.md): deep
-    pipelines (8 stages), many short CTAs (split-K up to ~16 CTAs per SM at M <= 8, ~4 at M <= 16)
-    and the explicit upcast layout for decode; M <= 64 one 64-wide N tile per CTA; larger M
-    dequantizes the weights in registers ("weights") under the widest token tile."""
+    """The ``"grid"`` schedule's tiles for ``m`` tokens (H100 / H200 sweeps, benchmarks/RESULTS.md):
+    many short CTAs (split-K up to ~16 CTAs per SM at M <= 8 with 8 pipeline stages, ~8 per SM
+    with 4 stages at M <= 16) and the explicit upcast layout for decode; M <= 64 one 64-wide N
+    tile per CTA; larger M dequantizes the weights in registers ("weights") under the widest token
+    tile."""
     if m <= 16:
         bm = 8 if m <= 8 else 16
-        bn, bk, stages = 128, 128, 8
+        bn, bk, stages = 128, 128, 8 if m <= 8 else 4
     elif m <= 64:
         bm = 32 if m <= 32 else 64
         bn, bk, stages = 64, 128, 4
@@ -303,7 +320,7 @@ def _grid_config(m: int, packed: MgpuPacked) -> MgpuConfig:
         stages = min(2 * stages, 8)
     nk = packed.k_pad // bk
     ctas = -(-m // bm) * (packed.n_pad // bn)
-    target = (16 if m <= 8 else 4 if m <= 16 else 2) * _num_sms()
+    target = (16 if m <= 8 else 8 if m <= 16 else 2) * _num_sms()
     split = 1
     if ctas < target:
         for d in range(1, min(nk, 16) + 1):
@@ -320,27 +337,28 @@ def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
     """Tiles and schedule for ``m`` tokens, from the H200 sweep in benchmarks/RESULTS.md
     (8192 x 28672, 4096 x 4096, 4096 x 14336, g128):
 
-    * M <= 8: the ``"grid"`` schedule with split-K (:func:`_grid_config`): its many short CTAs
-      kept more loads in flight than the persistent schedules (56 vs 66+ us at 8192 x 28672).
+    * M <= 16: the ``"grid"`` schedule with split-K (:func:`_grid_config`): its many short CTAs
+      kept more loads in flight than the persistent schedules (M = 1: 56 vs 66+ us, M = 16:
+      64.5 vs 68.5+ us at 8192 x 28672; with empty bodies 39.5 vs 49.6+ us at M = 1).
     * M <= 64: persistent stream-K (``"stream"``), the zero point subtracted in registers
-      (``"acc"``); two compute warpgroups over 256-row weight tiles for big layers at M > 16,
-      one warpgroup and 2 CTAs per SM otherwise.
+      (``"acc"``); two compute warpgroups over 256-row weight tiles for big layers, one
+      warpgroup and 2 CTAs per SM otherwise.
     * larger M: two compute warpgroups dequantizing ``[64, 64]`` weight tiles in registers
       under a 256- (128-) token tile; whole tiles per CTA written straight to ``y`` when there are
       at least as many tiles as SMs (``"tiles"``), else stream-K to split K as well.
     """
-    if m <= 8:
+    if m <= 16:
         return _grid_config(m, packed)
     gs = packed.group_size
     if m <= 64:
         bk = 64 if gs == 64 else 128
-        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        bm = 32 if m <= 32 else 64
         big = packed.k_pad * packed.n_pad >= 64 * 2**20
-        if m > 16 and big and packed.n_pad % 256 == 0:
+        if big and packed.n_pad % 256 == 0:
             bn, wgs, cps = 128, 2, 1
         else:
-            bn, wgs, cps = (128 if m <= 16 else 64), 1, 2
-        return MgpuConfig(block_m=bm, block_n=bn, block_k=bk, num_stages=8 if m <= 16 else 4,
+            bn, wgs, cps = 64, 1, 2
+        return MgpuConfig(block_m=bm, block_n=bn, block_k=bk, num_stages=4,
                           scale_mode="acc" if gs % bk == 0 else "weights", w_layout="upcast",
                           schedule="stream", ctas_per_sm=cps, compute_wgs=wgs)
     bm = 256 if m >= 256 else 128

@@ -384,7 +384,7 @@ def test_default_configs_fit_every_layer(k, n, gs, monkeypatch):
     for m in (1, 8, 9, 16, 17, 33, 64, 65, 128, 256, 1000, 3000):
         cfg = mg.default_config(m, p)
         mg._validate(jnp.zeros((m, k), jnp.bfloat16), p, cfg)
-        assert cfg.schedule == ("grid" if m <= 8 else "stream" if m <= 64 else cfg.schedule)
+        assert cfg.schedule == ("grid" if m <= 16 else "stream" if m <= 64 else cfg.schedule)
         if m > 64:
             tiles = -(-m // cfg.block_m) * (p.n_pad // 128)
             assert cfg.schedule in ("tiles", "stream") and cfg.compute_wgs == 2
