@@ -609,7 +609,7 @@ def summarize(rows: list[dict]) -> None:
         rs = [r for r in rows if (r["K"], r["N"], r["M"]) == key and "us" in r]
         get = lambda name: next((r["us"] for r in rs if r["variant"] == name), float("nan"))  # noqa: E731
         pal = [r for r in rs if r["variant"].startswith("pallas")]
-        mgr = [r for r in rs if r["variant"].startswith("mgpu")]
+        mgr = [r for r in rs if r["variant"].startswith("mgpu[")]  # kernel rows (not mgpu_layout_xla_dequant)
         if mgr:
             bm_ = min(mgr, key=lambda r: r["us"])
             tri = min((r["us"] for r in pal), default=float("nan"))
