@@ -9,9 +9,9 @@ A LIN (DESIGN.md) is either float ``{"kernel": [in, out], "bias"?: [out]}`` or q
 * :class:`Linear` / :class:`QuantLinear` are the NNX modules built from LIN dicts
   (:func:`linear_from_params`). :class:`FusedQuantLinear` runs several GPTQ linears that read the
   same input (q/k/v, gate/up) as one wider quantized matmul (:func:`fuse_quantized`): one kernel
-  launch instead of three or two, over a larger weight that fills the GPU better. ``QuantLinear`` asks ``jgptq.pallas_kernels.dispatch.prepare`` once
-  at build time for a kernel; when one fits, calls go to ``dispatch.matmul``, otherwise to the same
-  XLA dequantize path. The model code does not change when kernels land.
+  launch instead of three or two, over a larger weight that fills the GPU better. ``QuantLinear``
+  asks ``jgptq.pallas_kernels.dispatch.prepare`` once at build time for a kernel; when one fits,
+  calls go to ``dispatch.matmul``, otherwise to the same XLA dequantize path. The model code does not change when kernels land.
 
 Packed integers and their scales/zeros are held as :class:`QuantState` variables, not
 ``nnx.Param``, so ``nnx.state(model, nnx.Param)`` (an optimizer, LoRA) sees only float weights.
@@ -225,6 +225,21 @@ def linear_from_params(lin: Mapping[str, Any], *, use_kernel: bool = True) -> Li
 
 
 
+def _fusable(lins: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether :func:`concat_quantized` can join ``lins`` (checks only; copies nothing)."""
+    if len(lins) < 2 or not all(is_quantized(l) for l in lins):
+        return False
+    g0 = np.asarray(lins[0]["g_idx"])
+    if len({quant_bits(l) for l in lins}) != 1 or any(
+            np.asarray(l["g_idx"]).shape != g0.shape or not np.array_equal(np.asarray(l["g_idx"]), g0)
+            for l in lins[1:]):
+        return False
+    if len({jnp.asarray(l["scales"]).dtype for l in lins}) != 1 or len({l["scales"].shape[0] for l in lins}) != 1:
+        return False
+    biased = [l.get("bias") is not None for l in lins]
+    return all(biased) or not any(biased)
+
+
 def concat_quantized(lins: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """One quantized LIN whose output columns are ``lins``' side by side, or None when they cannot
     share one matmul: not all quantized, other bit widths, input widths, ``g_idx`` (act-order
@@ -234,21 +249,11 @@ def concat_quantized(lins: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
     Packing is per output column (GPTQ ``qweight`` rows hold input channels), so the parts'
     ``qweight`` / ``scales`` / ``zeros`` concatenate along their last axis exactly.
     """
-    if len(lins) < 2 or not all(is_quantized(l) for l in lins):
-        return None
-    bits = {quant_bits(l) for l in lins}
-    g0 = np.asarray(lins[0]["g_idx"])
-    if len(bits) != 1 or any(np.asarray(l["g_idx"]).shape != g0.shape or not np.array_equal(np.asarray(l["g_idx"]), g0)
-                             for l in lins[1:]):
-        return None
-    if len({jnp.asarray(l["scales"]).dtype for l in lins}) != 1 or len({l["scales"].shape[0] for l in lins}) != 1:
-        return None
-    biased = [l.get("bias") is not None for l in lins]
-    if any(biased) and not all(biased):
+    if not _fusable(lins):
         return None
     out = {k: jnp.concatenate([jnp.asarray(l[k]) for l in lins], axis=-1) for k in ("qweight", "scales", "zeros")}
-    out["g_idx"] = jnp.asarray(g0)
-    if all(biased):
+    out["g_idx"] = jnp.asarray(lins[0]["g_idx"])
+    if lins[0].get("bias") is not None:
         dt = jnp.result_type(*[jnp.asarray(l["bias"]).dtype for l in lins])
         out["bias"] = jnp.concatenate([jnp.asarray(l["bias"]).astype(dt) for l in lins])
     return out
@@ -294,6 +299,6 @@ class FusedQuantLinear(nnx.Module):
 def fuse_quantized(lins: Sequence[Mapping[str, Any]], *, use_kernel: bool = True) -> FusedQuantLinear | None:
     """A :class:`FusedQuantLinear` over ``lins``, or None when they cannot be fused (float layers,
     or quantized ones that differ; see :func:`concat_quantized`)."""
-    if concat_quantized(lins) is None:
+    if not _fusable(lins):
         return None
     return FusedQuantLinear(lins, use_kernel=use_kernel)
