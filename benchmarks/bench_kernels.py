@@ -74,52 +74,63 @@ def report_failure(name: str, e: Exception) -> str:
 
 
 def mgpu_candidates(m: int, packed, limit: int) -> list:
-    """Default config first, then its neighbours: the other schedule, the zero point folded into
-    the x sums (``zero_mode="xsum"``), and the runners-up of the first H200 sweep (RESULTS.md)
-    for this M (at most ``limit``; configs that do not fit the layer dropped)."""
+    """``(config, weight layout)`` pairs: the default first (``"kblocks"`` layout), then the same
+    on the ``"nk"`` layout, the session-4 default (``"nk"``, x padded in XLA, ``[split, Np, Mp]``
+    partials), other split / block sizes and the persistent schedules (at most ``limit``; configs
+    that do not fit the layer dropped)."""
     C = mg.MgpuConfig
     A, W, U = "acc", "weights", "upcast"
     rp = dataclasses.replace
     d = mg.default_config(m, packed)
     bk = 64 if packed.group_size == 64 else 128
-    c = [d]
-    if d.scale_mode == A:
-        c.append(rp(d, zero_mode="xsum"))
+    old = rp(d, tma_bounds=False, transpose_out=d.schedule != "grid")
+    c = [(d, "kblocks"), (d, "nk"), (old, "nk")]
     if m <= 16:
         bm = 8 if m <= 8 else 16
-        g = mg._grid_config(m, packed)
-        c += [rp(g, zero_mode="xsum"), g, C(bm, 128, bk, 1, 8, A, "jnp", U, "stream", 2, 1),
-              C(bm, 128, bk, 1, 8, A, "jnp", U, "stream", 2, 1, zero_mode="xsum"),
-              rp(g, block_n=64), rp(g, split_k=min(2 * g.split_k, packed.k_pad // g.block_k), num_stages=4),
-              rp(g, block_k=256, split_k=max(1, g.split_k // 2), num_stages=4) if bk == 128 else g]
+        nkb = packed.k_pad // d.block_k
+        c += [(rp(d, tma_bounds=False), "kblocks"),
+              (rp(d, split_k=max(1, d.split_k // 2)), "kblocks"),
+              (rp(d, split_k=max(1, d.split_k // 4)), "kblocks"),
+              (rp(d, split_k=min(2 * d.split_k, nkb)), "kblocks"),
+              (rp(d, block_k=256, split_k=max(1, d.split_k // 2), num_stages=4) if bk == 128 else d, "kblocks"),
+              (C(bm, 128, bk, 1, 8, A, "jnp", U, "stream", 2, 1), "kblocks"),
+              (rp(d, block_n=64), "kblocks")]
     elif m <= 64:
         bm = 32 if m <= 32 else 64
-        c += [C(bm, 64, bk, 1, 4, A, "jnp", U, "stream", 2, 1), C(bm, 128, bk, 1, 4, A, "jnp", U, "stream", 1, 2),
-              C(bm, 64, bk, 1, 4, A, "jnp", U, "stream", 2, 1, zero_mode="xsum")]
+        c += [(C(bm, 64, bk, 1, 4, A, "jnp", U, "stream", 2, 1), "kblocks"),
+              (C(bm, 128, bk, 1, 4, A, "jnp", U, "stream", 1, 2), "kblocks"),
+              (C(bm, 64, bk, 1, 4, A, "jnp", U, "stream", 2, 1), "nk")]
     else:
-        c += [C(256, 64, 64, 1, 4, W, "jnp", U, "tiles", 1, 2), C(128, 64, 64, 1, 4, W, "jnp", U, "tiles", 1, 2),
-              C(128, 64, 64, 1, 4, W, "jnp", U, "stream", 1, 2), C(128, 64, 128, 1, 4, W, "jnp", U, "tiles", 1, 2)]
+        c += [(C(256, 64, 64, 1, 4, W, "jnp", U, "tiles", 1, 2), "kblocks"),
+              (C(128, 64, 128, 1, 4, W, "jnp", U, "tiles", 1, 2), "kblocks"),
+              (C(128, 64, 64, 1, 4, W, "jnp", U, "stream", 1, 2), "kblocks")]
     out = []
     nk = lambda cfg: packed.k_pad // cfg.block_k  # noqa: E731
-    for cfg in c:
-        if (cfg not in out and packed.n_pad % (cfg.block_n * cfg.compute_wgs) == 0
+    for cfg, lay in c:
+        if ((cfg, lay) not in out and packed.n_pad % (cfg.block_n * cfg.compute_wgs) == 0
                 and packed.k_pad % cfg.block_k == 0 and nk(cfg) % cfg.split_k == 0
                 and (packed.group_size % cfg.block_k == 0 or cfg.block_k % packed.group_size == 0)
                 and (cfg.scale_mode == W or (packed.group_size % cfg.block_k == 0
                                              and cfg.block_m * cfg.block_n <= 8192))):
-            out.append(cfg)
+            out.append((cfg, lay))
     return out[:limit]
 
 
-def mgpu_name(cfg) -> str:
+def mgpu_name(cfg, layout: str = "kblocks") -> str:
     s = (f"mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
          f"{cfg.scale_mode},{cfg.scale_impl},{cfg.w_layout}")
     if cfg.schedule != "grid":
         s += f",{cfg.schedule},cps{cfg.ctas_per_sm},wg{cfg.compute_wgs}"
         if cfg.schedule == "tiles" and not cfg.transpose_out:
             s += ",yT-xla"
+    elif not cfg.transpose_out:
+        s += ",yT-xla"
     if cfg.zero_mode != "regs":
         s += f",z-{cfg.zero_mode}"
+    if not cfg.tma_bounds:
+        s += ",xpad"
+    if layout != "kblocks":
+        s += f",w-{layout}"
     return s + "]"
 
 
@@ -220,9 +231,9 @@ def bench_shape(k: int, n: int, ms: list[int], *, sweep: bool, slabs: list[int |
     lins = [lin0] + [random_gptq_linear(jax.random.key(i + 1), k, n, bits=4, group_size=128) for i in range(c_q - 1)]
     ws_bf = [jax.random.normal(jax.random.key(100 + i), (k, n), jnp.bfloat16) * 0.02 for i in range(c_bf)]
 
-    def rec(m, name, t, nbytes, err=None, cfg=None):
+    def rec(m, name, t, nbytes, err=None, cfg=None, layout=None):
         row = dict(K=k, N=n, M=m, variant=name, us=t * 1e6, GBps=nbytes / t / 1e9, err=err,
-                   cfg=None if cfg is None else dataclasses.asdict(cfg))
+                   cfg=None if cfg is None else dataclasses.asdict(cfg), layout=layout)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -294,10 +305,12 @@ def bench_shape(k: int, n: int, ms: list[int], *, sweep: bool, slabs: list[int |
 def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
     """The Mosaic GPU kernel over a few tile configs (default first)."""
     try:
-        packs = [mg.pack_mgpu_linear(lin, bits=4, dtype=x.dtype) for lin in lins]
+        by_layout = {lay: [mg.pack_mgpu_linear(lin, bits=4, dtype=x.dtype, layout=lay) for lin in lins]
+                     for lay in mg.LAYOUTS}
     except Exception as e:
         rows.append(dict(K=k, N=n, M=m, variant="mgpu[pack]", error=report_failure("mgpu pack", e)))
         return
+    packs = by_layout["kblocks"]
     p0 = packs[0]
     ref = mg.reference(x, p0).astype(jnp.float32)
     pbytes = device_bytes(p0.w) + p0.sz.nbytes + io
@@ -308,19 +321,20 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
         except Exception as e:
             rows.append(dict(K=k, N=n, M=m, variant="mgpu_layout_xla_dequant", error=report_failure("xla", e)))
     cands = [c for c in mgpu_candidates(m, p0, 64)
-             if all(f in mgpu_name(c) for f in MGPU_FILTER) and not any(f in mgpu_name(c) for f in MGPU_EXCLUDE)]
-    for i, cfg in enumerate(cands[:MAX_MGPU_CFGS]):
+             if all(f in mgpu_name(*c) for f in MGPU_FILTER) and not any(f in mgpu_name(*c) for f in MGPU_EXCLUDE)]
+    for i, (cfg, lay) in enumerate(cands[:MAX_MGPU_CFGS]):
         if over_budget():
             print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)
             continue
-        name = mgpu_name(cfg)
+        name = mgpu_name(cfg, lay)
+        packs = by_layout[lay]
         try:
             fk = jax.jit(lambda x, ps, cfg=cfg: [mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=INTERPRET)
                                                  for p in ps])
             y = fk(x, packs[:1])[0].astype(jnp.float32)
             err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
             t = time_jax(fk, (x, packs), c_q)
-            rec(m, name, t, pbytes, err, cfg)
+            rec(m, name, t, pbytes, err, cfg, lay)
             if MGPU_PARTS and m <= 16 and i < 4:  # the Pallas call alone (inputs already padded; no XLA epilogue)
                 bm = cfg.block_m
                 mp = -(-m // bm) * bm

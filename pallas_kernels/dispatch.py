@@ -194,8 +194,8 @@ def gptq_qweight(prepared: Prepared) -> jax.Array:
 
         words = packed.words.T if packed.layout == "nk" else packed.words
         codes = unpack_block_planar(words, bits=bits, slab=packed.slab)  # [Kp, Np]
-    else:  # gptq_matmul_mgpu.MgpuPacked: w [Np, Kp] holds code - 2^(bits-1)
-        codes = packed.w.astype(jnp.int32).T + (1 << (bits - 1))
+    else:  # gptq_matmul_mgpu.MgpuPacked: w holds code - 2^(bits-1)
+        codes = packed.w_nk().astype(jnp.int32).T + (1 << (bits - 1))
     codes = codes[: packed.k, : packed.n]
     if packed.perm is not None:  # the layouts hold codes[perm]
         codes = jnp.take(codes, jnp.argsort(packed.perm), axis=0)

@@ -8,8 +8,11 @@ wgmma's N dimension (any multiple of 8 up to 256): one kernel for decode (M = 1.
 
 Layout (:class:`MgpuPacked`, built once by :func:`pack_mgpu`):
 
-* ``w``: ``[Np, Kp]`` native ``jnp.int4`` (4-bit) or ``jnp.int8`` (8-bit), K contiguous, holding
-  ``q - 2^(bits-1)`` (signed, so the hardware int4/int8 -> bf16 upcast applies);
+* ``w``: native ``jnp.int4`` (4-bit) or ``jnp.int8`` (8-bit) holding ``q - 2^(bits-1)`` (signed,
+  so the hardware int4/int8 -> bf16 upcast applies), by default as ``[Kp/128, Np, 128]``
+  (``layout="kblocks"``): K cut into blocks of 128 columns with K contiguous inside a block, so
+  that the ``[rows, 128]`` tile a pipeline step copies is one contiguous run of memory rather than
+  ``rows`` short runs ``Kp/2`` bytes apart (``layout="nk"``, ``[Np, Kp]``);
 * ``sz``: ``[2, Gp, Np]`` in the activation dtype, ``sz[0]`` the scales and ``sz[1]`` the zeros
   shifted by ``2^(bits-1)`` (exact small integers), so ``W[k, n] = (w[n, k] - z[g, n]) * s[g, n]``
   (one array so that one TMA copy per pipeline step brings both rows; ``scales`` / ``zeros`` are
@@ -53,7 +56,12 @@ x_smemᵀ)`` in chunks of one swizzle width of K. Two ways to apply the group sc
 ``MgpuConfig.scale_impl`` picks how the scale rows reach the registers: ``"jnp"`` (a broadcast
 that layout inference lowers) or ``"inline"`` (an :func:`plgpu.inline_mgpu` per-element FMA
 reading SMEM; needed for g32 in ``"weights"`` mode). Split-K partial sums (fp32) are added in
-XLA; the ``[Np, Mp]`` result is transposed in XLA.
+XLA; by default (``transpose_out``) the kernel stores them token-major, ``[split, M, Np]``, through
+a transposed SMEM view, so the sum is already ``y`` (the old ``[split, Np, Mp]`` order needed an
+XLA transpose and, at M = 1, wrote 8 padded token columns per output).
+
+On hardware x is not padded in XLA (``MgpuConfig.tma_bounds``): TMA zero-fills the token rows
+past M, and the stores drop them.
 
 The Mosaic GPU interpreter (CPU, jax 0.10.2) rejects transposed SMEM refs in wgmma and reads
 both wgmma operands as SMEM allocations (no register A operand); with ``interpret=True`` the
@@ -93,6 +101,8 @@ SUPPORTED_BITS = (4, 8)
 SCHEDULES = ("grid", "stream", "tiles")
 N_ALIGN = 128
 K_ALIGN = 128
+W_KBLOCK = 128  # K columns per contiguous block of the "kblocks" weight layout
+LAYOUTS = ("kblocks", "nk")
 JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
 
@@ -105,7 +115,11 @@ class MgpuPacked:
     """A GPTQ linear in the Mosaic GPU kernel layout (pytree; arrays are leaves).
 
     Attributes:
-      w: ``[Np, Kp]`` ``int4`` (bits 4) or ``int8`` (bits 8): ``code - 2^(bits-1)``, padded with 0.
+      w: ``int4`` (bits 4) or ``int8`` (bits 8) ``code - 2^(bits-1)``, padded with 0, in
+        ``layout``: ``"kblocks"`` ``[Kp/128, Np, 128]`` (K cut into blocks of 128 columns, each
+        block ``[Np, 128]`` with K contiguous: a kernel's ``[rows, 128]`` weight tile is one
+        contiguous run of memory) or ``"nk"`` ``[Np, Kp]`` (K contiguous per output row: a tile
+        is ``rows`` runs of ``block_k * bits / 8`` bytes, ``Kp * bits / 8`` apart).
       sz: ``[2, Gp, Np]`` in ``dtype``: ``sz[0]`` the scales (padded rows / columns are 0),
         ``sz[1]`` the zeros ``zero_point - 2^(bits-1)`` (exact integers).
       perm: int32 ``[K]`` act-order permutation applied to x, or None.
@@ -122,6 +136,13 @@ class MgpuPacked:
     k_pad: int = dataclasses.field(metadata=dict(static=True))
     n_pad: int = dataclasses.field(metadata=dict(static=True))
     group_size: int = dataclasses.field(metadata=dict(static=True))
+    layout: str = dataclasses.field(default="kblocks", metadata=dict(static=True))
+
+    def w_nk(self) -> jax.Array:
+        """The codes as ``[Np, Kp]`` (either layout)."""
+        if self.layout == "nk":
+            return self.w
+        return self.w.transpose(1, 0, 2).reshape(self.n_pad, self.k_pad)
 
     @property
     def dtype(self):
@@ -148,6 +169,7 @@ class MgpuPacked:
 
 def pack_mgpu(
     qweight: Any, scales: Any, zeros: Any, g_idx: Any, *, bits: int, dtype: Any = jnp.bfloat16,
+    layout: str = "kblocks",
 ) -> MgpuPacked | None:
     """Repack a GPTQ LIN (``qweight`` int32 ``[K*bits/32, N]``, ``scales``/``zeros`` ``[G, N]``,
     ``g_idx`` ``[K]``) into :class:`MgpuPacked`. Host side, once per layer.
@@ -156,6 +178,7 @@ def pack_mgpu(
       bits: 4 or 8.
       dtype: activation dtype the kernel will see most (bfloat16 or float16); scales / zeros are
         stored in it (other activation dtypes are cast per call).
+      layout: ``"kblocks"`` (default; contiguous weight tiles) or ``"nk"`` (see :class:`MgpuPacked`).
 
     Returns:
       The packed layer, or None when no kernel layout fits: groups of unequal size (no
@@ -170,6 +193,8 @@ def pack_mgpu(
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"dtype must be bfloat16 or float16; got {dtype}.")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}.")
     qweight, scales, zeros, g_idx_np = check_gptq_tensors(qweight, scales, zeros, g_idx, bits)
     p = 32 // bits
     k, n = int(g_idx_np.shape[0]), int(qweight.shape[1])
@@ -195,23 +220,28 @@ def pack_mgpu(
         codes = jnp.take(codes, perm, axis=0)
     half = 1 << (bits - 1)
     wdt = jnp.int4 if bits == 4 else jnp.int8
-    w = jnp.pad((codes - half).astype(jnp.int8), ((0, k_pad - k), (0, n_pad - n))).T.astype(wdt)
+    w = jnp.pad((codes - half).astype(jnp.int8), ((0, k_pad - k), (0, n_pad - n))).T  # [Np, Kp]
+    if layout == "kblocks":
+        w = w.reshape(n_pad, k_pad // W_KBLOCK, W_KBLOCK).transpose(1, 0, 2)
+    w = w.astype(wdt)
     pad = ((0, g_pad - num_groups), (0, n_pad - n))
     s = jnp.pad(scales.astype(jnp.float32), pad).astype(dtype)
     z = jnp.pad(zeros.astype(jnp.int32) - half, pad).astype(dtype)
     return MgpuPacked(w=w, sz=jnp.stack([s, z]), perm=perm, bits=bits, k=k, n=n, k_pad=k_pad,
-                      n_pad=n_pad, group_size=gs)
+                      n_pad=n_pad, group_size=gs, layout=layout)
 
 
-def pack_mgpu_linear(lin: Mapping[str, Any], *, bits: int, dtype: Any = jnp.bfloat16) -> MgpuPacked | None:
+def pack_mgpu_linear(lin: Mapping[str, Any], *, bits: int, dtype: Any = jnp.bfloat16,
+                     layout: str = "kblocks") -> MgpuPacked | None:
     """:func:`pack_mgpu` on a GPTQ LIN dict (``qweight``/``scales``/``zeros``/``g_idx``)."""
-    return pack_mgpu(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=bits, dtype=dtype)
+    return pack_mgpu(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=bits, dtype=dtype,
+                     layout=layout)
 
 
 def dequantize_mgpu(packed: MgpuPacked, dtype: Any = jnp.float32) -> jax.Array:
     """Dense ``[Kp, Np]`` weight in *permuted* K order: ``(w - zeros) * scales`` in fp32, cast."""
     g = jnp.arange(packed.k_pad) // packed.group_size
-    q = packed.w.astype(jnp.float32).T  # [Kp, Np]
+    q = packed.w_nk().astype(jnp.float32).T  # [Kp, Np]
     w = (q - packed.zeros.astype(jnp.float32)[g]) * packed.scales.astype(jnp.float32)[g]
     return w.astype(dtype)
 
@@ -270,9 +300,16 @@ class MgpuConfig:
         in registers; ``"xsum"`` runs the wgmma on the raw codes and corrects each K block's
         product by ``z[n] * sum_k x[m, k]`` (two FMAs per accumulator element instead of one op
         per weight; the per-block sums of x are computed in XLA, fp32).
-      transpose_out: ``"tiles"`` only: the kernel writes ``y [Mp, Np]`` itself (the accumulator
-        stored through a transposed SMEM view), so no XLA transpose follows; False writes
-        ``yᵀ [Np, Mp]`` like the other schedules.
+      transpose_out: ``"grid"`` and ``"tiles"``: the kernel writes ``y [M, Np]`` (grid split-K:
+        its fp32 partials ``[split, M, Np]``) itself, the accumulator stored through a transposed
+        SMEM view, so no XLA transpose follows; False writes ``yᵀ [Np, Mp]`` (ignored by
+        ``"stream"``, which always writes ``[slots, Np, Mp]`` partials).
+      tma_bounds: hardware path: x goes to the kernel unpadded (the TMA loads zero-fill the
+        token rows and K columns past its end) and the transposed outputs are written unpadded
+        (the TMA stores drop the rows past M): no XLA pad before, no slice of padding after.
+        (M >= 8 still pads to a multiple of 8: Mosaic's tiled GMEM views need it.) False pads x
+        in XLA to whole token tiles first (the interpreter always does: it rejects out-of-bounds
+        copies; so does ``zero_mode="xsum"``).
     """
 
     block_m: int = 16
@@ -288,6 +325,7 @@ class MgpuConfig:
     compute_wgs: int = 1
     transpose_out: bool = True
     zero_mode: str = "regs"
+    tma_bounds: bool = True
 
 
 def _num_sms() -> int:
@@ -469,9 +507,15 @@ def _group_cols(col0: int, width: int, gs: int, bk: int) -> tuple[int, int]:
     return col0 // gs, gs
 
 
+def _w_value(w_parts):
+    """The ``[bn, bk]`` weight tile (interpreter) from its K parts (:func:`_w_parts`)."""
+    vals = [p[...] for p in w_parts]
+    return vals[0] if len(vals) == 1 else jnp.concatenate(vals, axis=1)
+
+
 def _dequant_mma_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk, cdt):
     """Interpreter leaf: the same per-chunk math as :func:`_dequant_mma_hw` in plain jnp."""
-    w = w_smem[...]
+    w = _w_value(w_smem)
     x = x_smem[...]
     s = s_smem[...].astype(jnp.float32)  # [groups_in_tile, bn]
     z = z_smem[...].astype(jnp.float32)
@@ -493,7 +537,7 @@ def _mma_acc_interpret(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt, x
     """Interpreter leaf of ``scale_mode="acc"``: ``acc + ((codes - z) @ x) * s`` per K block
     (``acc`` None: the scaled block product alone); with ``xs_smem`` (the block's ``sum_k x``,
     a ``[bm]`` ref) as ``(codes @ x - z * xs) * s``."""
-    w = w_smem[...]
+    w = _w_value(w_smem)
     x = x_smem[...]
     z = z_smem[...].astype(cdt)[0][:, None]  # [bn, 1]
     t = None
@@ -568,6 +612,19 @@ def _load_w(w_smem, bits: int, w_layout: str):
     return w_smem[...]
 
 
+def _w_chunks(w_parts, bits: int, w_layout: str, chunk: int):
+    """Registers of the weight tile's K parts; returns ``get(j)``, the ``[bn, chunk]`` slice of
+    K chunk ``j`` (each part is ``[bn, width]``, ``width`` a multiple of ``chunk``)."""
+    vals = [_load_w(p, bits, w_layout) for p in w_parts]
+    width = vals[0].shape[1]
+
+    def get(j):
+        c0 = j * chunk
+        return vals[c0 // width][:, c0 % width: c0 % width + chunk]
+
+    return get
+
+
 def _upcast(wj, cdt, w_layout: str):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -582,12 +639,12 @@ def _mma_acc_hw(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt, bn, bm, 
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     def mm(tmp_ref):
-        w = _load_w(w_smem, bits, w_layout)
+        w = _w_chunks(w_smem, bits, w_layout, chunk)
         steps = bk // chunk
         for j in range(steps):
             ks = slice(j * chunk, (j + 1) * chunk)
             with jax.named_scope("upcast"):
-                wj = _upcast(w[:, ks], cdt, w_layout)
+                wj = _upcast(w(j), cdt, w_layout)
                 if xs_smem is None:
                     wj = wj - _bcast_rows(z_smem[0, :], wj.shape)
             with jax.named_scope("wgmma"):
@@ -640,15 +697,15 @@ def _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk, c
     """Hardware leaf: weights SMEM -> registers (int upcast) -> scaled in registers -> wgmma A."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    w = _load_w(w_smem, bits, w_layout)
+    w = _w_chunks(w_smem, bits, w_layout, chunk)
     steps = bk // chunk
     for j in range(steps):
         ks = slice(j * chunk, (j + 1) * chunk)
         row0, sub = _group_cols(j * chunk, chunk, gs, bk)
         with jax.named_scope("dequant"):
-            wc = _upcast(w[:, ks], cdt, w_layout)
+            wc = _upcast(w(j), cdt, w_layout)
             if impl == "jnp" and not sub:
-                shape = (w.shape[0], chunk)
+                shape = wc.shape
                 wj = (wc - _bcast_rows(z_smem[row0, :], shape)) * _bcast_rows(s_smem[row0, :], shape)
             else:
                 wj = _scale_inline(wc, s_smem, z_smem, row0=row0, sub_gs=sub)
@@ -657,7 +714,37 @@ def _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk, c
         plgpu.wgmma_wait(1 if j + 1 < steps else 0)
 
 
-def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
+def _w_spec(packed: MgpuPacked, rows: int, bk: int):
+    """``(block shape, index(n_tile, k_block), transforms)`` of the weight tile ``[rows, bk]`` at
+    (N tile, K block) in ``packed.w``'s layout.
+
+    ``"nk"``: a ``[rows, bk]`` block of ``[Np, Kp]``. ``"kblocks"`` (``[Kp/W_KBLOCK, Np, W_KBLOCK]``):
+    ``bk <= W_KBLOCK`` is a ``[1, rows, bk]`` block (one contiguous run of ``rows * bk * bits / 8``
+    bytes when ``bk == W_KBLOCK``); ``bk = 2 * W_KBLOCK`` a ``[2, rows, W_KBLOCK]`` block (two runs).
+    The SMEM tile is ``[parts, rows, width]``; :func:`_w_parts` gives the ``[rows, width]`` refs.
+    """
+    if packed.layout == "nk":
+        return (rows, bk), lambda n, k: (n, k), _tiled(bk * packed.bits, packed.bits)[1]
+    kb = W_KBLOCK
+    if bk <= kb:
+        per = kb // bk
+        return (1, rows, bk), lambda n, k: (k // per, n, k % per), _tiled(bk * packed.bits, packed.bits)[1]
+    return (bk // kb, rows, kb), lambda n, k: (k, n, 0), _tiled(kb * packed.bits, packed.bits)[1]
+
+
+def _w_parts(w_smem, packed: MgpuPacked, rows=None) -> tuple:
+    """The SMEM weight tile as ``[rows, width]`` refs in K order (``rows``: a row slice of each)."""
+    if packed.layout == "nk":
+        parts = (w_smem,)
+    else:
+        parts = tuple(w_smem.at[i] for i in range(w_smem.shape[0]))
+    return parts if rows is None else tuple(p.at[rows] for p in parts)
+
+
+def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, rows: int | None = None):
+    """``"grid"`` kernel: ``[split, rows, Np]`` (``transpose_out``) or ``[split, Np, rows]`` partial
+    sums (fp32 when ``split > 1``, else ``cdt``); ``rows`` (default ``mp``) may be the unpadded M on
+    hardware, where the TMA store drops the token rows past it."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     bm, bn, bk, split = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
@@ -670,12 +757,15 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
     # K chunk per wgmma issue = the swizzle width of the x tile (in elements).
     x_sw, x_tr = _tiled(bk * 16, 16)
     chunk = x_sw * 8 // 16
-    _, w_tr = _tiled(bk * bits, bits)
+    w_block, w_index, w_tr = _w_spec(packed, bn, bk)
     if gs >= bk:
         s_rows, blocks_per_group = 1, gs // bk
     else:
         s_rows, blocks_per_group = bk // gs, 0
-    o_sw, o_tr = _tiled(bm * jnp.dtype(out_dt).itemsize * 8, jnp.dtype(out_dt).itemsize * 8)
+    tr = cfg.transpose_out
+    rows = mp if rows is None else rows
+    o_bits = jnp.dtype(out_dt).itemsize * 8
+    _, o_tr = _tiled((bn if tr else bm) * o_bits, o_bits)
 
     xsum = cfg.zero_mode == "xsum"
 
@@ -692,7 +782,7 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
             return (0, k0 + ki, ni)
 
         specs = [
-            plgpu.BlockSpec((bn, bk), lambda ki: (ni, k0 + ki), transforms=w_tr),
+            plgpu.BlockSpec(w_block, lambda ki: w_index(ni, k0 + ki), transforms=w_tr),
             plgpu.BlockSpec((bm, bk), lambda ki: (mi, k0 + ki), transforms=x_tr),
             plgpu.BlockSpec((2, s_rows, bn), sz_index),  # scales and zeros: one copy
         ]
@@ -711,15 +801,16 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
                 *xs, acc = rest
                 xs_kw = dict(xs_smem=xs[0].at[0, 0, pl.ds(0, bm)]) if xs else {}
                 if interpret:
-                    return _mma_acc_interpret(acc, w_smem, x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk,
+                    return _mma_acc_interpret(acc, _w_parts(w_smem, packed), x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk,
                                               bk=bk, cdt=cdt, **xs_kw)
-                return _mma_acc_hw(acc, w_smem, x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk, bk=bk,
+                return _mma_acc_hw(acc, _w_parts(w_smem, packed), x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk, bk=bk,
                                    cdt=cdt, bn=bn, bm=bm, impl=cfg.scale_impl, **hw_kw, **xs_kw)
 
             acc = pipe(step)(*gm)
         elif interpret:
             def step(_, w_smem, x_smem, sz_smem, acc):
-                return _dequant_mma_interpret(acc, w_smem, x_smem, sz_smem.at[0], sz_smem.at[1], **leaf_kw)
+                return _dequant_mma_interpret(acc, _w_parts(w_smem, packed), x_smem, sz_smem.at[0], sz_smem.at[1],
+                                              **leaf_kw)
 
             acc = plgpu.emit_pipeline(
                 step, grid=(steps_per_split,), in_specs=specs, max_concurrent_steps=cfg.num_stages,
@@ -728,7 +819,8 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
         else:
             def compute(acc_ref):
                 def step(_, w_smem, x_smem, sz_smem):
-                    _dequant_mma_hw(acc_ref, w_smem, x_smem, sz_smem.at[0], sz_smem.at[1], impl=cfg.scale_impl,
+                    _dequant_mma_hw(acc_ref, _w_parts(w_smem, packed), x_smem, sz_smem.at[0], sz_smem.at[1],
+                                    impl=cfg.scale_impl,
                                     **leaf_kw, **hw_kw)
 
                 plgpu.emit_pipeline(
@@ -738,14 +830,19 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
                 return acc_ref[...]
 
             acc = pl.run_scoped(compute, plgpu.ACC((bn, bm), jnp.float32))
-        o_smem[...] = acc.astype(out_dt)
+        if not tr:
+            o_smem[...] = acc.astype(out_dt)
+            dst = o_gmem.at[si, pl.ds(ni * bn, bn), pl.ds(mi * bm, bm)]
+        else:
+            _store_transposed(o_smem, acc.astype(out_dt), interpret)
+            dst = o_gmem.at[si, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)]
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn), pl.ds(mi * bm, bm)])
+        plgpu.copy_smem_to_gmem(o_smem, dst)
         plgpu.wait_smem_to_gmem(0)
 
     kw: dict[str, Any] = dict(
-        out_type=jax.ShapeDtypeStruct((split, packed.n_pad, mp), out_dt),
-        scratch_types=[plgpu.SMEM((bn, bm), out_dt, transforms=() if interpret else o_tr)],
+        out_type=jax.ShapeDtypeStruct((split, rows, packed.n_pad) if tr else (split, packed.n_pad, rows), out_dt),
+        scratch_types=[plgpu.SMEM((bm, bn) if tr else (bn, bm), out_dt, transforms=() if interpret else o_tr)],
         grid=grid,
         grid_names=("n", "m", "k"),
     )
@@ -757,8 +854,17 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
         kw["compiler_params"] = plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
         )
-    del o_sw
     return plgpu.kernel(body, **kw)
+
+
+def _store_transposed(o_ref, val, interpret: bool) -> None:
+    """The ``[bn, bm]`` accumulator value into the ``[bm, bn]`` SMEM tile ``o_ref``."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if interpret:
+        o_ref[...] = val.T
+    else:  # through a transposed view of the tile, in the transposed wgmma register layout
+        _transposed(o_ref)[...] = plgpu.layout_cast(val, plgpu.Layout.WGMMA_TRANSPOSED)
 
 
 def _xs_width(bm: int) -> int:
@@ -819,10 +925,10 @@ def _stream_geometry(mp: int, packed: MgpuPacked, cfg: MgpuConfig):
     return c, starts, counts, bn_cta, n_nt, n_mt, nk
 
 
-def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool):
+def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, rows: int | None = None):
     """Persistent ``"stream"`` / ``"tiles"`` kernel: ``[slots, Np, Mp]`` partial sums (fp32), or
-    for ``"tiles"`` ``[1, Mp, Np]`` (``transpose_out``; else ``[1, Np, Mp]``) in ``cdt``.
-    Returns ``(kernel, counts, slots)``."""
+    for ``"tiles"`` ``[1, rows, Np]`` (``transpose_out``; ``rows`` default ``Mp``, may be the
+    unpadded M on hardware) or else ``[1, Np, Mp]`` in ``cdt``. Returns ``(kernel, counts, slots)``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -837,7 +943,7 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
     out_dt = cdt if aligned else jnp.float32
     x_sw, x_tr = _tiled(bk * 16, 16)
     chunk = x_sw * 8 // 16
-    _, w_tr = _tiled(bk * bits, bits)
+    w_block, w_index, w_tr = _w_spec(packed, bn_cta, bk)
     o_bits = jnp.dtype(out_dt).itemsize * 8
     _, o_tr = _tiled((bn if direct else bm) * o_bits, o_bits)
     acc_mode = cfg.scale_mode == "acc"
@@ -879,7 +985,7 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
         nsteps = cta_start(c + 1) - start
 
         specs = [
-            plgpu.BlockSpec((bn_cta, bk), lambda s: (coords(start + s)[1], coords(start + s)[2]), transforms=w_tr),
+            plgpu.BlockSpec(w_block, lambda s: w_index(coords(start + s)[1], coords(start + s)[2]), transforms=w_tr),
             plgpu.BlockSpec((bm, bk), lambda s: (coords(start + s)[0], coords(start + s)[2]), transforms=x_tr),
             plgpu.BlockSpec(sz_block, lambda s: (0, sz_row(coords(start + s)[2]), coords(start + s)[1])),
         ]
@@ -893,9 +999,10 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
             (s,) = idx
             if wgs > 1:
                 rows = pl.ds(wg * bn, bn)
-                w_smem, sz_s, sz_z = w_smem.at[rows], sz_smem.at[0, :, rows], sz_smem.at[1, :, rows]
+                w_smem, sz_s, sz_z = _w_parts(w_smem, packed, rows), sz_smem.at[0, :, rows], sz_smem.at[1, :, rows]
                 o_ref = o_smem.at[wg]
             else:
+                w_smem = _w_parts(w_smem, packed)
                 sz_s, sz_z, o_ref = sz_smem.at[0], sz_smem.at[1], o_smem
             acc = block_product(acc, w_smem, x_smem, sz_s, sz_z,
                                 None if xs_smem is None else xs_smem.at[0, 0, pl.ds(0, bm)])
@@ -910,10 +1017,8 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 if not direct:
                     o_ref[...] = val.astype(out_dt)
-                elif interpret:
-                    o_ref[...] = val.T.astype(out_dt)
-                else:  # [bn, bm] accumulator into the [bm, bn] tile through a transposed view
-                    _transposed(o_ref)[...] = plgpu.layout_cast(val.astype(out_dt), plgpu.Layout.WGMMA_TRANSPOSED)
+                else:  # [bn, bm] accumulator into the [bm, bn] tile
+                    _store_transposed(o_ref, val.astype(out_dt), interpret)
                 if acc_ref_mode:
                     acc[...] = jnp.zeros((bn, bm), jnp.float32)
                 plgpu.commit_smem()
@@ -975,7 +1080,8 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
     if wgs > 1:
         o_shape = (wgs, *o_shape)
     kw: dict[str, Any] = dict(
-        out_type=jax.ShapeDtypeStruct((slots, *((mp, packed.n_pad) if direct else (packed.n_pad, mp))), out_dt),
+        out_type=jax.ShapeDtypeStruct(
+            (slots, *((mp if rows is None else rows, packed.n_pad) if direct else (packed.n_pad, mp))), out_dt),
         scratch_types=[plgpu.SMEM(o_shape, out_dt, transforms=() if interpret else o_tr)],
         grid=(ctas,),
         grid_names=("c",),
@@ -1047,19 +1153,30 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
     mp = -(-m // bm) * bm
     if packed.perm is not None:
         x2 = jnp.take(x2, packed.perm, axis=1)
-    if mp != m or packed.k_pad != packed.k:
-        x2 = jnp.pad(x2, ((0, mp - m), (0, packed.k_pad - packed.k)))
+    if cfg.tma_bounds and not interpret and cfg.zero_mode != "xsum":
+        # hardware TMA zero-fills the tile rows / K columns past x's end and drops output rows
+        # past its end; Mosaic's tiled GMEM views need the row count below or a multiple of the
+        # 8-row tiling (and K of the x tile's 64-column tiling), so M pads to a multiple of 8 at most
+        rows = m if m < 8 else -(-m // 8) * 8
+        x_cols = _swizzle(cfg.block_k * 16) * 8 // 16
+        pad_m, pad_k = rows - m, 0 if packed.k % x_cols == 0 else packed.k_pad - packed.k
+    else:
+        rows, pad_m, pad_k = mp, mp - m, packed.k_pad - packed.k
+    if pad_m or pad_k:
+        x2 = jnp.pad(x2, ((0, pad_m), (0, pad_k)))
     sz = packed.sz if packed.sz.dtype == cdt else packed.sz.astype(cdt)
     args = (x2, packed.w, sz)
     if cfg.zero_mode == "xsum":
         args += (_x_block_sums(x2, cfg),)
     if cfg.schedule == "grid":
-        out = _build(mp, packed, cfg, cdt, interpret)(*args)  # [split, Np, Mp]
+        out = _build(mp, packed, cfg, cdt, interpret, rows if cfg.transpose_out else mp)(*args)  # [split, rows, Np]
         y = out.sum(0) if cfg.split_k > 1 else out[0]
+        if cfg.transpose_out:
+            return y[:m, : packed.n].astype(cdt)
     else:
-        kernel, counts, _ = _build_stream(mp, packed, cfg, cdt, interpret)
+        kernel, counts, _ = _build_stream(mp, packed, cfg, cdt, interpret, rows)
         out = kernel(*args)
-        if cfg.schedule == "tiles" and cfg.transpose_out:  # [1, Mp, Np], already y
+        if cfg.schedule == "tiles" and cfg.transpose_out:  # [1, rows, Np], already y
             return out[0, :m, : packed.n]
         y = _stream_sum(out, counts, mp, packed, cfg)  # [Np, Mp]
     return y[: packed.n, :m].T.astype(cdt)

@@ -35,7 +35,10 @@ def make(seed, k, n, bits, gs, act_order, dtype=jnp.bfloat16):
                                                   (4, 64, False, 384)])
 def test_pack_dequant_matches_numpy(bits, gs, act_order, k):
     lin, w64, p = make(1, k, 72, bits, gs, act_order)
-    assert p.w.shape == (128, p.k_pad) and p.w.dtype == (jnp.int4 if bits == 4 else jnp.int8)
+    assert p.w.shape == (p.k_pad // 128, 128, 128) and p.w.dtype == (jnp.int4 if bits == 4 else jnp.int8)
+    assert p.layout == "kblocks" and p.w_nk().shape == (128, p.k_pad)
+    nk = mg.pack_mgpu_linear(lin, bits=bits, layout="nk")
+    assert nk.w.shape == (128, p.k_pad) and np.array_equal(np.asarray(nk.w, np.int8), np.asarray(p.w_nk(), np.int8))
     assert p.sz.shape == (2, *p.scales.shape) and p.sz.dtype == jnp.bfloat16
     assert p.k_pad % 128 == 0 and p.k_pad % p.group_size == 0 and p.scales.shape == (p.k_pad // p.group_size, 128)
     w = np.asarray(mg.dequantize_mgpu(p, jnp.float32), np.float64)[: k, :72]
@@ -92,6 +95,30 @@ def test_mgpu_kernel_interpret(bits, gs, act_order, k, n, m, dtype, tiles):
     assert rel_err(y, ref64) < 8e-3  # bf16 scales + weights + output rounding
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(mg.reference(x, p), np.float32),
                                rtol=2e-2, atol=2e-2 * float(np.abs(ref64).max()))
+
+
+@pytest.mark.parametrize("layout,tiles", [
+    ("nk", (8, 64, 128, 2, "acc", "grid", 1)), ("kblocks", (8, 128, 256, 2, "weights", "grid", 1)),
+    ("kblocks", (16, 64, 64, 1, "acc", "grid", 1)), ("nk", (16, 64, 128, 1, "acc", "stream", 2)),
+    ("kblocks", (16, 64, 256, 1, "weights", "stream", 2)), ("nk", (128, 64, 128, 1, "weights", "tiles", 2)),
+])
+def test_weight_layouts_interpret(layout, tiles, monkeypatch):
+    """Both weight layouts (``"kblocks"`` tiles are one contiguous run; ``"nk"`` rows), K blocks
+    of 64 / 128 / 256 (a 256 block is two 128-column parts), one and two compute warpgroups."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 2)
+    bm, bn, bk, split, mode, sched, wgs = tiles
+    lin, w64, _ = make(60 + bk, 512, 256, 4, 128, True)
+    p = mg.pack_mgpu_linear(lin, bits=4, layout=layout)
+    assert p.layout == layout
+    m = 3 if bm <= 16 else 130
+    x = jax.random.normal(jax.random.key(bk + m), (m, 512), jnp.float32).astype(jnp.bfloat16)
+    cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=2, scale_mode=mode,
+                        schedule=sched, compute_wgs=wgs, ctas_per_sm=1)
+    assert rel_err(mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=True), np.asarray(x, np.float64) @ w64) < 8e-3
+    lowered = mg._forward.trace(x, p, cfg, False).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+    with pytest.raises(ValueError, match="layout must be one of"):
+        mg.pack_mgpu_linear(lin, bits=4, layout="kn")
 
 
 def test_mgpu_leading_dims_default_config_and_dtype_cast():
@@ -319,6 +346,7 @@ def test_dispatch_auto_kernel_choice(monkeypatch):
 ])
 def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
     lin, w64, p = make(40 + k, k, n, bits, gs, act_order, dtype)
+    p_nk = mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, layout="nk")
     for m in (1, 33, 130):
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
         ref64 = np.asarray(x, np.float64) @ w64
@@ -329,6 +357,10 @@ def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
         for cfg in cfgs:
             y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, p, config=cfg))(x)
             assert rel_err(y, ref64) < 8e-3, (m, cfg)
+        # the row-major ("nk") weights, x padded in XLA and [split, Np, Mp] partials
+        old = dataclasses.replace(cfgs[0], tma_bounds=False, transpose_out=cfgs[0].schedule != "grid")
+        y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, p_nk, config=old))(x)
+        assert rel_err(y, ref64) < 8e-3, (m, old)
     prep = dispatch.prepare(lin, bits=bits, backend="gpu", gpu_kernel="mgpu")
     assert rel_err(dispatch.matmul(x, prep), ref64) < 8e-3  # M=130 through dispatch
 
