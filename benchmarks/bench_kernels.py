@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -74,36 +75,37 @@ def report_failure(name: str, e: Exception) -> str:
 
 
 def mgpu_candidates(m: int, packed, limit: int) -> list:
-    """``(config, weight layout)`` pairs: the default first (``"kblocks"`` layout), then the same
-    on the ``"nk"`` layout, the session-4 default (``"nk"``, x padded in XLA, ``[split, Np, Mp]``
-    partials), other split / block sizes and the persistent schedules (at most ``limit``; configs
-    that do not fit the layer dropped)."""
+    """``(config, weight layout)`` pairs: the default first (``"nk"`` layout, x padded in XLA,
+    grid partials ``[split, Np, Mp]``), then the session-5 options (not yet timed): the contiguous
+    ``"kblocks"`` layout, TMA bounds instead of the x pad, token-major partials (``new``), each
+    alone and together, then other split / block sizes and the persistent schedules on
+    ``"kblocks"`` + ``new`` (at most ``limit``; configs that do not fit the layer dropped)."""
     C = mg.MgpuConfig
     A, W, U = "acc", "weights", "upcast"
     rp = dataclasses.replace
     d = mg.default_config(m, packed)
     bk = 64 if packed.group_size == 64 else 128
-    old = rp(d, tma_bounds=False, transpose_out=d.schedule != "grid")
-    c = [(d, "kblocks"), (d, "nk"), (old, "nk")]
+    new = _with_new_options(d)
+    c = [(d, "nk"), (new, "kblocks"), (d, "kblocks"), (new, "nk")]
+    d = new
     if m <= 16:
         bm = 8 if m <= 8 else 16
         nkb = packed.k_pad // d.block_k
-        c += [(rp(d, tma_bounds=False), "kblocks"),
-              (rp(d, split_k=max(1, d.split_k // 2)), "kblocks"),
+        c += [(rp(d, split_k=max(1, d.split_k // 2)), "kblocks"),
               (rp(d, split_k=max(1, d.split_k // 4)), "kblocks"),
               (rp(d, split_k=min(2 * d.split_k, nkb)), "kblocks"),
-              (rp(d, block_k=256, split_k=max(1, d.split_k // 2), num_stages=4) if bk == 128 else d, "kblocks"),
+              (rp(d, block_k=256, split_k=max(1, d.split_k // 2), num_stages=4, scale_mode=W) if bk == 128 else d,
+               "kblocks"),
               (C(bm, 128, bk, 1, 8, A, "jnp", U, "stream", 2, 1), "kblocks"),
               (rp(d, block_n=64), "kblocks")]
     elif m <= 64:
         bm = 32 if m <= 32 else 64
-        c += [(C(bm, 64, bk, 1, 4, A, "jnp", U, "stream", 2, 1), "kblocks"),
-              (C(bm, 128, bk, 1, 4, A, "jnp", U, "stream", 1, 2), "kblocks"),
-              (C(bm, 64, bk, 1, 4, A, "jnp", U, "stream", 2, 1), "nk")]
+        c += [(C(bm, 64, bk, 1, 4, A, "jnp", U, "stream", 2, 1, tma_bounds=True), "kblocks"),
+              (C(bm, 128, bk, 1, 4, A, "jnp", U, "stream", 1, 2, tma_bounds=True), "kblocks")]
     else:
-        c += [(C(256, 64, 64, 1, 4, W, "jnp", U, "tiles", 1, 2), "kblocks"),
-              (C(128, 64, 128, 1, 4, W, "jnp", U, "tiles", 1, 2), "kblocks"),
-              (C(128, 64, 64, 1, 4, W, "jnp", U, "stream", 1, 2), "kblocks")]
+        c += [(C(256, 64, 64, 1, 4, W, "jnp", U, "tiles", 1, 2, tma_bounds=True), "kblocks"),
+              (C(128, 64, 128, 1, 4, W, "jnp", U, "tiles", 1, 2, tma_bounds=True), "kblocks"),
+              (C(128, 64, 64, 1, 4, W, "jnp", U, "stream", 1, 2, tma_bounds=True), "kblocks")]
     out = []
     nk = lambda cfg: packed.k_pad // cfg.block_k  # noqa: E731
     for cfg, lay in c:
@@ -116,20 +118,20 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
     return out[:limit]
 
 
-def mgpu_name(cfg, layout: str = "kblocks") -> str:
+def mgpu_name(cfg, layout: str = "nk") -> str:
     s = (f"mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
          f"{cfg.scale_mode},{cfg.scale_impl},{cfg.w_layout}")
     if cfg.schedule != "grid":
         s += f",{cfg.schedule},cps{cfg.ctas_per_sm},wg{cfg.compute_wgs}"
-        if cfg.schedule == "tiles" and not cfg.transpose_out:
+        if cfg.schedule == "tiles" and not cfg.writes_y:
             s += ",yT-xla"
-    elif not cfg.transpose_out:
-        s += ",yT-xla"
+    elif cfg.writes_y:
+        s += ",y-mn"
     if cfg.zero_mode != "regs":
         s += f",z-{cfg.zero_mode}"
-    if not cfg.tma_bounds:
-        s += ",xpad"
-    if layout != "kblocks":
+    if cfg.tma_bounds:
+        s += ",tma-bounds"
+    if layout != "nk":
         s += f",w-{layout}"
     return s + "]"
 
@@ -310,7 +312,7 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
     except Exception as e:
         rows.append(dict(K=k, N=n, M=m, variant="mgpu[pack]", error=report_failure("mgpu pack", e)))
         return
-    packs = by_layout["kblocks"]
+    packs = by_layout["nk"]
     p0 = packs[0]
     ref = mg.reference(x, p0).astype(jnp.float32)
     pbytes = device_bytes(p0.w) + p0.sz.nbytes + io
@@ -384,6 +386,11 @@ def bench_torch(k, n, m, c_bf, c_q, io, rec):
     rec(m, "torch_tinygemm", time_torch(fn, c_q), k * n // 2 + (k // gs) * n * 4 + io)
 
 
+def _with_new_options(cfg):
+    """``cfg`` with the session-5 options: TMA bounds, token-major output (grid / tiles)."""
+    return dataclasses.replace(cfg, tma_bounds=True, transpose_out=None if cfg.schedule == "stream" else True)
+
+
 def bench_e2e(args) -> list[dict]:
     """Decode tokens/s of a Llama-2-7B-shaped model (random weights made on the device), bf16 vs GPTQ.
 
@@ -425,14 +432,21 @@ def bench_e2e(args) -> list[dict]:
                 "lm_head": float_lin(d, v)}
 
     rows = []
-    runs = [("bf16", float_lin, None, True)]
-    runs += [(f"gptq4_g128[{kn}]", quant_lin, kn, True) for kn in args.e2e_kernels.split(",")]
+    runs = [("bf16", float_lin, None, True, False)]
+    runs += [(f"gptq4_g128[{kn}]", quant_lin, kn, True, False) for kn in args.e2e_kernels.split(",")]
     if args.e2e_nofuse:  # q/k/v and gate/up as separate kernels (the first kernel choice)
         kn = args.e2e_kernels.split(",")[0]
-        runs.append((f"gptq4_g128[{kn},unfused]", quant_lin, kn, False))
-    for label, make, kernel, fuse in runs:
+        runs.append((f"gptq4_g128[{kn},unfused]", quant_lin, kn, False, False))
+    if args.e2e_new:  # the session-5 Mosaic options, off by default until timed
+        runs.append(("gptq4_g128[mgpu,kblocks+tma-bounds+y-mn]", quant_lin, "mgpu", True, True))
+    real_pack, real_default = mg.pack_mgpu, mg.default_config
+    for label, make, kernel, fuse, new in runs:
         if kernel is not None:  # the kernel QuantLinear's dispatch.prepare picks at build time
             dispatch.DEFAULT_GPU_KERNEL = kernel
+        # dispatch.prepare and gptq_matmul_mgpu look these up at call time: for this model only,
+        # pack the "kblocks" layout and run the default tiles with TMA bounds + token-major output
+        mg.pack_mgpu = functools.partial(real_pack, layout="kblocks") if new else real_pack
+        mg.default_config = (lambda m, p: _with_new_options(real_default(m, p))) if new else real_default
         params = build(make)
         model = LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16, fuse=fuse)
         del params
@@ -474,6 +488,7 @@ def bench_e2e(args) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
         del model, step, leaves
+    mg.pack_mgpu, mg.default_config = real_pack, real_default
     q_w = layers * sum(k * n for k, n in shapes.values())
     for r in rows:
         if r["e2e"] != "bf16" and r["kernel_bytes"]:
@@ -569,6 +584,9 @@ def main() -> None:
                     help="comma list of GPU kernels (auto, mgpu, triton) to build the quantized model with")
     ap.add_argument("--e2e-trace", action="store_true",
                     help="also profile 5 batch-1 decode steps per model: GPU busy time and the top ops")
+    ap.add_argument("--e2e-new", action="store_true",
+                    help="also time the quantized model on the Mosaic kernel with the session-5 options "
+                         "(kblocks weights, TMA bounds, token-major output)")
     ap.add_argument("--e2e-nofuse", action="store_true",
                     help="also time the quantized model with q/k/v and gate/up as separate kernels")
     args = ap.parse_args()

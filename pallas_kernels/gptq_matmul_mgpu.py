@@ -9,10 +9,11 @@ wgmma's N dimension (any multiple of 8 up to 256): one kernel for decode (M = 1.
 Layout (:class:`MgpuPacked`, built once by :func:`pack_mgpu`):
 
 * ``w``: native ``jnp.int4`` (4-bit) or ``jnp.int8`` (8-bit) holding ``q - 2^(bits-1)`` (signed,
-  so the hardware int4/int8 -> bf16 upcast applies), by default as ``[Kp/128, Np, 128]``
-  (``layout="kblocks"``): K cut into blocks of 128 columns with K contiguous inside a block, so
-  that the ``[rows, 128]`` tile a pipeline step copies is one contiguous run of memory rather than
-  ``rows`` short runs ``Kp/2`` bytes apart (``layout="nk"``, ``[Np, Kp]``);
+  so the hardware int4/int8 -> bf16 upcast applies), as ``[Np, Kp]`` (``layout="nk"``, the
+  default) or ``[Kp/128, Np, 128]`` (``layout="kblocks"``: K cut into blocks of 128 columns with K
+  contiguous inside a block, so that the ``[rows, 128]`` tile a pipeline step copies is one
+  contiguous run of memory rather than ``rows`` runs of 64 bytes ``Kp/2`` bytes apart; not yet
+  timed on a GPU, see benchmarks/RESULTS.md);
 * ``sz``: ``[2, Gp, Np]`` in the activation dtype, ``sz[0]`` the scales and ``sz[1]`` the zeros
   shifted by ``2^(bits-1)`` (exact small integers), so ``W[k, n] = (w[n, k] - z[g, n]) * s[g, n]``
   (one array so that one TMA copy per pipeline step brings both rows; ``scales`` / ``zeros`` are
@@ -56,12 +57,13 @@ x_smemᵀ)`` in chunks of one swizzle width of K. Two ways to apply the group sc
 ``MgpuConfig.scale_impl`` picks how the scale rows reach the registers: ``"jnp"`` (a broadcast
 that layout inference lowers) or ``"inline"`` (an :func:`plgpu.inline_mgpu` per-element FMA
 reading SMEM; needed for g32 in ``"weights"`` mode). Split-K partial sums (fp32) are added in
-XLA; by default (``transpose_out``) the kernel stores them token-major, ``[split, M, Np]``, through
-a transposed SMEM view, so the sum is already ``y`` (the old ``[split, Np, Mp]`` order needed an
-XLA transpose and, at M = 1, wrote 8 padded token columns per output).
+XLA in ``[split, Np, Mp]`` order, then transposed; with ``transpose_out=True`` the grid kernel
+stores them token-major, ``[split, M, Np]``, through a transposed SMEM view, so that the sum is
+already ``y`` and M = 1 writes one token row instead of 8 padded ones.
 
-On hardware x is not padded in XLA (``MgpuConfig.tma_bounds``): TMA zero-fills the token rows
-past M, and the stores drop them.
+With ``MgpuConfig.tma_bounds`` x is not padded in XLA on hardware: TMA zero-fills the token rows
+past M, and the stores drop them. These two options and the ``"kblocks"`` layout lower for CUDA
+and pass the interpreter tests but have not run on a GPU yet, so they are off by default.
 
 The Mosaic GPU interpreter (CPU, jax 0.10.2) rejects transposed SMEM refs in wgmma and reads
 both wgmma operands as SMEM allocations (no register A operand); with ``interpret=True`` the
@@ -116,10 +118,10 @@ class MgpuPacked:
 
     Attributes:
       w: ``int4`` (bits 4) or ``int8`` (bits 8) ``code - 2^(bits-1)``, padded with 0, in
-        ``layout``: ``"kblocks"`` ``[Kp/128, Np, 128]`` (K cut into blocks of 128 columns, each
-        block ``[Np, 128]`` with K contiguous: a kernel's ``[rows, 128]`` weight tile is one
-        contiguous run of memory) or ``"nk"`` ``[Np, Kp]`` (K contiguous per output row: a tile
-        is ``rows`` runs of ``block_k * bits / 8`` bytes, ``Kp * bits / 8`` apart).
+        ``layout``: ``"nk"`` ``[Np, Kp]`` (K contiguous per output row: a kernel's weight tile
+        is ``rows`` runs of ``block_k * bits / 8`` bytes, ``Kp * bits / 8`` apart) or
+        ``"kblocks"`` ``[Kp/128, Np, 128]`` (K cut into blocks of 128 columns, each block
+        ``[Np, 128]`` with K contiguous: a ``[rows, 128]`` weight tile is one contiguous run).
       sz: ``[2, Gp, Np]`` in ``dtype``: ``sz[0]`` the scales (padded rows / columns are 0),
         ``sz[1]`` the zeros ``zero_point - 2^(bits-1)`` (exact integers).
       perm: int32 ``[K]`` act-order permutation applied to x, or None.
@@ -136,7 +138,7 @@ class MgpuPacked:
     k_pad: int = dataclasses.field(metadata=dict(static=True))
     n_pad: int = dataclasses.field(metadata=dict(static=True))
     group_size: int = dataclasses.field(metadata=dict(static=True))
-    layout: str = dataclasses.field(default="kblocks", metadata=dict(static=True))
+    layout: str = dataclasses.field(default="nk", metadata=dict(static=True))
 
     def w_nk(self) -> jax.Array:
         """The codes as ``[Np, Kp]`` (either layout)."""
@@ -169,7 +171,7 @@ class MgpuPacked:
 
 def pack_mgpu(
     qweight: Any, scales: Any, zeros: Any, g_idx: Any, *, bits: int, dtype: Any = jnp.bfloat16,
-    layout: str = "kblocks",
+    layout: str = "nk",
 ) -> MgpuPacked | None:
     """Repack a GPTQ LIN (``qweight`` int32 ``[K*bits/32, N]``, ``scales``/``zeros`` ``[G, N]``,
     ``g_idx`` ``[K]``) into :class:`MgpuPacked`. Host side, once per layer.
@@ -178,7 +180,7 @@ def pack_mgpu(
       bits: 4 or 8.
       dtype: activation dtype the kernel will see most (bfloat16 or float16); scales / zeros are
         stored in it (other activation dtypes are cast per call).
-      layout: ``"kblocks"`` (default; contiguous weight tiles) or ``"nk"`` (see :class:`MgpuPacked`).
+      layout: ``"nk"`` (default) or ``"kblocks"`` (contiguous weight tiles; see :class:`MgpuPacked`).
 
     Returns:
       The packed layer, or None when no kernel layout fits: groups of unequal size (no
@@ -232,7 +234,7 @@ def pack_mgpu(
 
 
 def pack_mgpu_linear(lin: Mapping[str, Any], *, bits: int, dtype: Any = jnp.bfloat16,
-                     layout: str = "kblocks") -> MgpuPacked | None:
+                     layout: str = "nk") -> MgpuPacked | None:
     """:func:`pack_mgpu` on a GPTQ LIN dict (``qweight``/``scales``/``zeros``/``g_idx``)."""
     return pack_mgpu(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=bits, dtype=dtype,
                      layout=layout)
@@ -300,11 +302,12 @@ class MgpuConfig:
         in registers; ``"xsum"`` runs the wgmma on the raw codes and corrects each K block's
         product by ``z[n] * sum_k x[m, k]`` (two FMAs per accumulator element instead of one op
         per weight; the per-block sums of x are computed in XLA, fp32).
-      transpose_out: ``"grid"`` and ``"tiles"``: the kernel writes ``y [M, Np]`` (grid split-K:
-        its fp32 partials ``[split, M, Np]``) itself, the accumulator stored through a transposed
-        SMEM view, so no XLA transpose follows; False writes ``yᵀ [Np, Mp]`` (ignored by
-        ``"stream"``, which always writes ``[slots, Np, Mp]`` partials).
-      tma_bounds: hardware path: x goes to the kernel unpadded (the TMA loads zero-fill the
+      transpose_out: ``"grid"`` and ``"tiles"``: True: the kernel writes ``y [M, Np]`` (grid
+        split-K: its fp32 partials ``[split, M, Np]``) itself, the accumulator stored through a
+        transposed SMEM view, so no XLA transpose follows; False writes ``yᵀ [Np, Mp]``; None
+        (default): True for ``"tiles"``, False for ``"grid"`` (its token-major store has not run on
+        a GPU yet). ``"stream"`` always writes ``[slots, Np, Mp]`` partials.
+      tma_bounds: (off by default until it has run on a GPU) hardware path: x goes to the kernel unpadded (the TMA loads zero-fill the
         token rows and K columns past its end) and the transposed outputs are written unpadded
         (the TMA stores drop the rows past M): no XLA pad before, no slice of padding after.
         (M >= 8 still pads to a multiple of 8: Mosaic's tiled GMEM views need it.) False pads x
@@ -323,9 +326,16 @@ class MgpuConfig:
     schedule: str = "grid"
     ctas_per_sm: int = 2
     compute_wgs: int = 1
-    transpose_out: bool = True
+    transpose_out: bool | None = None
     zero_mode: str = "regs"
-    tma_bounds: bool = True
+    tma_bounds: bool = False
+
+    @property
+    def writes_y(self) -> bool:
+        """Whether the kernel stores token-major output (``transpose_out`` resolved)."""
+        if self.schedule == "stream":
+            return False
+        return self.schedule == "tiles" if self.transpose_out is None else bool(self.transpose_out)
 
 
 def _num_sms() -> int:
@@ -762,7 +772,7 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
         s_rows, blocks_per_group = 1, gs // bk
     else:
         s_rows, blocks_per_group = bk // gs, 0
-    tr = cfg.transpose_out
+    tr = cfg.writes_y
     rows = mp if rows is None else rows
     o_bits = jnp.dtype(out_dt).itemsize * 8
     _, o_tr = _tiled((bn if tr else bm) * o_bits, o_bits)
@@ -938,7 +948,7 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
     tiles = int(counts.shape[0])
     total = tiles * nk
     aligned = cfg.schedule == "tiles"
-    direct = aligned and cfg.transpose_out
+    direct = aligned and cfg.writes_y
     slots = int(counts.max())
     out_dt = cdt if aligned else jnp.float32
     x_sw, x_tr = _tiled(bk * 16, 16)
@@ -1169,14 +1179,14 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
     if cfg.zero_mode == "xsum":
         args += (_x_block_sums(x2, cfg),)
     if cfg.schedule == "grid":
-        out = _build(mp, packed, cfg, cdt, interpret, rows if cfg.transpose_out else mp)(*args)  # [split, rows, Np]
+        out = _build(mp, packed, cfg, cdt, interpret, rows if cfg.writes_y else mp)(*args)  # [split, rows, Np]
         y = out.sum(0) if cfg.split_k > 1 else out[0]
-        if cfg.transpose_out:
+        if cfg.writes_y:
             return y[:m, : packed.n].astype(cdt)
     else:
         kernel, counts, _ = _build_stream(mp, packed, cfg, cdt, interpret, rows)
         out = kernel(*args)
-        if cfg.schedule == "tiles" and cfg.transpose_out:  # [1, rows, Np], already y
+        if cfg.schedule == "tiles" and cfg.writes_y:  # [1, rows, Np], already y
             return out[0, :m, : packed.n]
         y = _stream_sum(out, counts, mp, packed, cfg)  # [Np, Mp]
     return y[: packed.n, :m].T.astype(cdt)

@@ -35,10 +35,13 @@ def make(seed, k, n, bits, gs, act_order, dtype=jnp.bfloat16):
                                                   (4, 64, False, 384)])
 def test_pack_dequant_matches_numpy(bits, gs, act_order, k):
     lin, w64, p = make(1, k, 72, bits, gs, act_order)
-    assert p.w.shape == (p.k_pad // 128, 128, 128) and p.w.dtype == (jnp.int4 if bits == 4 else jnp.int8)
-    assert p.layout == "kblocks" and p.w_nk().shape == (128, p.k_pad)
-    nk = mg.pack_mgpu_linear(lin, bits=bits, layout="nk")
-    assert nk.w.shape == (128, p.k_pad) and np.array_equal(np.asarray(nk.w, np.int8), np.asarray(p.w_nk(), np.int8))
+    assert p.w.shape == (128, p.k_pad) and p.w.dtype == (jnp.int4 if bits == 4 else jnp.int8)
+    assert p.layout == "nk" and p.w_nk() is p.w
+    kb = mg.pack_mgpu_linear(lin, bits=bits, layout="kblocks")
+    assert kb.w.shape == (p.k_pad // 128, 128, 128) and kb.w.dtype == p.w.dtype
+    assert np.array_equal(np.asarray(kb.w_nk(), np.int8), np.asarray(p.w, np.int8))
+    # tile (n tile 0, K block 1) of "kblocks" is one contiguous block of memory holding w[:, 128:256]
+    assert np.array_equal(np.asarray(kb.w[1], np.int8), np.asarray(p.w[:, 128:256], np.int8))
     assert p.sz.shape == (2, *p.scales.shape) and p.sz.dtype == jnp.bfloat16
     assert p.k_pad % 128 == 0 and p.k_pad % p.group_size == 0 and p.scales.shape == (p.k_pad // p.group_size, 128)
     w = np.asarray(mg.dequantize_mgpu(p, jnp.float32), np.float64)[: k, :72]
@@ -101,24 +104,54 @@ def test_mgpu_kernel_interpret(bits, gs, act_order, k, n, m, dtype, tiles):
     ("nk", (8, 64, 128, 2, "acc", "grid", 1)), ("kblocks", (8, 128, 256, 2, "weights", "grid", 1)),
     ("kblocks", (16, 64, 64, 1, "acc", "grid", 1)), ("nk", (16, 64, 128, 1, "acc", "stream", 2)),
     ("kblocks", (16, 64, 256, 1, "weights", "stream", 2)), ("nk", (128, 64, 128, 1, "weights", "tiles", 2)),
+    ("kblocks", (128, 64, 128, 1, "acc", "tiles", 1)),
 ])
-def test_weight_layouts_interpret(layout, tiles, monkeypatch):
+@pytest.mark.parametrize("new", [False, True])
+def test_weight_layouts_and_output_options(layout, tiles, new, monkeypatch):
     """Both weight layouts (``"kblocks"`` tiles are one contiguous run; ``"nk"`` rows), K blocks
-    of 64 / 128 / 256 (a 256 block is two 128-column parts), one and two compute warpgroups."""
+    of 64 / 128 / 256 (a 256 block is two 128-column parts), one and two compute warpgroups; with
+    ``new`` also token-major grid partials and TMA bounds (hardware only: the interpreter pads x,
+    the CUDA lowering takes x unpadded). Interpreter vs float64, and the hardware path lowers."""
     monkeypatch.setattr(mg, "_num_sms", lambda: 2)
     bm, bn, bk, split, mode, sched, wgs = tiles
     lin, w64, _ = make(60 + bk, 512, 256, 4, 128, True)
     p = mg.pack_mgpu_linear(lin, bits=4, layout=layout)
     assert p.layout == layout
-    m = 3 if bm <= 16 else 130
-    x = jax.random.normal(jax.random.key(bk + m), (m, 512), jnp.float32).astype(jnp.bfloat16)
+    extra = dict(tma_bounds=True, transpose_out=None if sched == "stream" else True) if new else {}
     cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=2, scale_mode=mode,
-                        schedule=sched, compute_wgs=wgs, ctas_per_sm=1)
-    assert rel_err(mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=True), np.asarray(x, np.float64) @ w64) < 8e-3
-    lowered = mg._forward.trace(x, p, cfg, False).lower(lowering_platforms=("cuda",))
-    assert "mosaic_gpu" in lowered.as_text()
+                        schedule=sched, compute_wgs=wgs, ctas_per_sm=1, **extra)
+    assert cfg.writes_y == (sched == "tiles" or (new and sched == "grid"))
+    for m in ((1, 3, 9) if bm <= 16 else (130,)):
+        x = jax.random.normal(jax.random.key(bk + m), (m, 512), jnp.float32).astype(jnp.bfloat16)
+        y = mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=True)
+        assert y.shape == (m, 256) and rel_err(y, np.asarray(x, np.float64) @ w64) < 8e-3, m
+        lowered = mg._forward.trace(x, p, cfg, False).lower(lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in lowered.as_text()
     with pytest.raises(ValueError, match="layout must be one of"):
         mg.pack_mgpu_linear(lin, bits=4, layout="kn")
+
+
+def test_tma_bounds_pads_only_what_tiled_views_need():
+    """With ``tma_bounds`` the hardware path hands x over unpadded below 8 rows, padded to a
+    multiple of 8 above (Mosaic's tiled GMEM views need it), and K unpadded when it is a whole
+    number of 64-column tiles; the interpreter and ``tma_bounds=False`` pad to whole token tiles."""
+    lin, _, p = make(70, 576, 128, 4, 128, False)  # K = 576 = 9 x 64, Kp = 640
+    cfg = mg.MgpuConfig(block_m=16, block_n=64, block_k=128, split_k=1, scale_mode="acc", tma_bounds=True,
+                        transpose_out=True)
+
+    def x_shape(m, cfg, interpret):
+        jaxpr = jax.make_jaxpr(lambda x: mg._forward(x, p, cfg, interpret))(jnp.ones((m, 576), jnp.bfloat16))
+        # the kernel call: the equation that takes the packed weights as its second operand
+        calls = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns
+                 if len(e.invars) > 1 and e.invars[1].aval.shape == p.w.shape]
+        assert len(calls) == 1
+        return tuple(calls[0].invars[0].aval.shape)
+
+    assert x_shape(3, cfg, False) == (3, 576)
+    assert x_shape(9, cfg, False) == (16, 576)
+    assert x_shape(17, cfg, False) == (24, 576)
+    assert x_shape(3, cfg, True) == (16, 640)
+    assert x_shape(3, dataclasses.replace(cfg, tma_bounds=False), False) == (16, 640)
 
 
 def test_mgpu_leading_dims_default_config_and_dtype_cast():
@@ -346,7 +379,7 @@ def test_dispatch_auto_kernel_choice(monkeypatch):
 ])
 def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
     lin, w64, p = make(40 + k, k, n, bits, gs, act_order, dtype)
-    p_nk = mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, layout="nk")
+    p_kb = mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, layout="kblocks")
     for m in (1, 33, 130):
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
         ref64 = np.asarray(x, np.float64) @ w64
@@ -357,10 +390,13 @@ def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
         for cfg in cfgs:
             y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, p, config=cfg))(x)
             assert rel_err(y, ref64) < 8e-3, (m, cfg)
-        # the row-major ("nk") weights, x padded in XLA and [split, Np, Mp] partials
-        old = dataclasses.replace(cfgs[0], tma_bounds=False, transpose_out=cfgs[0].schedule != "grid")
-        y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, p_nk, config=old))(x)
-        assert rel_err(y, ref64) < 8e-3, (m, old)
+        # session-5 options (off by default): contiguous "kblocks" weights, TMA bounds instead of the
+        # x pad, token-major grid partials
+        new = dataclasses.replace(cfgs[0], tma_bounds=True,
+                                  transpose_out=None if cfgs[0].schedule == "stream" else True)
+        for q in (p_kb, p):
+            y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, q, config=new))(x)
+            assert rel_err(y, ref64) < 8e-3, (m, new, q.layout)
     prep = dispatch.prepare(lin, bits=bits, backend="gpu", gpu_kernel="mgpu")
     assert rel_err(dispatch.matmul(x, prep), ref64) < 8e-3  # M=130 through dispatch
 
