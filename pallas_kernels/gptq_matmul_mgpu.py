@@ -307,9 +307,10 @@ class MgpuConfig:
         transposed SMEM view, so no XLA transpose follows; False writes ``yᵀ [Np, Mp]``; None
         (default): True for ``"tiles"``, False for ``"grid"`` (its token-major store has not run on
         a GPU yet). ``"stream"`` always writes ``[slots, Np, Mp]`` partials.
-      tma_bounds: (off by default until it has run on a GPU) hardware path: x goes to the kernel unpadded (the TMA loads zero-fill the
-        token rows and K columns past its end) and the transposed outputs are written unpadded
-        (the TMA stores drop the rows past M): no XLA pad before, no slice of padding after.
+      tma_bounds: (off by default until it has run on a GPU) hardware path: x goes to the
+        kernel unpadded (the TMA loads zero-fill the token rows and K columns past its end) and
+        the transposed outputs are written unpadded (the TMA stores drop the rows past M): no
+        XLA pad before, no slice of padding after.
         (M >= 8 still pads to a multiple of 8: Mosaic's tiled GMEM views need it.) False pads x
         in XLA to whole token tiles first (the interpreter always does: it rejects out-of-bounds
         copies; so does ``zero_mode="xsum"``).
@@ -733,13 +734,15 @@ def _w_spec(packed: MgpuPacked, rows: int, bk: int):
     bytes when ``bk == W_KBLOCK``); ``bk = 2 * W_KBLOCK`` a ``[2, rows, W_KBLOCK]`` block (two runs).
     The SMEM tile is ``[parts, rows, width]``; :func:`_w_parts` gives the ``[rows, width]`` refs.
     """
-    if packed.layout == "nk":
-        return (rows, bk), lambda n, k: (n, k), _tiled(bk * packed.bits, packed.bits)[1]
     kb = W_KBLOCK
+    width = bk if packed.layout == "nk" else min(bk, kb)
+    transforms = _tiled(width * packed.bits, packed.bits)[1]
+    if packed.layout == "nk":
+        return (rows, bk), lambda n, k: (n, k), transforms
     if bk <= kb:
         per = kb // bk
-        return (1, rows, bk), lambda n, k: (k // per, n, k % per), _tiled(bk * packed.bits, packed.bits)[1]
-    return (bk // kb, rows, kb), lambda n, k: (k, n, 0), _tiled(kb * packed.bits, packed.bits)[1]
+        return (1, rows, bk), lambda n, k: (k // per, n, k % per), transforms
+    return (bk // kb, rows, kb), lambda n, k: (k, n, 0), transforms
 
 
 def _w_parts(w_smem, packed: MgpuPacked, rows=None) -> tuple:
@@ -810,10 +813,11 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
             def step(_, w_smem, x_smem, sz_smem, *rest):
                 *xs, acc = rest
                 xs_kw = dict(xs_smem=xs[0].at[0, 0, pl.ds(0, bm)]) if xs else {}
+                w_parts = _w_parts(w_smem, packed)
                 if interpret:
-                    return _mma_acc_interpret(acc, _w_parts(w_smem, packed), x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk,
+                    return _mma_acc_interpret(acc, w_parts, x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk,
                                               bk=bk, cdt=cdt, **xs_kw)
-                return _mma_acc_hw(acc, _w_parts(w_smem, packed), x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk, bk=bk,
+                return _mma_acc_hw(acc, w_parts, x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk, bk=bk,
                                    cdt=cdt, bn=bn, bm=bm, impl=cfg.scale_impl, **hw_kw, **xs_kw)
 
             acc = pipe(step)(*gm)
@@ -830,8 +834,7 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
             def compute(acc_ref):
                 def step(_, w_smem, x_smem, sz_smem):
                     _dequant_mma_hw(acc_ref, _w_parts(w_smem, packed), x_smem, sz_smem.at[0], sz_smem.at[1],
-                                    impl=cfg.scale_impl,
-                                    **leaf_kw, **hw_kw)
+                                    impl=cfg.scale_impl, **leaf_kw, **hw_kw)
 
                 plgpu.emit_pipeline(
                     step, grid=(steps_per_split,), in_specs=specs,
