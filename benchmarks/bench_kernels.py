@@ -75,19 +75,17 @@ def report_failure(name: str, e: Exception) -> str:
 
 
 def mgpu_candidates(m: int, packed, limit: int) -> list:
-    """``(config, weight layout)`` pairs: the default first (``"nk"`` layout, x padded in XLA,
-    grid partials ``[split, Np, Mp]``), then the session-5 options (not yet timed): the contiguous
-    ``"kblocks"`` layout, TMA bounds instead of the x pad, token-major partials (``new``), each
-    alone and together, then other split / block sizes and the persistent schedules on
-    ``"kblocks"`` + ``new`` (at most ``limit``; configs that do not fit the layer dropped)."""
+    """``(config, weight layout)`` pairs: the default first (``"kblocks"`` layout, TMA bounds,
+    token-major grid partials when M is below the token tile), then the same tiles on the ``"nk"``
+    layout, with the session-4 options (x padded in XLA, grid partials ``[split, Np, Mp]``, ``"nk"``),
+    and with token-major partials forced on; then other split / block sizes and the persistent
+    schedules (at most ``limit``; configs that do not fit the layer dropped)."""
     C = mg.MgpuConfig
     A, W, U = "acc", "weights", "upcast"
     rp = dataclasses.replace
     d = mg.default_config(m, packed)
     bk = 64 if packed.group_size == 64 else 128
-    new = _with_new_options(d)
-    c = [(d, "nk"), (new, "kblocks"), (d, "kblocks"), (new, "nk")]
-    d = new
+    c = [(d, "kblocks"), (d, "nk"), (_session4_options(d), "nk"), (_token_major(d), "kblocks")]
     if m <= 16:
         bm = 8 if m <= 8 else 16
         nkb = packed.k_pad // d.block_k
@@ -100,12 +98,12 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
               (rp(d, block_n=64), "kblocks")]
     elif m <= 64:
         bm = 32 if m <= 32 else 64
-        c += [(C(bm, 64, bk, 1, 4, A, "jnp", U, "stream", 2, 1, tma_bounds=True), "kblocks"),
-              (C(bm, 128, bk, 1, 4, A, "jnp", U, "stream", 1, 2, tma_bounds=True), "kblocks")]
+        c += [(C(bm, 64, bk, 1, 4, A, "jnp", U, "stream", 2, 1), "kblocks"),
+              (C(bm, 128, bk, 1, 4, A, "jnp", U, "stream", 1, 2), "kblocks")]
     else:
-        c += [(C(256, 64, 64, 1, 4, W, "jnp", U, "tiles", 1, 2, tma_bounds=True), "kblocks"),
-              (C(128, 64, 128, 1, 4, W, "jnp", U, "tiles", 1, 2, tma_bounds=True), "kblocks"),
-              (C(128, 64, 64, 1, 4, W, "jnp", U, "stream", 1, 2, tma_bounds=True), "kblocks")]
+        c += [(C(256, 64, 64, 1, 4, W, "jnp", U, "tiles", 1, 2), "kblocks"),
+              (C(128, 64, 128, 1, 4, W, "jnp", U, "tiles", 1, 2), "kblocks"),
+              (C(128, 64, 64, 1, 4, W, "jnp", U, "stream", 1, 2), "kblocks")]
     out = []
     nk = lambda cfg: packed.k_pad // cfg.block_k  # noqa: E731
     for cfg, lay in c:
@@ -118,7 +116,7 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
     return out[:limit]
 
 
-def mgpu_name(cfg, layout: str = "nk") -> str:
+def mgpu_name(cfg, layout: str = "kblocks") -> str:
     s = (f"mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
          f"{cfg.scale_mode},{cfg.scale_impl},{cfg.w_layout}")
     if cfg.schedule != "grid":
@@ -131,7 +129,7 @@ def mgpu_name(cfg, layout: str = "nk") -> str:
         s += f",z-{cfg.zero_mode}"
     if cfg.tma_bounds:
         s += ",tma-bounds"
-    if layout != "nk":
+    if layout != "kblocks":
         s += f",w-{layout}"
     return s + "]"
 
@@ -312,7 +310,7 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
     except Exception as e:
         rows.append(dict(K=k, N=n, M=m, variant="mgpu[pack]", error=report_failure("mgpu pack", e)))
         return
-    packs = by_layout["nk"]
+    packs = by_layout["kblocks"]  # pack_mgpu's default layout: what dispatch.prepare builds
     p0 = packs[0]
     ref = mg.reference(x, p0).astype(jnp.float32)
     pbytes = device_bytes(p0.w) + p0.sz.nbytes + io
@@ -386,9 +384,14 @@ def bench_torch(k, n, m, c_bf, c_q, io, rec):
     rec(m, "torch_tinygemm", time_torch(fn, c_q), k * n // 2 + (k // gs) * n * 4 + io)
 
 
-def _with_new_options(cfg):
-    """``cfg`` with the session-5 options: TMA bounds, token-major output (grid / tiles)."""
-    return dataclasses.replace(cfg, tma_bounds=True, transpose_out=None if cfg.schedule == "stream" else True)
+def _session4_options(cfg):
+    """``cfg`` as session 4's defaults ran it: x padded in XLA, grid partials ``[split, Np, Mp]``."""
+    return dataclasses.replace(cfg, tma_bounds=False, transpose_out=None)
+
+
+def _token_major(cfg):
+    """``cfg`` with token-major output forced on (grid / tiles; stream has none)."""
+    return dataclasses.replace(cfg, transpose_out=None if cfg.schedule == "stream" else True)
 
 
 def bench_e2e(args) -> list[dict]:
@@ -437,16 +440,18 @@ def bench_e2e(args) -> list[dict]:
     if args.e2e_nofuse:  # q/k/v and gate/up as separate kernels (the first kernel choice)
         kn = args.e2e_kernels.split(",")[0]
         runs.append((f"gptq4_g128[{kn},unfused]", quant_lin, kn, False, False))
-    if args.e2e_new:  # the session-5 Mosaic options, off by default until timed
-        runs.append(("gptq4_g128[mgpu,kblocks+tma-bounds+y-mn]", quant_lin, "mgpu", True, True))
+    if args.e2e_variants:  # the Mosaic kernel on the "kblocks" layout, and with session 4's options
+        runs.append(("gptq4_g128[mgpu,kblocks]", quant_lin, "mgpu", True, "kblocks"))
+        runs.append(("gptq4_g128[mgpu,session4]", quant_lin, "mgpu", True, "session4"))
     real_pack, real_default = mg.pack_mgpu, mg.default_config
-    for label, make, kernel, fuse, new in runs:
+    for label, make, kernel, fuse, variant in runs:
         if kernel is not None:  # the kernel QuantLinear's dispatch.prepare picks at build time
             dispatch.DEFAULT_GPU_KERNEL = kernel
         # dispatch.prepare and gptq_matmul_mgpu look these up at call time: for this model only,
-        # pack the "kblocks" layout and run the default tiles with TMA bounds + token-major output
-        mg.pack_mgpu = functools.partial(real_pack, layout="kblocks") if new else real_pack
-        mg.default_config = (lambda m, p: _with_new_options(real_default(m, p))) if new else real_default
+        # pack the "kblocks" layout, or run the default tiles with x padded and [split, Np, Mp] partials
+        mg.pack_mgpu = functools.partial(real_pack, layout="kblocks") if variant == "kblocks" else real_pack
+        mg.default_config = ((lambda m, p: _session4_options(real_default(m, p))) if variant == "session4"
+                             else real_default)
         params = build(make)
         model = LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16, fuse=fuse)
         del params
@@ -584,9 +589,9 @@ def main() -> None:
                     help="comma list of GPU kernels (auto, mgpu, triton) to build the quantized model with")
     ap.add_argument("--e2e-trace", action="store_true",
                     help="also profile 5 batch-1 decode steps per model: GPU busy time and the top ops")
-    ap.add_argument("--e2e-new", action="store_true",
-                    help="also time the quantized model on the Mosaic kernel with the session-5 options "
-                         "(kblocks weights, TMA bounds, token-major output)")
+    ap.add_argument("--e2e-variants", action="store_true",
+                    help="also time the quantized model on the Mosaic kernel with the \"kblocks\" weight "
+                         "layout, and with session 4's options (x padded in XLA, [split, Np, Mp] partials)")
     ap.add_argument("--e2e-nofuse", action="store_true",
                     help="also time the quantized model with q/k/v and gate/up as separate kernels")
     args = ap.parse_args()

@@ -9,8 +9,9 @@
 # Writes $OUT/gpu_pytest.txt, $OUT/bench_big.log + bench_big.json, $OUT/bench_rest.log +
 # bench_rest.json; prints the tables last. A config that fails to compile is reported and skipped.
 # 4. (E2E_S > 0) the 7B-shape decode benchmark: bf16 vs GPTQ 4-bit (fused q/k/v + gate/up, and unfused).
-#    E2E_ARGS replaces its extra flags (default --e2e-nofuse; --e2e-new adds the kblocks / TMA-bounds model).
+#    E2E_ARGS replaces its extra flags (default --e2e-nofuse; --e2e-variants adds kblocks / session-4-option models).
 # Time boxes (seconds): TESTS_S (default 130), BIG_S (250), REST_S (120), E2E_S (0); 0 skips that part.
+# TESTS_PATH narrows part 1 (e.g. tests/pallas_kernels/test_gptq_matmul_mgpu.py).
 # BIG_MS / BIG_CFGS / REST_CFGS choose the big shape's token counts and configs per point; PARTS=0 drops the
 # kernel-only / empty-body decode diagnostics.
 set -u
@@ -36,7 +37,8 @@ if [ "$TESTS_S" != 0 ]; then
   echo "=== 1/3 pytest -m gpu (Pallas kernels; the persistent-schedule test in its own process) ==="
   T="$REPO/tests/pallas_kernels"
   timeout "$TESTS_S" "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
-    "$T" -m gpu -k "not persistent_compiled" --maxfail=4 -q 2>&1 | tee "$OUT/gpu_pytest.txt" | tail -30
+    "$REPO/${TESTS_PATH:-tests/pallas_kernels}" -m gpu -k "not persistent_compiled" --maxfail=4 -q 2>&1 \
+    | tee "$OUT/gpu_pytest.txt" | tail -30
   echo "pytest exit: ${PIPESTATUS[0]} (124 = cut at ${TESTS_S} s)"
   timeout "$TESTS_S" "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
     "$T/test_gptq_matmul_mgpu.py" -m gpu -k "persistent_compiled" -q 2>&1 | tee "$OUT/gpu_pytest_persistent.txt" \

@@ -9,11 +9,11 @@ wgmma's N dimension (any multiple of 8 up to 256): one kernel for decode (M = 1.
 Layout (:class:`MgpuPacked`, built once by :func:`pack_mgpu`):
 
 * ``w``: native ``jnp.int4`` (4-bit) or ``jnp.int8`` (8-bit) holding ``q - 2^(bits-1)`` (signed,
-  so the hardware int4/int8 -> bf16 upcast applies), as ``[Np, Kp]`` (``layout="nk"``, the
-  default) or ``[Kp/128, Np, 128]`` (``layout="kblocks"``: K cut into blocks of 128 columns with K
-  contiguous inside a block, so that the ``[rows, 128]`` tile a pipeline step copies is one
-  contiguous run of memory rather than ``rows`` runs of 64 bytes ``Kp/2`` bytes apart; not yet
-  timed on a GPU, see benchmarks/RESULTS.md);
+  so the hardware int4/int8 -> bf16 upcast applies), as ``[Kp/128, Np, 128]`` (``layout="kblocks"``,
+  the default: K cut into blocks of 128 columns with K contiguous inside a block, so that the
+  ``[rows, 128]`` tile a pipeline step copies is one contiguous run of memory rather than ``rows``
+  runs of 64 bytes ``Kp/2`` bytes apart; the 7B decode step ran 3.54 vs 3.88 ms on the H200,
+  benchmarks/RESULTS.md) or ``[Np, Kp]`` (``layout="nk"``);
 * ``sz``: ``[2, Gp, Np]`` in the activation dtype, ``sz[0]`` the scales and ``sz[1]`` the zeros
   shifted by ``2^(bits-1)`` (exact small integers), so ``W[k, n] = (w[n, k] - z[g, n]) * s[g, n]``
   (one array so that one TMA copy per pipeline step brings both rows; ``scales`` / ``zeros`` are
@@ -61,9 +61,15 @@ XLA in ``[split, Np, Mp]`` order, then transposed; with ``transpose_out=True`` t
 stores them token-major, ``[split, M, Np]``, through a transposed SMEM view, so that the sum is
 already ``y`` and M = 1 writes one token row instead of 8 padded ones.
 
-With ``MgpuConfig.tma_bounds`` x is not padded in XLA on hardware: TMA zero-fills the token rows
-past M, and the stores drop them. These two options and the ``"kblocks"`` layout lower for CUDA
-and pass the interpreter tests but have not run on a GPU yet, so they are off by default.
+With ``MgpuConfig.tma_bounds`` (the default) x is not padded in XLA on hardware: TMA zero-fills
+the token rows past M, and the stores drop them. The default tiles for M < the token tile (decode)
+store token-major split-K partials. Timed on an H200 (benchmarks/RESULTS.md, session 6): together
+58.1 -> 52-53 us at M = 1, 8192 x 28672 (the pad gone, 1 partial row written instead of 8); in the
+7B decode step they remove the pads and most of the split-K sum, though on ``"nk"`` weights the
+step time moved within run-to-run spread (3.77 vs 3.88 ms). The ``"kblocks"`` weight layout (the
+default) timed the same as ``"nk"`` at 8192 x 28672 but faster on the 4096-wide layers (M = 1: 8.6
+vs 9.8 us at 4096 x 4096, 17.2 vs 21.4 at 4096 x 14336), and the 7B decode step at batch 1 ran
+3.52-3.54 ms on it against 3.77-3.99 on ``"nk"`` (two runs).
 
 The Mosaic GPU interpreter (CPU, jax 0.10.2) rejects transposed SMEM refs in wgmma and reads
 both wgmma operands as SMEM allocations (no register A operand); with ``interpret=True`` the
@@ -138,7 +144,7 @@ class MgpuPacked:
     k_pad: int = dataclasses.field(metadata=dict(static=True))
     n_pad: int = dataclasses.field(metadata=dict(static=True))
     group_size: int = dataclasses.field(metadata=dict(static=True))
-    layout: str = dataclasses.field(default="nk", metadata=dict(static=True))
+    layout: str = dataclasses.field(default="kblocks", metadata=dict(static=True))
 
     def w_nk(self) -> jax.Array:
         """The codes as ``[Np, Kp]`` (either layout)."""
@@ -171,7 +177,7 @@ class MgpuPacked:
 
 def pack_mgpu(
     qweight: Any, scales: Any, zeros: Any, g_idx: Any, *, bits: int, dtype: Any = jnp.bfloat16,
-    layout: str = "nk",
+    layout: str = "kblocks",
 ) -> MgpuPacked | None:
     """Repack a GPTQ LIN (``qweight`` int32 ``[K*bits/32, N]``, ``scales``/``zeros`` ``[G, N]``,
     ``g_idx`` ``[K]``) into :class:`MgpuPacked`. Host side, once per layer.
@@ -180,7 +186,7 @@ def pack_mgpu(
       bits: 4 or 8.
       dtype: activation dtype the kernel will see most (bfloat16 or float16); scales / zeros are
         stored in it (other activation dtypes are cast per call).
-      layout: ``"nk"`` (default) or ``"kblocks"`` (contiguous weight tiles; see :class:`MgpuPacked`).
+      layout: ``"kblocks"`` (default; contiguous weight tiles, see :class:`MgpuPacked`) or ``"nk"``.
 
     Returns:
       The packed layer, or None when no kernel layout fits: groups of unequal size (no
@@ -234,7 +240,7 @@ def pack_mgpu(
 
 
 def pack_mgpu_linear(lin: Mapping[str, Any], *, bits: int, dtype: Any = jnp.bfloat16,
-                     layout: str = "nk") -> MgpuPacked | None:
+                     layout: str = "kblocks") -> MgpuPacked | None:
     """:func:`pack_mgpu` on a GPTQ LIN dict (``qweight``/``scales``/``zeros``/``g_idx``)."""
     return pack_mgpu(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=bits, dtype=dtype,
                      layout=layout)
@@ -305,9 +311,11 @@ class MgpuConfig:
       transpose_out: ``"grid"`` and ``"tiles"``: True: the kernel writes ``y [M, Np]`` (grid
         split-K: its fp32 partials ``[split, M, Np]``) itself, the accumulator stored through a
         transposed SMEM view, so no XLA transpose follows; False writes ``yᵀ [Np, Mp]``; None
-        (default): True for ``"tiles"``, False for ``"grid"`` (its token-major store has not run on
-        a GPU yet). ``"stream"`` always writes ``[slots, Np, Mp]`` partials.
-      tma_bounds: (off by default until it has run on a GPU) hardware path: x goes to the
+        (default): True for ``"tiles"``, False for ``"grid"``; :func:`default_config` sets True
+        for the grid when M is below the token tile (M = 1 then writes 1 partial row, not 8;
+        at M = 16 with 16-row tiles the token-major store timed ~2 us slower on the H200).
+        ``"stream"`` always writes ``[slots, Np, Mp]`` partials.
+      tma_bounds: (default True) hardware path: x goes to the
         kernel unpadded (the TMA loads zero-fill the token rows and K columns past its end) and
         the transposed outputs are written unpadded (the TMA stores drop the rows past M): no
         XLA pad before, no slice of padding after.
@@ -329,7 +337,7 @@ class MgpuConfig:
     compute_wgs: int = 1
     transpose_out: bool | None = None
     zero_mode: str = "regs"
-    tma_bounds: bool = False
+    tma_bounds: bool = True
 
     @property
     def writes_y(self) -> bool:
@@ -378,8 +386,10 @@ def _grid_config(m: int, packed: MgpuPacked) -> MgpuConfig:
                 if ctas * d >= target:
                     break
     mode = "acc" if packed.group_size % bk == 0 and bm * bn <= 64 * 128 else "weights"
+    # token-major partials when the tile has rows past M: they are not written (M = 1: 53 vs 58 us
+    # at 8192 x 28672 on the H200 with TMA bounds); a full tile stores faster [Np, Mp]-major
     return MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=stages, scale_mode=mode,
-                      w_layout="upcast" if m <= 16 else "auto")
+                      w_layout="upcast" if m <= 16 else "auto", transpose_out=True if m < bm else None)
 
 
 def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:

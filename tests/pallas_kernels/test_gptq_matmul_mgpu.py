@@ -34,10 +34,10 @@ def make(seed, k, n, bits, gs, act_order, dtype=jnp.bfloat16):
 @pytest.mark.parametrize("bits,gs,act_order,k", [(4, 128, True, 576), (4, -1, False, 320), (8, 32, False, 256),
                                                   (4, 64, False, 384)])
 def test_pack_dequant_matches_numpy(bits, gs, act_order, k):
-    lin, w64, p = make(1, k, 72, bits, gs, act_order)
+    lin, w64, kb = make(1, k, 72, bits, gs, act_order)  # the default layout: "kblocks"
+    p = mg.pack_mgpu_linear(lin, bits=bits, layout="nk")
     assert p.w.shape == (128, p.k_pad) and p.w.dtype == (jnp.int4 if bits == 4 else jnp.int8)
-    assert p.layout == "nk" and p.w_nk() is p.w
-    kb = mg.pack_mgpu_linear(lin, bits=bits, layout="kblocks")
+    assert p.layout == "nk" and p.w_nk() is p.w and kb.layout == "kblocks"
     assert kb.w.shape == (p.k_pad // 128, 128, 128) and kb.w.dtype == p.w.dtype
     assert np.array_equal(np.asarray(kb.w_nk(), np.int8), np.asarray(p.w, np.int8))
     # tile (n tile 0, K block 1) of "kblocks" is one contiguous block of memory holding w[:, 128:256]
@@ -379,7 +379,7 @@ def test_dispatch_auto_kernel_choice(monkeypatch):
 ])
 def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
     lin, w64, p = make(40 + k, k, n, bits, gs, act_order, dtype)
-    p_kb = mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, layout="kblocks")
+    p_nk = mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, layout="nk")  # p: the default, "kblocks"
     for m in (1, 33, 130):
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
         ref64 = np.asarray(x, np.float64) @ w64
@@ -390,13 +390,14 @@ def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
         for cfg in cfgs:
             y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, p, config=cfg))(x)
             assert rel_err(y, ref64) < 8e-3, (m, cfg)
-        # session-5 options (off by default): contiguous "kblocks" weights, TMA bounds instead of the
-        # x pad, token-major grid partials
-        new = dataclasses.replace(cfgs[0], tma_bounds=True,
-                                  transpose_out=None if cfgs[0].schedule == "stream" else True)
-        for q in (p_kb, p):
-            y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, q, config=new))(x)
-            assert rel_err(y, ref64) < 8e-3, (m, new, q.layout)
+        # "nk" weights; x padded in XLA (no TMA bounds) with [split, Np, Mp] partials; token-major
+        # partials forced on
+        rp = dataclasses.replace
+        variants = [(cfgs[0], p_nk), (rp(cfgs[0], tma_bounds=False, transpose_out=None), p_nk),
+                    (rp(cfgs[0], transpose_out=None if cfgs[0].schedule == "stream" else True), p)]
+        for cfg, q in variants:
+            y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, q, config=cfg))(x)
+            assert rel_err(y, ref64) < 8e-3, (m, cfg, q.layout)
     prep = dispatch.prepare(lin, bits=bits, backend="gpu", gpu_kernel="mgpu")
     assert rel_err(dispatch.matmul(x, prep), ref64) < 8e-3  # M=130 through dispatch
 
@@ -453,6 +454,8 @@ def test_default_configs_fit_every_layer(k, n, gs, monkeypatch):
         cfg = mg.default_config(m, p)
         mg._validate(jnp.zeros((m, k), jnp.bfloat16), p, cfg)
         assert cfg.schedule == ("grid" if m <= 16 else "stream" if m <= 64 else cfg.schedule)
+        # x unpadded on hardware; decode grids store token-major partials only with rows past M
+        assert cfg.tma_bounds and cfg.writes_y == (m < cfg.block_m if m <= 16 else cfg.schedule == "tiles")
         if m > 64:
             tiles = -(-m // cfg.block_m) * (p.n_pad // 128)
             assert cfg.schedule in ("tiles", "stream") and cfg.compute_wgs == 2
