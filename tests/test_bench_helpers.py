@@ -1,0 +1,54 @@
+"""Helpers of the benchmark scripts that turn raw measurements into reported numbers."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_kernels():
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_timeline_busy_idle_and_gap_attribution(bench_kernels):
+    """Busy = union of (possibly overlapping) spans; idle = the gaps between them, each charged to
+    the op right after it; compared with a brute-force 0.25 us grid over random spans."""
+    rng = np.random.default_rng(7)
+    names = ["gemm", "mosaic", "reduce", "pad"]
+    spans, t = [], 0.0
+    for _ in range(200):
+        t += float(rng.choice([0.0, rng.uniform(0, 3), rng.uniform(5, 20)]))
+        dur = float(rng.integers(1, 40)) / 4
+        start = t - float(rng.integers(0, 8)) / 4 if rng.random() < 0.2 else t  # some overlap
+        start = round(start * 4) / 4
+        t = round(t * 4) / 4
+        spans.append((start, start + dur, str(rng.choice(names))))
+        t = start + dur
+    n = 4
+    tl = bench_kernels.gpu_timeline(list(reversed(spans)), n)  # order of the trace does not matter
+    lo, hi = min(a for a, _, _ in spans), max(b for _, b, _ in spans)
+    grid = np.arange(lo, hi, 0.25) + 0.125
+    covered = np.zeros(grid.shape, bool)
+    for a, b, _ in spans:
+        covered |= (grid > a) & (grid < b)
+    np.testing.assert_allclose(tl["gpu_busy_us_per_step"], covered.sum() * 0.25 / n, atol=1e-9)
+    np.testing.assert_allclose(tl["gpu_idle_us_per_step"], (~covered).sum() * 0.25 / n, atol=1e-9)
+    assert tl["gpu_events"] == len(spans) // n
+    per_op = {nm: sum(b - a for a, b, x in spans if x == nm) / n for nm in names}
+    assert dict(tl["top_ops_us_per_step"]) == pytest.approx(per_op)
+    charged = sum(t for _, t in tl["idle_before_ops_us_per_step"])
+    assert charged == pytest.approx(tl["gpu_idle_us_per_step"])  # only 4 names: all listed
+    big = 0
+    ordered = sorted(spans)
+    end = ordered[0][1]
+    for a, b, _ in ordered[1:]:
+        big += a - end > 5
+        end = max(end, b)
+    assert tl["gaps_over_5us_per_step"] == big / n and big > 0
