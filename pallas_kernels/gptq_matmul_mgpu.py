@@ -12,7 +12,7 @@ Layout (:class:`MgpuPacked`, built once by :func:`pack_mgpu`):
   so the hardware int4/int8 -> bf16 upcast applies), as ``[Kp/128, Np, 128]`` (``layout="kblocks"``,
   the default: K cut into blocks of 128 columns with K contiguous inside a block, so that the
   ``[rows, 128]`` tile a pipeline step copies is one contiguous run of memory rather than ``rows``
-  runs of 64 bytes ``Kp/2`` bytes apart; the 7B decode step ran 3.54 vs 3.88 ms on the H200,
+  runs of 64 bytes ``Kp/2`` bytes apart; timed equal to or faster than ``"nk"`` on the H200,
   benchmarks/RESULTS.md) or ``[Np, Kp]`` (``layout="nk"``);
 * ``sz``: ``[2, Gp, Np]`` in the activation dtype, ``sz[0]`` the scales and ``sz[1]`` the zeros
   shifted by ``2^(bits-1)`` (exact small integers), so ``W[k, n] = (w[n, k] - z[g, n]) * s[g, n]``
@@ -68,8 +68,9 @@ store token-major split-K partials. Timed on an H200 (benchmarks/RESULTS.md, ses
 7B decode step they remove the pads and most of the split-K sum, though on ``"nk"`` weights the
 step time moved within run-to-run spread (3.77 vs 3.88 ms). The ``"kblocks"`` weight layout (the
 default) timed the same as ``"nk"`` at 8192 x 28672 but faster on the 4096-wide layers (M = 1: 8.6
-vs 9.8 us at 4096 x 4096, 17.2 vs 21.4 at 4096 x 14336), and the 7B decode step at batch 1 ran
-3.52-3.54 ms on it against 3.77-3.99 on ``"nk"`` (two runs).
+vs 9.8 us at 4096 x 4096, 17.2 vs 21.4 at 4096 x 14336). In the 7B decode step both layouts take
+the same GPU time (3.11-3.12 ms at batch 1); the wall time per step scattered from 3.52 to 3.93 ms
+between runs on ``"kblocks"`` and 3.77-3.99 on ``"nk"``, a spread not yet explained.
 
 The Mosaic GPU interpreter (CPU, jax 0.10.2) rejects transposed SMEM refs in wgmma and reads
 both wgmma operands as SMEM allocations (no register A operand); with ``interpret=True`` the
