@@ -445,8 +445,8 @@ def bench_e2e(args) -> list[dict]:
     if args.e2e_nofuse:  # q/k/v and gate/up as separate kernels (the first kernel choice)
         kn = args.e2e_kernels.split(",")[0]
         runs.append((f"gptq4_g128[{kn},unfused]", quant_lin, kn, False, False))
-    if args.e2e_variants:  # the Mosaic kernel on the "kblocks" layout, and with session 4's options
-        runs.append(("gptq4_g128[mgpu,kblocks]", quant_lin, "mgpu", True, "kblocks"))
+    if args.e2e_variants:  # the Mosaic kernel on the "nk" layout, and as session 4 ran it
+        runs.append(("gptq4_g128[mgpu,nk]", quant_lin, "mgpu", True, "nk"))
         runs.append(("gptq4_g128[mgpu,session4]", quant_lin, "mgpu", True, "session4"))
     real_pack, real_default = mg.pack_mgpu, mg.default_config
     built = []  # (label, step, leaves, {batch: [ids, mask, cache]}, row fields)
@@ -454,9 +454,9 @@ def bench_e2e(args) -> list[dict]:
         if kernel is not None:  # the kernel QuantLinear's dispatch.prepare picks at build time
             dispatch.DEFAULT_GPU_KERNEL = kernel
         # dispatch.prepare and gptq_matmul_mgpu look these up at build / trace time: for this model
-        # only, pack the "kblocks" layout, or run the default tiles with x padded and [split, Np, Mp]
-        # partials. Both batch sizes are compiled here, so the timed calls below reuse them.
-        mg.pack_mgpu = functools.partial(real_pack, layout="kblocks") if variant == "kblocks" else real_pack
+        # only, pack the "nk" layout, and for "session4" also run the default tiles with x padded and
+        # [split, Np, Mp] partials. Both batch sizes are compiled here; the timed calls reuse them.
+        mg.pack_mgpu = functools.partial(real_pack, layout="nk") if variant in ("nk", "session4") else real_pack
         mg.default_config = ((lambda m, p: _session4_options(real_default(m, p))) if variant == "session4"
                              else real_default)
         params = build(make)
@@ -631,10 +631,11 @@ def main() -> None:
     ap.add_argument("--e2e-kernels", default="auto",
                     help="comma list of GPU kernels (auto, mgpu, triton) to build the quantized model with")
     ap.add_argument("--e2e-trace", action="store_true",
-                    help="also profile 5 batch-1 decode steps per model: GPU busy time and the top ops")
+                    help="also profile 5 batch-1 decode steps per model: GPU busy / idle time, the top ops "
+                         "and the ops the idle gaps precede")
     ap.add_argument("--e2e-variants", action="store_true",
-                    help="also time the quantized model on the Mosaic kernel with the \"kblocks\" weight "
-                         "layout, and with session 4's options (x padded in XLA, [split, Np, Mp] partials)")
+                    help="also time the quantized model on the Mosaic kernel with the \"nk\" weight layout, "
+                         "and as session 4 ran it (\"nk\", x padded in XLA, [split, Np, Mp] partials)")
     ap.add_argument("--e2e-nofuse", action="store_true",
                     help="also time the quantized model with q/k/v and gate/up as separate kernels")
     args = ap.parse_args()

@@ -9,7 +9,7 @@
 # Writes $OUT/gpu_pytest.txt, $OUT/bench_big.log + bench_big.json, $OUT/bench_rest.log +
 # bench_rest.json; prints the tables last. A config that fails to compile is reported and skipped.
 # 4. (E2E_S > 0) the 7B-shape decode benchmark: bf16 vs GPTQ 4-bit (fused q/k/v + gate/up, and unfused).
-#    E2E_ARGS replaces its extra flags (default --e2e-nofuse; --e2e-variants adds kblocks / session-4-option models;
+#    E2E_ARGS replaces its extra flags (default --e2e-nofuse; --e2e-variants adds nk-layout / session-4 models;
 #    models are timed in 3 interleaved rounds, --e2e-rounds; --e2e-trace adds GPU busy / idle per step).
 # Time boxes (seconds): TESTS_S (default 130), BIG_S (250), REST_S (120), E2E_S (0); 0 skips that part.
 # TESTS_PATH narrows part 1 (e.g. tests/pallas_kernels/test_gptq_matmul_mgpu.py).
