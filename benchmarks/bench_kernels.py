@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -312,6 +313,10 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
         return
     packs = by_layout["kblocks"]  # pack_mgpu's default layout: what dispatch.prepare builds
     p0 = packs[0]
+    plain = [mg.pack_mgpu_linear(lin, bits=4, dtype=x.dtype, split_pad=False) for lin in lins]
+    if plain[0].k_pad != p0.k_pad:  # K padded for split-K by default (pack_mgpu split_pad): also time without
+        by_layout["kblocks-unpadded"] = plain
+    del plain
     ref = mg.reference(x, p0).astype(jnp.float32)
     pbytes = device_bytes(p0.w) + p0.sz.nbytes + io
     if m >= 256:  # what dispatch does from LARGE_M_MGPU on: dequantize in XLA, then cuBLAS
@@ -322,6 +327,8 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
             rows.append(dict(K=k, N=n, M=m, variant="mgpu_layout_xla_dequant", error=report_failure("xla", e)))
     cands = [c for c in mgpu_candidates(m, p0, 64)
              if all(f in mgpu_name(*c) for f in MGPU_FILTER) and not any(f in mgpu_name(*c) for f in MGPU_EXCLUDE)]
+    if "kblocks-unpadded" in by_layout:
+        cands.insert(1, (mg.default_config(m, by_layout["kblocks-unpadded"][0]), "kblocks-unpadded"))
     for i, (cfg, lay) in enumerate(cands[:MAX_MGPU_CFGS]):
         if over_budget():
             print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)
@@ -415,7 +422,7 @@ def bench_e2e(args) -> list[dict]:
                       num_heads=d // 128, num_kv_heads=d // 128, head_dim=128)
     shapes = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (d, d), "self_attn.v_proj": (d, d),
               "self_attn.o_proj": (d, d), "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
-    key = iter(jax.random.split(jax.random.key(0), 16 * layers * (1 + len(args.e2e_kernels.split(","))) + 8))
+    key = (jax.random.fold_in(jax.random.key(0), i) for i in itertools.count())  # as many as the models need
 
     def float_lin(k, n):
         return {"kernel": (jax.random.normal(next(key), (k, n), jnp.bfloat16) * 0.02)}
@@ -445,18 +452,22 @@ def bench_e2e(args) -> list[dict]:
     if args.e2e_nofuse:  # q/k/v and gate/up as separate kernels (the first kernel choice)
         kn = args.e2e_kernels.split(",")[0]
         runs.append((f"gptq4_g128[{kn},unfused]", quant_lin, kn, False, False))
-    if args.e2e_variants:  # the Mosaic kernel on the "nk" layout, and as session 4 ran it
+    if args.e2e_variants:  # the Mosaic kernel on the "nk" layout, as session 4 ran it, and without split_pad
         runs.append(("gptq4_g128[mgpu,nk]", quant_lin, "mgpu", True, "nk"))
         runs.append(("gptq4_g128[mgpu,session4]", quant_lin, "mgpu", True, "session4"))
+        runs.append(("gptq4_g128[mgpu,unpadded]", quant_lin, "mgpu", True, "unpadded"))
     real_pack, real_default = mg.pack_mgpu, mg.default_config
     built = []  # (label, step, leaves, {batch: [ids, mask, cache]}, row fields)
     for label, make, kernel, fuse, variant in runs:
         if kernel is not None:  # the kernel QuantLinear's dispatch.prepare picks at build time
             dispatch.DEFAULT_GPU_KERNEL = kernel
         # dispatch.prepare and gptq_matmul_mgpu look these up at build / trace time: for this model
-        # only, pack the "nk" layout, and for "session4" also run the default tiles with x padded and
-        # [split, Np, Mp] partials. Both batch sizes are compiled here; the timed calls reuse them.
-        mg.pack_mgpu = functools.partial(real_pack, layout="nk") if variant in ("nk", "session4") else real_pack
+        # only, pack the "nk" layout ("session4": "nk" without split_pad, the default tiles with x padded
+        # and [split, Np, Mp] partials; "unpadded": the default without split_pad). Both batch sizes are
+        # compiled here; the timed calls reuse them.
+        mg.pack_mgpu = (functools.partial(real_pack, layout="nk") if variant == "nk"
+                        else functools.partial(real_pack, layout="nk", split_pad=False) if variant == "session4"
+                        else functools.partial(real_pack, split_pad=False) if variant == "unpadded" else real_pack)
         mg.default_config = ((lambda m, p: _session4_options(real_default(m, p))) if variant == "session4"
                              else real_default)
         params = build(make)
@@ -563,6 +574,9 @@ def trace_steps(step, cache, n: int, tdir: str):
     tl = gpu_timeline(spans, n)
     summary = dict(wall_us_per_step=wall * 1e6, gpu_tracks=sorted(pname[p] for p in gpu)[:6],
                    all_tracks=sorted(pname.values())[:12], **tl)
+    for match in ("mosaic", "gemm"):  # per layer: 4 Mosaic kernels (quantized) / 4 GEMMs (bf16, fused)
+        if any(match in nm for _, _, nm in spans):
+            summary[f"layer_{match}"] = layer_cycle(spans, match, 4)
     print(json.dumps(summary), flush=True)
     return cache, summary
 
@@ -589,6 +603,22 @@ def gpu_timeline(spans: list[tuple[float, float, str]], n: int) -> dict:
     return dict(gpu_busy_us_per_step=busy / n, gpu_idle_us_per_step=idle / n, gpu_events=len(spans) // n,
                 gaps_over_5us_per_step=gaps5 / n, top_ops_us_per_step=top(ops, 15),
                 idle_before_ops_us_per_step=top(idle_before, 10))
+
+
+def layer_cycle(spans: list[tuple[float, float, str]], match: str, period: int) -> dict:
+    """Per-layer view of a profiled decode: the kernels whose name holds ``match`` come ``period``
+    per layer (the Mosaic kernels: fused q/k/v, o, fused gate/up, down). Returns the median duration
+    (us) of each position in that cycle over all layers and steps, the number of matches, and
+    every GPU op of the second layer in order, ``(name, us)`` (from its first match to the next
+    layer's; the ops between the matmuls: norms, rope, attention, split-K sums)."""
+    spans = sorted(spans)
+    hits = [i for i, (_, _, nm) in enumerate(spans) if match in nm]
+    if len(hits) < 2 * period + 1:
+        return dict(matches=len(hits))
+    pos = [statistics.median(spans[i][1] - spans[i][0] for i in hits[j::period]) for j in range(period)]
+    one = spans[hits[period]:hits[2 * period]]
+    return dict(matches=len(hits), us_by_position=[round(t, 2) for t in pos],
+                layer_ops=[(nm[:48], round(b - a, 2)) for a, b, nm in one])
 
 
 def nnx_flat_arrays(model) -> list[tuple[str, jax.Array]]:
@@ -635,7 +665,8 @@ def main() -> None:
                          "and the ops the idle gaps precede")
     ap.add_argument("--e2e-variants", action="store_true",
                     help="also time the quantized model on the Mosaic kernel with the \"nk\" weight layout, "
-                         "and as session 4 ran it (\"nk\", x padded in XLA, [split, Np, Mp] partials)")
+                         "as session 4 ran it (\"nk\", K not split-padded, x padded in XLA, [split, Np, Mp] "
+                         "partials), and the default without pack_mgpu's split_pad")
     ap.add_argument("--e2e-nofuse", action="store_true",
                     help="also time the quantized model with q/k/v and gate/up as separate kernels")
     args = ap.parse_args()

@@ -13,7 +13,8 @@
 #    models are timed in 3 interleaved rounds, --e2e-rounds; --e2e-trace adds GPU busy / idle per step).
 # Time boxes (seconds): TESTS_S (default 130), BIG_S (250), REST_S (120), E2E_S (0); 0 skips that part.
 # TESTS_PATH narrows part 1 (e.g. tests/pallas_kernels/test_gptq_matmul_mgpu.py).
-# BIG_MS / BIG_CFGS / REST_CFGS choose the big shape's token counts and configs per point; PARTS=0 drops the
+# REST_SHAPES / REST_MS replace part 3's shapes (KxN,...) and token counts (e.g. the 7B decode layers:
+# REST_SHAPES=4096x12288,4096x4096,4096x22016,11008x4096). BIG_MS / BIG_CFGS / REST_CFGS choose the big shape's token counts and configs per point; PARTS=0 drops the
 # kernel-only / empty-body decode diagnostics.
 set -u
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -22,6 +23,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python}"
 TESTS_S="${TESTS_S:-130}" BIG_S="${BIG_S:-250}" REST_S="${REST_S:-120}" E2E_S="${E2E_S:-0}"
 BIG_MS="${BIG_MS:-1,16,64,256,1024,4096}" BIG_CFGS="${BIG_CFGS:-9}" REST_CFGS="${REST_CFGS:-4}"
+REST_SHAPES="${REST_SHAPES:-4096x4096,4096x14336,14336x4096}" REST_MS="${REST_MS:-1,16,64,256}"
 BENCH_ARGS="${BENCH_ARGS:-}"  # extra bench_kernels.py flags for parts 2 and 3 (e.g. --mgpu-exclude z-xsum)
 # Import this checkout's package whatever is installed: jgptq.models / jgptq.pallas_kernels live in
 # models/ and pallas_kernels/ (pyproject package-dir), so build a jgptq/ of symlinks.
@@ -56,10 +58,10 @@ if [ "$BIG_S" != 0 ]; then
   mv "$OUT/big/bench_kernels.json" "$OUT/bench_big.json" 2>/dev/null; rmdir "$OUT/big" 2>/dev/null
 fi
 if [ "$REST_S" != 0 ]; then
-  echo "=== 3/3 benchmark 4096 x 4096, 4096 x 14336, 14336 x 4096 ==="
+  echo "=== 3/3 benchmark $REST_SHAPES ==="
   mkdir -p "$OUT/rest"
-  timeout $((REST_S + 40)) "$PY" "$REPO/benchmarks/bench_kernels.py" --shapes 4096x4096,4096x14336,14336x4096 \
-    --ms 1,16,64,256 --no-triton --no-xla-dequant --mgpu --max-mgpu-cfgs "$REST_CFGS" --max-mgpu-cfgs-rest "$REST_CFGS" \
+  timeout $((REST_S + 40)) "$PY" "$REPO/benchmarks/bench_kernels.py" --shapes "$REST_SHAPES" \
+    --ms "$REST_MS" --no-triton --no-xla-dequant --mgpu --max-mgpu-cfgs "$REST_CFGS" --max-mgpu-cfgs-rest "$REST_CFGS" \
     --budget-s "$REST_S" --out "$OUT/rest" $BENCH_ARGS 2>&1 | tee "$OUT/bench_rest.log" | grep -v '^{"K"' | tail -25
   echo "bench exit: ${PIPESTATUS[0]}"
   mv "$OUT/rest/bench_kernels.json" "$OUT/bench_rest.json" 2>/dev/null; rmdir "$OUT/rest" 2>/dev/null

@@ -112,6 +112,8 @@ N_ALIGN = 128
 K_ALIGN = 128
 W_KBLOCK = 128  # K columns per contiguous block of the "kblocks" weight layout
 LAYOUTS = ("kblocks", "nk")
+SPLIT_PAD_BLOCKS = 8  # pack_mgpu(split_pad=True): K padded to a multiple of 8 x 128 ...
+SPLIT_PAD_MAX_FRAC = 32  # ... when that adds at most K / 32 columns
 JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
 
@@ -178,7 +180,7 @@ class MgpuPacked:
 
 def pack_mgpu(
     qweight: Any, scales: Any, zeros: Any, g_idx: Any, *, bits: int, dtype: Any = jnp.bfloat16,
-    layout: str = "kblocks",
+    layout: str = "kblocks", split_pad: bool = True,
 ) -> MgpuPacked | None:
     """Repack a GPTQ LIN (``qweight`` int32 ``[K*bits/32, N]``, ``scales``/``zeros`` ``[G, N]``,
     ``g_idx`` ``[K]``) into :class:`MgpuPacked`. Host side, once per layer.
@@ -188,6 +190,11 @@ def pack_mgpu(
       dtype: activation dtype the kernel will see most (bfloat16 or float16); scales / zeros are
         stored in it (other activation dtypes are cast per call).
       layout: ``"kblocks"`` (default; contiguous weight tiles, see :class:`MgpuPacked`) or ``"nk"``.
+      split_pad: (default True) pad K further, with zero codes and zero-scale groups, to a multiple
+        of ``SPLIT_PAD_BLOCKS`` K blocks of 128 when that adds at most 1/``SPLIT_PAD_MAX_FRAC`` of K,
+        so that the decode grid can split K 8 ways. Without it K = 11008 (Llama-2-7B's
+        down_proj) has 86 = 2 x 43 blocks: split-K at most 2 with >= 4 steps per CTA, i.e. 64 CTAs
+        on 132 SMs at M = 1 and N = 4096; padded to 88 blocks (+2.3 % bytes) it splits 11 ways.
 
     Returns:
       The packed layer, or None when no kernel layout fits: groups of unequal size (no
@@ -214,12 +221,16 @@ def pack_mgpu(
     gs = groups.group_size
     if num_groups == 1:
         k_pad = -(-k // K_ALIGN) * K_ALIGN
+        if split_pad:
+            k_pad = _split_pad(k, k_pad, K_ALIGN)
         gs = k_pad
     else:
         if not (gs % K_ALIGN == 0 or (K_ALIGN % gs == 0 and gs >= 16)):
             return None
         align = max(K_ALIGN, gs)
         k_pad = -(-k // align) * align
+        if split_pad:
+            k_pad = _split_pad(k, k_pad, align)
     n_pad = -(-n // N_ALIGN) * N_ALIGN
     g_pad = k_pad // gs
     codes = unpack_gptq_qweight(qweight, bits)  # [K, N] in [0, 2^bits)
@@ -240,11 +251,19 @@ def pack_mgpu(
                       n_pad=n_pad, group_size=gs, layout=layout)
 
 
+def _split_pad(k: int, k_pad: int, align: int) -> int:
+    """``k_pad`` (a multiple of ``align``) raised to a multiple of ``SPLIT_PAD_BLOCKS * K_ALIGN``
+    (and of ``align``) when that pads at most ``k / SPLIT_PAD_MAX_FRAC`` columns in all."""
+    step = math.lcm(align, SPLIT_PAD_BLOCKS * K_ALIGN)
+    wide = -(-k // step) * step
+    return wide if (wide - k) * SPLIT_PAD_MAX_FRAC <= k else k_pad
+
+
 def pack_mgpu_linear(lin: Mapping[str, Any], *, bits: int, dtype: Any = jnp.bfloat16,
-                     layout: str = "kblocks") -> MgpuPacked | None:
+                     layout: str = "kblocks", split_pad: bool = True) -> MgpuPacked | None:
     """:func:`pack_mgpu` on a GPTQ LIN dict (``qweight``/``scales``/``zeros``/``g_idx``)."""
     return pack_mgpu(lin["qweight"], lin["scales"], lin["zeros"], lin["g_idx"], bits=bits, dtype=dtype,
-                     layout=layout)
+                     layout=layout, split_pad=split_pad)
 
 
 def dequantize_mgpu(packed: MgpuPacked, dtype: Any = jnp.float32) -> jax.Array:

@@ -52,3 +52,29 @@ def test_gpu_timeline_busy_idle_and_gap_attribution(bench_kernels):
         big += a - end > 5
         end = max(end, b)
     assert tl["gaps_over_5us_per_step"] == big / n and big > 0
+
+
+def test_layer_cycle_positions_and_one_layer(bench_kernels):
+    """Median per position of a repeating 4-kernel cycle, and the ops of the second layer."""
+    rng = np.random.default_rng(11)
+    base = [7.0, 2.0, 13.0, 5.0]
+    spans, t, truth = [], 0.0, [[] for _ in base]
+    layers = 9
+    for layer in range(layers):
+        for j, d in enumerate(base):
+            dur = d + float(rng.uniform(-0.5, 0.5))
+            truth[j].append(dur)
+            spans.append((t, t + dur, "body_mosaic_gpu_kernel"))
+            t += dur + 0.5
+            spans.append((t, t + 1.0, f"input_reduce_fusion_{j}"))
+            t += 1.5
+    spans.append((t, t + 3.0, "gemm_fusion_dot_lm_head"))
+    out = bench_kernels.layer_cycle(list(reversed(spans)), "mosaic", 4)
+    assert out["matches"] == 4 * layers
+    np.testing.assert_allclose(out["us_by_position"], [np.median(v) for v in truth], atol=0.006)
+    names = [nm for nm, _ in out["layer_ops"]]
+    assert names == ["body_mosaic_gpu_kernel", "input_reduce_fusion_0", "body_mosaic_gpu_kernel",
+                     "input_reduce_fusion_1", "body_mosaic_gpu_kernel", "input_reduce_fusion_2",
+                     "body_mosaic_gpu_kernel", "input_reduce_fusion_3"]
+    assert out["layer_ops"][0][1] == pytest.approx(truth[0][1], abs=0.006)
+    assert bench_kernels.layer_cycle(spans[:10], "mosaic", 4) == {"matches": 5}

@@ -51,6 +51,43 @@ def test_pack_dequant_matches_numpy(bits, gs, act_order, k):
     np.testing.assert_allclose(w, w64, rtol=8e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("k,gs,want", [(4992, 128, 5120), (11008, 128, 11264), (4992, -1, 5120), (576, 128, 640),
+                                       (1536, 64, 1536), (4096, 128, 4096), (3968, 128, 3968), (14336, 32, 14336)])
+def test_split_pad_widens_k_for_split_k(k, gs, want, monkeypatch):
+    """K padded (zero codes, zero-scale groups) to a multiple of 8 x 128 when that adds at most K / 32,
+    so the decode grid can split K 8+ ways (K = 11008: 86 blocks = 2 x 43 -> 88); the dequantized
+    weight is unchanged; split_pad=False keeps the plain 128 / group alignment."""
+    lin = random_gptq_linear(jax.random.key(k), k, 72, bits=4, group_size=gs, act_order=gs > 0)
+    p = mg.pack_mgpu_linear(lin, bits=4)
+    plain = mg.pack_mgpu_linear(lin, bits=4, split_pad=False)
+    assert p.k_pad == want and plain.k_pad == -(-k // 128) * 128
+    assert p.k == plain.k == k and p.k_pad % p.group_size == 0
+    if gs > 0:
+        assert p.group_size == plain.group_size == gs
+        assert not np.asarray(p.scales[-(-k // gs):], np.float32).any()  # the added groups scale by 0
+    else:
+        assert p.group_size == p.k_pad
+    w, w_plain = (np.asarray(mg.dequantize_mgpu(q, jnp.float32)) for q in (p, plain))
+    np.testing.assert_array_equal(w[:plain.k_pad], w_plain)
+    assert not w[plain.k_pad:].any() if gs > 0 else True
+    if k == 11008:  # the decode grid: 11 K splits of 8 blocks (352 CTAs at N = 4096), not 2 of 43 (64 CTAs)
+        monkeypatch.setattr(mg, "_num_sms", lambda: 132)
+        assert mg.default_config(1, p).split_k == 11 and mg.default_config(1, plain).split_k == 2
+
+
+def test_split_pad_kernel_matches_numpy(monkeypatch):
+    """A split-padded layer (K = 4992 -> 5120) through the interpreter with K split 8 ways (the
+    last split holds the padding block) and through the default decode config, vs float64."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 2)
+    lin, w64, p = make(77, 4992, 128, 4, 128, True)
+    assert p.k_pad == 5120
+    x = jax.random.normal(jax.random.key(5), (3, 4992), jnp.float32).astype(jnp.bfloat16)
+    ref64 = np.asarray(x, np.float64) @ w64
+    for cfg in (mg.MgpuConfig(block_m=8, block_n=64, block_k=128, split_k=8, num_stages=2, scale_mode="acc"),
+                mg.default_config(3, p)):
+        assert rel_err(mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=True), ref64) < 8e-3, cfg
+
+
 def test_pack_refusals_and_errors():
     lin, _, _ = make(2, 256, 128, 4, 128, False)
     assert mg.pack_mgpu_linear(dict(lin, g_idx=jnp.repeat(jnp.arange(3), jnp.asarray([100, 100, 56]),
@@ -376,6 +413,7 @@ def test_dispatch_auto_kernel_choice(monkeypatch):
     (4, 128, True, 576, 1536, jnp.bfloat16), (4, 32, False, 4096, 4096, jnp.float16),
     (4, 64, True, 1536, 1024, jnp.bfloat16), (4, -1, False, 2048, 1024, jnp.bfloat16),
     (8, 128, True, 2048, 1024, jnp.float16),
+    (4, 128, True, 4992, 1024, jnp.bfloat16),  # split-padded K 4992 -> 5120: x's last K block is all past its end
 ])
 def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
     lin, w64, p = make(40 + k, k, n, bits, gs, act_order, dtype)
@@ -443,6 +481,7 @@ def test_mgpu_persistent_compiled(bits, gs, act_order, k, n, dtype):
 
 
 @pytest.mark.parametrize("k,n,gs", [(576, 960, 128), (1536, 576, 64), (4096, 12288, 128), (8192, 28672, 128),
+                                    (11008, 4096, 128),
                                     (1024, 512, 32), (2048, 1024, -1), (4096, 4096, 64)])
 def test_default_configs_fit_every_layer(k, n, gs, monkeypatch):
     """default_config gives a valid config for every M regime and layer shape (no compile here:
