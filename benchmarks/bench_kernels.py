@@ -503,6 +503,7 @@ def bench_e2e(args) -> list[dict]:
                                                        kernel_bytes=wbytes)))
     mg.pack_mgpu, mg.default_config = real_pack, real_default
     times = {(label, b): [] for label, *_ in built for b in (1, 16)}
+    issue = {key: [] for key in times}
     finite = {}
     rounds = max(1, args.e2e_rounds)
     for r in range(rounds):
@@ -513,8 +514,10 @@ def bench_e2e(args) -> list[dict]:
                 t0 = time.perf_counter()
                 for _ in range(n):
                     logits, cache = step(leaves, ids, mask, cache)
+                t1 = time.perf_counter()  # the host has issued every step (it waits when it runs ahead)
                 jax.block_until_ready(logits)
                 times[(label, batch)].append((time.perf_counter() - t0) / n)
+                issue[(label, batch)].append((t1 - t0) / n)
                 state[batch][2] = cache
                 finite[(label, batch)] = bool(jnp.all(jnp.isfinite(logits)))
     rows = []
@@ -523,7 +526,8 @@ def bench_e2e(args) -> list[dict]:
             ts = times[(label, batch)]
             dt = statistics.median(ts)
             row = dict(e2e=label, batch=batch, layers=layers, ms_per_step=dt * 1e3, tokens_per_s=batch / dt,
-                       ms_rounds=[t * 1e3 for t in ts], finite=finite[(label, batch)], **fields)
+                       ms_rounds=[t * 1e3 for t in ts], ms_issue_rounds=[t * 1e3 for t in issue[(label, batch)]],
+                       finite=finite[(label, batch)], **fields)
             if args.e2e_trace and batch == 1:  # where a decode step's GPU time goes
                 ids, mask, cache = state[1]
                 state[1][2], row["gpu_time"] = trace_steps(lambda c: step(leaves, ids, mask, c), cache, 5,
@@ -540,7 +544,8 @@ def bench_e2e(args) -> list[dict]:
         base = next(b for b in rows if b["e2e"] == "bf16" and b["batch"] == r["batch"])
         spread = f"{min(r['ms_rounds']):.2f}-{max(r['ms_rounds']):.2f}"
         print(f"  {r['e2e']:>18} batch {r['batch']:3d}: {r['ms_per_step']:8.2f} ms/step ({spread} over "
-              f"{len(r['ms_rounds'])} rounds) {r['tokens_per_s']:9.1f} tok/s "
+              f"{len(r['ms_rounds'])} rounds; host issues one in {statistics.median(r['ms_issue_rounds']):.2f}) "
+              f"{r['tokens_per_s']:9.1f} tok/s "
               f"({base['ms_per_step'] / r['ms_per_step']:.2f}x vs bf16), state {r['device_bytes_all_state'] / 2**30:.2f} GiB"
               + (f", kernel weights {r.get('bits_per_quantized_weight', 0):.2f} bits/weight" if r["kernel_bytes"] else ""))
     return rows
@@ -574,6 +579,13 @@ def trace_steps(step, cache, n: int, tdir: str):
     tl = gpu_timeline(spans, n)
     summary = dict(wall_us_per_step=wall * 1e6, gpu_tracks=sorted(pname[p] for p in gpu)[:6],
                    all_tracks=sorted(pname.values())[:12], **tl)
+    host = {}
+    for e in events:  # host-side work per step (XLA runtime / launch events on the CPU tracks)
+        if (e.get("ph") == "X" and "dur" in e and e.get("pid") not in gpu
+                and not any(f in e["name"] for f in ("profiler.py", "contextlib.py"))):  # the tracer's own
+            host[e["name"]] = host.get(e["name"], 0.0) + e["dur"]
+    summary["host_top_us_per_step"] = [(nm[:90], round(t / n, 1)) for nm, t in
+                                       sorted(host.items(), key=lambda kv: -kv[1])[:25]]
     for match in ("mosaic", "gemm"):  # per layer: 4 Mosaic kernels (quantized) / 4 GEMMs (bf16, fused)
         if any(match in nm for _, _, nm in spans):
             summary[f"layer_{match}"] = layer_cycle(spans, match, 4)
