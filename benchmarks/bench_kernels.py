@@ -489,7 +489,20 @@ def bench_e2e(args) -> list[dict]:
         def run(leaves, ids, mask, cache, treedef=treedef):
             return jax.tree.unflatten(treedef, leaves).step(ids, mask, cache, last_only=True)
 
+        def run_scan(leaves, ids, mask, cache, treedef=treedef):
+            # --e2e-scan: that many greedy decode steps in one jitted lax.scan (one host call for
+            # all of them: the per-call host work of dispatching ~600 arguments, and any CUDA graph
+            # update, is paid once per scan)
+            def body(carry, _):
+                ids, cache = carry
+                logits, cache = jax.tree.unflatten(treedef, leaves).step(ids, mask, cache, last_only=True)
+                return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None], cache), None
+
+            (ids, cache), _ = jax.lax.scan(body, (ids, cache), None, length=args.e2e_scan)
+            return ids, cache
+
         step = jax.jit(run, donate_argnums=(3,))
+        scan = jax.jit(run_scan, donate_argnums=(3,)) if args.e2e_scan > 0 else None
         state = {}
         for batch in (1, 16):
             cache = model.init_cache(batch, args.e2e_slots)
@@ -497,17 +510,21 @@ def bench_e2e(args) -> list[dict]:
             mask = jnp.ones((batch, 1), bool)
             logits, cache = step(leaves, ids, mask, cache)  # compile (under this model's patch)
             jax.block_until_ready(logits)
+            if scan is not None:
+                _, cache = scan(leaves, ids, mask, cache)
+                jax.block_until_ready(cache)
             state[batch] = [ids, mask, cache]
         del model
-        built.append((label, step, leaves, state, dict(device_bytes_all_state=total_bytes, kernel_arrays=kernels,
-                                                       kernel_bytes=wbytes)))
+        built.append((label, (step, scan), leaves, state, dict(device_bytes_all_state=total_bytes,
+                                                               kernel_arrays=kernels, kernel_bytes=wbytes)))
     mg.pack_mgpu, mg.default_config = real_pack, real_default
     times = {(label, b): [] for label, *_ in built for b in (1, 16)}
     issue = {key: [] for key in times}
+    scan_times = {key: [] for key in times}
     finite = {}
     rounds = max(1, args.e2e_rounds)
     for r in range(rounds):
-        for label, step, leaves, state, _ in built[r % len(built):] + built[: r % len(built)]:
+        for label, (step, scan), leaves, state, _ in built[r % len(built):] + built[: r % len(built)]:
             for batch in (1, 16):
                 ids, mask, cache = state[batch]
                 n = args.e2e_steps
@@ -518,16 +535,24 @@ def bench_e2e(args) -> list[dict]:
                 jax.block_until_ready(logits)
                 times[(label, batch)].append((time.perf_counter() - t0) / n)
                 issue[(label, batch)].append((t1 - t0) / n)
-                state[batch][2] = cache
                 finite[(label, batch)] = bool(jnp.all(jnp.isfinite(logits)))
+                if scan is not None:
+                    t0 = time.perf_counter()
+                    last, cache = scan(leaves, ids, mask, cache)
+                    jax.block_until_ready(cache)
+                    scan_times[(label, batch)].append((time.perf_counter() - t0) / args.e2e_scan)
+                state[batch][2] = cache
     rows = []
-    for label, step, leaves, state, fields in built:
+    for label, (step, scan), leaves, state, fields in built:
         for batch in (1, 16):
             ts = times[(label, batch)]
             dt = statistics.median(ts)
             row = dict(e2e=label, batch=batch, layers=layers, ms_per_step=dt * 1e3, tokens_per_s=batch / dt,
                        ms_rounds=[t * 1e3 for t in ts], ms_issue_rounds=[t * 1e3 for t in issue[(label, batch)]],
                        finite=finite[(label, batch)], **fields)
+            if scan is not None:
+                row.update(scan_steps=args.e2e_scan, ms_per_step_scan=statistics.median(scan_times[(label, batch)]) * 1e3,
+                           ms_rounds_scan=[t * 1e3 for t in scan_times[(label, batch)]])
             if args.e2e_trace and batch == 1:  # where a decode step's GPU time goes
                 ids, mask, cache = state[1]
                 state[1][2], row["gpu_time"] = trace_steps(lambda c: step(leaves, ids, mask, c), cache, 5,
@@ -548,6 +573,14 @@ def bench_e2e(args) -> list[dict]:
               f"{r['tokens_per_s']:9.1f} tok/s "
               f"({base['ms_per_step'] / r['ms_per_step']:.2f}x vs bf16), state {r['device_bytes_all_state'] / 2**30:.2f} GiB"
               + (f", kernel weights {r.get('bits_per_quantized_weight', 0):.2f} bits/weight" if r["kernel_bytes"] else ""))
+    if any("ms_per_step_scan" in r for r in rows):
+        print(f"\nthe same, {rows[0]['scan_steps']} decode steps per jitted lax.scan (one host call):")
+        for r in rows:
+            base = next(b for b in rows if b["e2e"] == "bf16" and b["batch"] == r["batch"])
+            print(f"  {r['e2e']:>18} batch {r['batch']:3d}: {r['ms_per_step_scan']:8.2f} ms/step "
+                  f"({min(r['ms_rounds_scan']):.2f}-{max(r['ms_rounds_scan']):.2f}) "
+                  f"{r['batch'] / r['ms_per_step_scan'] * 1e3:9.1f} tok/s "
+                  f"({base['ms_per_step_scan'] / r['ms_per_step_scan']:.2f}x vs bf16)")
     return rows
 
 
@@ -668,6 +701,8 @@ def main() -> None:
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--e2e-slots", type=int, default=256)
     ap.add_argument("--e2e-steps", type=int, default=20, help="decode steps per timed round")
+    ap.add_argument("--e2e-scan", type=int, default=0,
+                    help="also time N greedy decode steps per jitted lax.scan call (host cost paid once per N)")
     ap.add_argument("--e2e-rounds", type=int, default=3,
                     help="interleaved timing rounds over all models (median reported)")
     ap.add_argument("--e2e-kernels", default="auto",
