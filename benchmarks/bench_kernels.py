@@ -457,6 +457,7 @@ def bench_e2e(args) -> list[dict]:
         runs.append(("gptq4_g128[mgpu,session4]", quant_lin, "mgpu", True, "session4"))
         runs.append(("gptq4_g128[mgpu,unpadded]", quant_lin, "mgpu", True, "unpadded"))
     real_pack, real_default = mg.pack_mgpu, mg.default_config
+    gen_models = {}
     built = []  # (label, step, leaves, {batch: [ids, mask, cache]}, row fields)
     for label, make, kernel, fuse, variant in runs:
         if kernel is not None:  # the kernel QuantLinear's dispatch.prepare picks at build time
@@ -514,6 +515,8 @@ def bench_e2e(args) -> list[dict]:
                 _, cache = scan(leaves, ids, mask, cache)
                 jax.block_until_ready(cache)
             state[batch] = [ids, mask, cache]
+        if args.e2e_generate:  # models.generate.generate() flattens the module itself
+            gen_models[label] = model
         del model
         built.append((label, (step, scan), leaves, state, dict(device_bytes_all_state=total_bytes,
                                                                kernel_arrays=kernels, kernel_bytes=wbytes)))
@@ -560,6 +563,22 @@ def bench_e2e(args) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     del built
+    if args.e2e_generate:  # the user path: jgptq.models.generate.generate, batch 1, greedy
+        from jgptq.models.generate import generate
+
+        n_new = args.e2e_generate
+        for label, model in gen_models.items():
+            row = next(r for r in rows if r["e2e"] == label and r["batch"] == 1)
+            for chunk in (1, 16):
+                kw = dict(eos_token_id=[], decode_chunk=chunk)
+                generate(model, None, [[1] * 8], n_new, **kw)  # compile
+                rates = []
+                for _ in range(2):
+                    stamps = []
+                    generate(model, None, [[1] * 8], n_new, stream=lambda _s: stamps.append(time.perf_counter()), **kw)
+                    rates.append((n_new - 1) / (time.perf_counter() - stamps[0]))
+                row[f"generate_tok_s_chunk{chunk}"] = max(rates)
+        gen_models.clear()
     q_w = layers * sum(k * n for k, n in shapes.values())
     for r in rows:
         if r["e2e"] != "bf16" and r["kernel_bytes"]:
@@ -573,6 +592,15 @@ def bench_e2e(args) -> list[dict]:
               f"{r['tokens_per_s']:9.1f} tok/s "
               f"({base['ms_per_step'] / r['ms_per_step']:.2f}x vs bf16), state {r['device_bytes_all_state'] / 2**30:.2f} GiB"
               + (f", kernel weights {r.get('bits_per_quantized_weight', 0):.2f} bits/weight" if r["kernel_bytes"] else ""))
+    if any("generate_tok_s_chunk1" in r for r in rows):
+        print(f"\ngenerate() batch 1, {args.e2e_generate} new tokens, decode tok/s after the first token:")
+        base = next(b for b in rows if b["e2e"] == "bf16" and b["batch"] == 1)
+        for r in rows:
+            if "generate_tok_s_chunk1" in r:
+                print(f"  {r['e2e']:>18}: decode_chunk=1 {r['generate_tok_s_chunk1']:7.1f} "
+                      f"({r['generate_tok_s_chunk1'] / base['generate_tok_s_chunk1']:.2f}x vs bf16), "
+                      f"decode_chunk=16 {r['generate_tok_s_chunk16']:7.1f} "
+                      f"({r['generate_tok_s_chunk16'] / base['generate_tok_s_chunk16']:.2f}x vs bf16)")
     if any("ms_per_step_scan" in r for r in rows):
         print(f"\nthe same, {rows[0]['scan_steps']} decode steps per jitted lax.scan (one host call):")
         for r in rows:
@@ -703,6 +731,8 @@ def main() -> None:
     ap.add_argument("--e2e-steps", type=int, default=20, help="decode steps per timed round")
     ap.add_argument("--e2e-scan", type=int, default=0,
                     help="also time N greedy decode steps per jitted lax.scan call (host cost paid once per N)")
+    ap.add_argument("--e2e-generate", type=int, default=0,
+                    help="also time models.generate.generate() at batch 1 for N new tokens, decode_chunk 1 and 16")
     ap.add_argument("--e2e-rounds", type=int, default=3,
                     help="interleaved timing rounds over all models (median reported)")
     ap.add_argument("--e2e-kernels", default="auto",

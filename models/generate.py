@@ -57,8 +57,9 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array | fl
 _COMPILED: dict[Any, tuple[Callable, Callable]] = {}
 
 
-def _step_fns(treedef: Any, config: LlamaConfig, greedy: bool, use_top_p: bool) -> tuple[Callable, Callable]:
-    key = (treedef, config, greedy, use_top_p)
+def _step_fns(treedef: Any, config: LlamaConfig, greedy: bool, use_top_p: bool,
+              chunk: int) -> tuple[Callable, Callable]:
+    key = (treedef, config, greedy, use_top_p, chunk)
     if key in _COMPILED:
         return _COMPILED[key]
 
@@ -75,11 +76,20 @@ def _step_fns(treedef: Any, config: LlamaConfig, greedy: bool, use_top_p: bool) 
         return tok, cache, rng, jnp.isin(tok, eos)
 
     def decode(leaves, tok, cache, rng, done, temperature, top_p, eos):
-        logits, cache = run(leaves, tok[:, None], jnp.ones((tok.shape[0], 1), bool), cache)
-        rng, sub = jax.random.split(rng)
-        nxt = sample_logits(logits, sub, temperature, top_p, greedy=greedy, use_top_p=use_top_p)
-        nxt = jnp.where(done, eos[0], nxt)
-        return nxt, cache, rng, done | jnp.isin(nxt, eos)
+        # ``chunk`` steps in one call (lax.scan): the host dispatches the ~hundreds of weight
+        # arrays once per chunk instead of once per token (on a GPU a 7B decode step is otherwise
+        # bound by that host work, benchmarks/RESULTS.md); same tokens as one step per call
+        def one(carry, _):
+            tok, cache, rng, done = carry
+            logits, cache = run(leaves, tok[:, None], jnp.ones((tok.shape[0], 1), bool), cache)
+            rng, sub = jax.random.split(rng)
+            nxt = sample_logits(logits, sub, temperature, top_p, greedy=greedy, use_top_p=use_top_p)
+            nxt = jnp.where(done, eos[0], nxt)
+            done = done | jnp.isin(nxt, eos)
+            return (nxt, cache, rng, done), (nxt, done)
+
+        (tok, cache, rng, done), (toks, dones) = jax.lax.scan(one, (tok, cache, rng, done), None, length=chunk)
+        return tok, cache, rng, done, toks, dones
 
     donate = () if jax.default_backend() == "cpu" else (3,)
     fns = (jax.jit(prefill, donate_argnums=donate), jax.jit(decode, donate_argnums=() if not donate else (2,)))
@@ -90,7 +100,7 @@ def _step_fns(treedef: Any, config: LlamaConfig, greedy: bool, use_top_p: bool) 
 def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: LlamaConfig | None,
              prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
-             stream: StreamFn | None = None, dtype: Any | None = None) -> list[list[int]]:
+             stream: StreamFn | None = None, dtype: Any | None = None, decode_chunk: int = 8) -> list[list[int]]:
     """Generate continuations of a batch of token-id prompts.
 
     Args:
@@ -105,6 +115,11 @@ def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: Llam
       stream: called after each step with one entry per row: the new token id, or None for a
         row that has already finished.
       dtype: compute dtype when building from a params tree.
+      decode_chunk: decode steps per jitted call (a ``lax.scan``; at most ``max_new_tokens - 1``).
+        The tokens do not depend on it; larger chunks cut the host's per-call work (the 7B-shape
+        decode on an H200 ran 1.2-1.5x faster at 20 steps per call than at 1), and ``stream``
+        then sees the tokens of a chunk together. After every row has finished, at most two
+        chunks of steps were computed in vain.
     Returns:
       For each prompt, the generated ids (ending with the EOS id when one was produced).
     """
@@ -123,6 +138,8 @@ def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: Llam
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if not (0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if isinstance(decode_chunk, bool) or not isinstance(decode_chunk, (int, np.integer)) or decode_chunk < 1:
+        raise ValueError(f"decode_chunk must be an integer >= 1, got {decode_chunk!r}")
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt")
@@ -140,7 +157,9 @@ def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: Llam
 
     b = len(prompts)
     plen = bucket_length(max(len(p) for p in prompts))
-    slots = -(-(plen + max_new_tokens) // 64) * 64
+    chunk = int(min(decode_chunk, max(1, max_new_tokens - 1)))
+    chunks = -(-(max_new_tokens - 1) // chunk)  # decode calls; each step writes one cache slot
+    slots = -(-(plen + max(max_new_tokens, chunks * chunk + 1)) // 64) * 64
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     ids = np.full((b, plen), pad, np.int32)
     mask = np.zeros((b, plen), bool)
@@ -150,31 +169,36 @@ def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: Llam
 
     leaves, treedef = jax.tree.flatten(model)
     greedy = temperature == 0
-    prefill, decode = _step_fns(treedef, config, greedy, top_p < 1)
+    prefill, decode = _step_fns(treedef, config, greedy, top_p < 1, chunk)
     cache = init_cache(config, b, slots, model.dtype)
     temp = jnp.float32(temperature if not greedy else 1.0)
     tp = jnp.float32(top_p)
-    cur = prefill(leaves, jnp.asarray(ids), jnp.asarray(mask), cache, jax.random.key(seed), temp, tp, eos_arr)
-    launched = 1
+    first = prefill(leaves, jnp.asarray(ids), jnp.asarray(mask), cache, jax.random.key(seed), temp, tp, eos_arr)
+    cur = (*first, first[0][None], first[3][None])  # (tok, cache, rng, done, toks [n, B], dones [n, B])
+    launched, produced = 0, 0
     out: list[list[int]] = [[] for _ in range(b)]
     finished = np.zeros(b, bool)
     while True:
         nxt = None
-        if launched < max_new_tokens:  # dispatch the next step before reading this one
+        if launched < chunks:  # dispatch the next chunk before reading this one
             nxt = decode(leaves, cur[0], cur[1], cur[2], cur[3], temp, tp, eos_arr)
             launched += 1
-        tok, done = np.asarray(cur[0]), np.asarray(cur[3])
-        step: list[int | None] = []
-        for i in range(b):
-            if finished[i]:
-                step.append(None)
-            else:
-                out[i].append(int(tok[i]))
-                step.append(int(tok[i]))
-                finished[i] = bool(done[i])
-        if stream is not None:
-            stream(step)
-        if nxt is None or finished.all():
+        toks, dones = np.asarray(cur[4]), np.asarray(cur[5])
+        for tok, done in zip(toks, dones):
+            if produced == max_new_tokens or finished.all():
+                break
+            produced += 1
+            step: list[int | None] = []
+            for i in range(b):
+                if finished[i]:
+                    step.append(None)
+                else:
+                    out[i].append(int(tok[i]))
+                    step.append(int(tok[i]))
+                    finished[i] = bool(done[i])
+            if stream is not None:
+                stream(step)
+        if nxt is None or finished.all() or produced == max_new_tokens:
             break
         cur = nxt
     return out

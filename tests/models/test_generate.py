@@ -68,6 +68,37 @@ def test_generate_argument_errors(tiny_hf_model):
         generate(model, None, [[1]], 0)
     with pytest.raises(ValueError, match="needs its LlamaConfig"):
         generate(params, None, [[1]], 4)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="decode_chunk must be an integer >= 1"):
+            generate(model, None, [[1]], 4, decode_chunk=bad)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.9, 0.8)])
+def test_decode_chunk_does_not_change_tokens_or_stream(tiny_hf_model, temperature, top_p):
+    """Decoding 1, 3, 8 or 40 steps per jitted call (lax.scan) gives the same tokens and the same
+    per-step stream, greedy and sampled, including rows that stop at an EOS inside a chunk and
+    max_new_tokens that is not a multiple of the chunk."""
+    cfg, params, _ = load_hf(tiny_hf_model("llama").folder)
+    model = LlamaForCausalLM.from_params(cfg, params)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 256, size=n).tolist() for n in (5, 2, 9)]
+    kw = dict(temperature=temperature, top_p=top_p, seed=11)
+    free = generate(model, None, prompts, 13, eos_token_id=[], **kw)
+    assert all(len(o) == 13 for o in free)
+    eos = free[1][4]  # row 1 stops at its 5th token (other rows may stop elsewhere, or not at all)
+    runs = {}
+    for chunk in (1, 3, 8, 40):
+        steps = []
+        out = generate(model, None, prompts, 13, eos_token_id=eos, stream=steps.append, decode_chunk=chunk, **kw)
+        runs[chunk] = (out, steps)
+    out1, steps1 = runs[1]
+    assert len(out1[1]) <= 5 and out1[1][-1] == eos
+    for i, row in enumerate(out1):  # each row: the free run up to and including its first EOS
+        cut = free[i].index(eos) + 1 if eos in free[i] else 13
+        assert row == free[i][:cut]
+    for chunk, (out, steps) in runs.items():
+        assert out == out1 and steps == steps1, chunk
+    assert generate(model, None, prompts, 1, decode_chunk=4, **kw) == [o[:1] for o in free]
 
 
 def _tiny_tokenizer(folder):
