@@ -50,7 +50,7 @@ def _machine() -> dict[str, Any]:
 
 
 def bench_jax(config, params, dtype: str, batches: list[int], prompt_len: int, new_tokens: int,
-              repeats: int, seed: int) -> list[dict[str, Any]]:
+              repeats: int, seed: int, decode_chunk: int = 8) -> list[dict[str, Any]]:
     import numpy as np
 
     from jgptq.models.generate import generate
@@ -61,12 +61,12 @@ def bench_jax(config, params, dtype: str, batches: list[int], prompt_len: int, n
     rows = []
     for b in batches:
         prompts = rng.integers(0, config.vocab_size, size=(b, prompt_len)).tolist()
-        generate(model, None, prompts, new_tokens, eos_token_id=[])  # compile
+        generate(model, None, prompts, new_tokens, eos_token_id=[], decode_chunk=decode_chunk)  # compile
         runs = []
         for _ in range(repeats):
             stamps: list[float] = []
             t0 = time.perf_counter()
-            out = generate(model, None, prompts, new_tokens, eos_token_id=[],
+            out = generate(model, None, prompts, new_tokens, eos_token_id=[], decode_chunk=decode_chunk,
                            stream=lambda _s: stamps.append(time.perf_counter()))
             t1 = time.perf_counter()
             assert all(len(o) == new_tokens for o in out)
@@ -74,7 +74,8 @@ def bench_jax(config, params, dtype: str, batches: list[int], prompt_len: int, n
         ttft = statistics.median(r[0] for r in runs)
         dec = statistics.median(r[1] for r in runs)
         tot = statistics.median(r[2] for r in runs)
-        rows.append({"impl": "jgptq", "dtype": dtype, "batch": b, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        rows.append({"impl": "jgptq", "dtype": dtype, "decode_chunk": decode_chunk, "batch": b,
+                     "prompt_len": prompt_len, "new_tokens": new_tokens,
                      "ttft_s": ttft, "decode_tok_s": b * (new_tokens - 1) / dec if dec > 0 else None,
                      "total_tok_s": b * new_tokens / tot})
         print(json.dumps(rows[-1]), flush=True)
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="jgptq compute dtype (default: bf16 on GPU/TPU, fp32 on CPU)")
     p.add_argument("--torch", action="store_true", help="also time transformers on PyTorch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode-chunk", type=int, default=8, help="generate()'s decode steps per jitted call")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
 
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
     result["jgptq"] = bench_jax(config, params, dtype_name, batches, args.prompt_len, args.new_tokens,
-                                args.repeats, args.seed)
+                                args.repeats, args.seed, args.decode_chunk)
     save()
     del params
     if args.torch:
