@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder/name when the model carries none")
     p.add_argument("--no-stream", action="store_true", help="print the text only when done")
     p.add_argument("--stats", action="store_true", help="print load time and tokens/s to stderr")
+    p.add_argument("--decode-chunk", type=int, default=8,
+                   help="decode steps per jitted call (default 8; the text does not depend on it, "
+                        "streaming shows a chunk at a time)")
 
 
 class _TextStream:
@@ -70,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise SystemExit(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.decode_chunk < 1:
+        raise SystemExit(f"--decode-chunk must be >= 1, got {args.decode_chunk}")
 
     import jgptq.models as models
     from jgptq.models.generate import generate
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     printer = _TextStream(tokenizer, sys.stdout) if stream_one else None
     t1 = time.perf_counter()
     out = generate(model, None, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, eos_token_id=sorted(eos),
+                   seed=args.seed, eos_token_id=sorted(eos), decode_chunk=args.decode_chunk,
                    stream=(lambda step: printer.push(step[0])) if printer else None)
     gen_s = time.perf_counter() - t1
     if printer is not None:

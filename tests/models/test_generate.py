@@ -134,6 +134,8 @@ def test_cli_streams_the_greedy_continuation(tiny_folder_with_tokenizer, capsys)
     out = capsys.readouterr().out
     assert out == tok.decode(expected[0], skip_special_tokens=True) + "\n"
     assert len(out.split()) >= 3
+    argv = ["generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", "10", "--decode-chunk", "1"]
+    assert main(argv) == 0 and capsys.readouterr().out == out  # one step per call: the same text
 
 
 def test_cli_batch_of_prompts(tiny_folder_with_tokenizer, capsys):
@@ -160,6 +162,8 @@ def test_cli_rejects_bad_arguments(tiny_folder_with_tokenizer):
         main(["generate", "--model", str(folder), "--prompt", "w5", "--top-p", "1.5"])
     with pytest.raises(SystemExit, match="--chat: this tokenizer has no chat template"):
         main(["generate", "--model", str(folder), "--prompt", "w5", "--chat"])
+    with pytest.raises(SystemExit, match="--decode-chunk must be >= 1, got 0"):
+        main(["generate", "--model", str(folder), "--prompt", "w5", "--decode-chunk", "0"])
 
 
 @pytest.mark.slow
