@@ -541,7 +541,7 @@ def bench_e2e(args) -> list[dict]:
                 finite[(label, batch)] = bool(jnp.all(jnp.isfinite(logits)))
                 if scan is not None:
                     t0 = time.perf_counter()
-                    last, cache = scan(leaves, ids, mask, cache)
+                    _, cache = scan(leaves, ids, mask, cache)
                     jax.block_until_ready(cache)
                     scan_times[(label, batch)].append((time.perf_counter() - t0) / args.e2e_scan)
                 state[batch][2] = cache

@@ -14,8 +14,9 @@
 # Time boxes (seconds): TESTS_S (default 130), BIG_S (250), REST_S (120), E2E_S (0); 0 skips that part.
 # TESTS_PATH narrows part 1 (e.g. tests/pallas_kernels/test_gptq_matmul_mgpu.py).
 # REST_SHAPES / REST_MS replace part 3's shapes (KxN,...) and token counts (e.g. the 7B decode layers:
-# REST_SHAPES=4096x12288,4096x4096,4096x22016,11008x4096). BIG_MS / BIG_CFGS / REST_CFGS choose the big shape's token counts and configs per point; PARTS=0 drops the
-# kernel-only / empty-body decode diagnostics.
+# REST_SHAPES=4096x12288,4096x4096,4096x22016,11008x4096). BIG_MS / BIG_CFGS / REST_CFGS choose the
+# big shape's token counts and configs per point; PARTS=0 drops the kernel-only / empty-body decode
+# diagnostics.
 set -u
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/mgpu_check_out}"

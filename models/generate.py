@@ -116,8 +116,9 @@ def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: Llam
         row that has already finished.
       dtype: compute dtype when building from a params tree.
       decode_chunk: decode steps per jitted call (a ``lax.scan``; at most ``max_new_tokens - 1``).
-        The tokens do not depend on it; larger chunks cut the host's per-call work (the 7B-shape
-        decode on an H200 ran 1.2-1.5x faster at 20 steps per call than at 1), and ``stream``
+        The tokens do not depend on it; larger chunks cut the host's per-call work (7B-shape
+        decode on an H200: 1.15-1.7x faster at 16-20 steps per call than at 1, depending on the
+        host; benchmarks/RESULTS.md), and ``stream``
         then sees the tokens of a chunk together. After every row has finished, at most two
         chunks of steps were computed in vain.
     Returns:

@@ -219,18 +219,14 @@ def pack_mgpu(
     if groups is None:
         return None
     gs = groups.group_size
+    if num_groups > 1 and not (gs % K_ALIGN == 0 or (K_ALIGN % gs == 0 and gs >= 16)):
+        return None
+    align = K_ALIGN if num_groups == 1 else max(K_ALIGN, gs)
+    k_pad = -(-k // align) * align
+    if split_pad:
+        k_pad = _split_pad(k, k_pad, align)
     if num_groups == 1:
-        k_pad = -(-k // K_ALIGN) * K_ALIGN
-        if split_pad:
-            k_pad = _split_pad(k, k_pad, K_ALIGN)
         gs = k_pad
-    else:
-        if not (gs % K_ALIGN == 0 or (K_ALIGN % gs == 0 and gs >= 16)):
-            return None
-        align = max(K_ALIGN, gs)
-        k_pad = -(-k // align) * align
-        if split_pad:
-            k_pad = _split_pad(k, k_pad, align)
     n_pad = -(-n // N_ALIGN) * N_ALIGN
     g_pad = k_pad // gs
     codes = unpack_gptq_qweight(qweight, bits)  # [K, N] in [0, 2^bits)
