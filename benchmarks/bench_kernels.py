@@ -19,6 +19,7 @@ and skipped. ``benchmarks/mgpu_check.sh`` is the short H100 run (tests + this co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -32,6 +33,7 @@ import traceback
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 try:  # installed (pip install -e .) or a PYTHONPATH shim (benchmarks/mgpu_check.sh)
     import jgptq.pallas_kernels  # noqa: F401
@@ -77,7 +79,8 @@ def report_failure(name: str, e: Exception) -> str:
 
 def mgpu_candidates(m: int, packed, limit: int) -> list:
     """``(config, weight layout)`` pairs: the default first (``"kblocks"`` layout, TMA bounds,
-    token-major grid partials when M is below the token tile), then the same tiles on the ``"nk"``
+    token-major grid partials when M is below the token tile), then with the split-K / stream-K
+    partials TMA-added in the kernel (``split_reduce="tma"``), then the same tiles on the ``"nk"``
     layout, with the session-4 options (x padded in XLA, grid partials ``[split, Np, Mp]``, ``"nk"``),
     and with token-major partials forced on; then other split / block sizes and the persistent
     schedules (at most ``limit``; configs that do not fit the layer dropped)."""
@@ -86,10 +89,16 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
     rp = dataclasses.replace
     d = mg.default_config(m, packed)
     bk = 64 if packed.group_size == 64 else 128
-    c = [(d, "kblocks"), (d, "nk"), (_session4_options(d), "nk"), (_token_major(d), "kblocks")]
+    c = [(d, "kblocks")]
+    nkb = packed.k_pad // d.block_k
+    tma = rp(d, split_reduce="tma")
+    if d.schedule == "grid" and d.split_k > 1:  # partials TMA-added in L2 instead of summed by XLA
+        c += [(tma, "kblocks"), (rp(tma, split_k=min(2 * d.split_k, nkb // 4) or 1), "kblocks")]
+    elif d.schedule == "stream":
+        c += [(tma, "kblocks")]
+    c += [(d, "nk"), (_session4_options(d), "nk"), (_token_major(d), "kblocks")]
     if m <= 16:
         bm = 8 if m <= 8 else 16
-        nkb = packed.k_pad // d.block_k
         c += [(rp(d, split_k=max(1, d.split_k // 2)), "kblocks"),
               (rp(d, split_k=max(1, d.split_k // 4)), "kblocks"),
               (rp(d, split_k=min(2 * d.split_k, nkb)), "kblocks"),
@@ -128,6 +137,8 @@ def mgpu_name(cfg, layout: str = "kblocks") -> str:
         s += ",y-mn"
     if cfg.zero_mode != "regs":
         s += f",z-{cfg.zero_mode}"
+    if cfg.split_reduce != "xla":
+        s += f",sum-{cfg.split_reduce}"
     if cfg.tma_bounds:
         s += ",tma-bounds"
     if layout != "kblocks":
@@ -363,8 +374,43 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
                     rec(m, "empty_body:" + name, time_jax(fe, (x2, packs), c_q), pbytes, None, cfg)
                 finally:
                     mg._mma_acc_hw, mg._dequant_mma_hw = real
+                if cfg.schedule == "grid":  # and the other way round: the same bodies with no copies at all
+                    with _compute_only_pipeline():
+                        fc = jax.jit(lambda x2, ps: pallas_only(x2, ps))
+                        rec(m, "compute_only:" + name, time_jax(fc, (x2, packs), c_q), pbytes, None, cfg)
         except Exception as e:  # keep going: one config failing must not end the run
             rows.append(dict(K=k, N=n, M=m, variant=name, error=report_failure(name, e)))
+
+
+@contextlib.contextmanager
+def _compute_only_pipeline():
+    """Diagnostic: ``plgpu.emit_pipeline`` replaced by a loop over the same steps on one SMEM
+    buffer per operand, never copied into (no TMA, no barriers): each CTA's dequant + wgmma work
+    alone, so that with the empty-body time it splits the kernel into memory and compute. The
+    SMEM holds whatever was there (timing only; the result is garbage)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    real = plgpu.emit_pipeline
+
+    def fake(body, *, grid, in_specs, max_concurrent_steps=1, init_carry=None, **kw):
+        def run(*gmem):
+            smem = [plgpu.SMEM(sp.block_shape, g.dtype, transforms=tuple(sp.transforms)) for sp, g in zip(in_specs, gmem)]
+
+            def scoped(*refs):
+                if init_carry is None:
+                    jax.lax.fori_loop(0, grid[0], lambda i, c: body((i,), *refs), None)
+                    return None
+                return jax.lax.fori_loop(0, grid[0], lambda i, c: body((i,), *refs, c), init_carry)
+
+            return pl.run_scoped(scoped, *smem)
+
+        return run
+
+    plgpu.emit_pipeline = fake
+    try:
+        yield
+    finally:
+        plgpu.emit_pipeline = real
 
 
 def bench_torch(k, n, m, c_bf, c_q, io, rec):

@@ -11,7 +11,7 @@
 # 4. (E2E_S > 0) the 7B-shape decode benchmark: bf16 vs GPTQ 4-bit (fused q/k/v + gate/up, and unfused).
 #    E2E_ARGS replaces its extra flags (default --e2e-nofuse; --e2e-variants adds nk-layout / session-4 models;
 #    models are timed in 3 interleaved rounds, --e2e-rounds; --e2e-trace adds GPU busy / idle per step).
-# Time boxes (seconds): TESTS_S (default 130), BIG_S (250), REST_S (120), E2E_S (0); 0 skips that part.
+# Time boxes (seconds): DUMP_S (default 0: part 0, Mosaic dumps, skipped), TESTS_S (default 130), BIG_S (250), REST_S (120), E2E_S (0); 0 skips that part.
 # TESTS_PATH narrows part 1 (e.g. tests/pallas_kernels/test_gptq_matmul_mgpu.py).
 # REST_SHAPES / REST_MS replace part 3's shapes (KxN,...) and token counts (e.g. the 7B decode layers:
 # REST_SHAPES=4096x12288,4096x4096,4096x22016,11008x4096). BIG_MS / BIG_CFGS / REST_CFGS choose the
@@ -37,6 +37,15 @@ export PYTHONPATH="$SHIM" XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 cd "$SHIM"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv,noheader
 "$PY" -c "import jax, jgptq.pallas_kernels.gptq_matmul_mgpu as m; print('jax', jax.__version__, jax.devices(), 'kernel:', m.__file__, flush=True)"
+if [ "${DUMP_S:-0}" != 0 ]; then
+  # 0. the default decode / small-batch kernels compiled once with Mosaic GPU's dump flags: ptxas
+  # resource use (registers, spills, shared memory) and SASS under $OUT/dump (kernel self-check + timing)
+  echo "=== 0 Mosaic GPU dumps (ptxas -v, SASS) of the default kernels ==="
+  mkdir -p "$OUT/dump"
+  MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_TO="$OUT/dump" \
+    timeout "$DUMP_S" "$PY" -m jgptq.pallas_kernels.gptq_matmul_mgpu > "$OUT/dump.log" 2>&1
+  echo "dump exit: $?"; grep "^M=" "$OUT/dump.log"; grep -ih "registers\|spill" -r "$OUT/dump" "$OUT/dump.log" | sort | uniq -c | head -20
+fi
 if [ "$TESTS_S" != 0 ]; then
   echo "=== 1/3 pytest -m gpu (Pallas kernels; the persistent-schedule test in its own process) ==="
   T="$REPO/tests/pallas_kernels"

@@ -108,6 +108,7 @@ __all__ = [
 
 SUPPORTED_BITS = (4, 8)
 SCHEDULES = ("grid", "stream", "tiles")
+SPLIT_REDUCES = ("xla", "tma")
 N_ALIGN = 128
 K_ALIGN = 128
 W_KBLOCK = 128  # K columns per contiguous block of the "kblocks" weight layout
@@ -331,6 +332,15 @@ class MgpuConfig:
         for the grid when M is below the token tile (M = 1 then writes 1 partial row, not 8;
         at M = 16 with 16-row tiles the token-major store timed ~2 us slower on the H200).
         ``"stream"`` always writes ``[slots, Np, Mp]`` partials.
+      split_reduce: how the partial sums of split K (``"grid"`` with ``split_k > 1``) and of
+        stream-K (``"stream"``) are added: ``"xla"`` (default): each partial goes to its own
+        fp32 slot in GMEM and an XLA reduction adds the slots; ``"tma"``: every CTA adds its fp32
+        partial into one zero-initialised fp32 ``y`` in GMEM with a TMA reduce-add
+        (``cp.reduce.async.bulk ... .add``, performed in L2), so the slots are neither written to
+        DRAM nor read back, and one XLA op casts the sum to the activation dtype. The fp32 adds
+        land in any order, so results can differ between runs in the last fp32 bits (hence in
+        an occasional bf16 rounding). Hardware only: the interpreter has no TMA reduction and
+        runs the ``"xla"`` path for either value.
       tma_bounds: (default True) hardware path: x goes to the
         kernel unpadded (the TMA loads zero-fill the token rows and K columns past its end) and
         the transposed outputs are written unpadded (the TMA stores drop the rows past M): no
@@ -354,6 +364,7 @@ class MgpuConfig:
     transpose_out: bool | None = None
     zero_mode: str = "regs"
     tma_bounds: bool = True
+    split_reduce: str = "xla"
 
     @property
     def writes_y(self) -> bool:
@@ -498,6 +509,8 @@ def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
         raise ValueError("zero_mode='xsum' needs scale_mode='acc'.")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {cfg.schedule!r}.")
+    if cfg.split_reduce not in SPLIT_REDUCES:
+        raise ValueError(f"split_reduce must be one of {SPLIT_REDUCES}; got {cfg.split_reduce!r}.")
     if cfg.compute_wgs not in (1, 2):
         raise ValueError(f"compute_wgs={cfg.compute_wgs} must be 1 or 2.")
     if cfg.schedule == "grid":
@@ -780,6 +793,44 @@ def _w_parts(w_smem, packed: MgpuPacked, rows=None) -> tuple:
     return parts if rows is None else tuple(p.at[rows] for p in parts)
 
 
+def _tma_reduces(cfg: MgpuConfig, interpret: bool) -> bool:
+    """Whether the kernel adds its partials into one fp32 GMEM buffer (``split_reduce="tma"``)."""
+    if interpret or cfg.split_reduce != "tma":
+        return False
+    return cfg.split_k > 1 if cfg.schedule == "grid" else cfg.schedule == "stream"
+
+
+def _make_kernel(body, *, out_type, scratch_types, grid, grid_names, interpret: bool, reduce_into: bool,
+                 **mesh_kw):
+    """The ``plgpu.kernel`` of ``body``; with ``reduce_into`` the output is instead a mutable fp32
+    ``Ref`` passed as the last operand (aliased in and out of the custom call), which the body
+    TMA-reduces into (``plgpu.kernel``'s vmap wrapper does not take ``Ref`` operands, so this
+    builds the same mesh kernel through ``pl.kernel``, scratch allocated by ``run_scoped``)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        params: dict[str, Any] = dict(interpret=InterpretGPUParams())
+    else:
+        params = dict(compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    if not reduce_into:
+        return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, grid=grid, grid_names=grid_names,
+                            **mesh_kw, **params)
+
+    def scoped(*refs):
+        pl.run_scoped(functools.partial(body, *refs), *scratch_types)
+
+    run = pl.kernel(scoped, out_type=(), mesh=plgpu.Mesh(grid=grid, grid_names=grid_names, **mesh_kw), **params)
+
+    def call(*args):
+        acc = jax.new_ref(jnp.zeros(out_type.shape, jnp.float32))
+        run(*args, acc)
+        return acc[...]
+
+    return call
+
+
 def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, rows: int | None = None):
     """``"grid"`` kernel: ``[split, rows, Np]`` (``transpose_out``) or ``[split, Np, rows]`` partial
     sums (fp32 when ``split > 1``, else ``cdt``); ``rows`` (default ``mp``) may be the unpadded M on
@@ -792,7 +843,8 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
     nk = packed.k_pad // bk
     steps_per_split = nk // split
     grid = (packed.n_pad // bn, mp // bm, split)
-    out_dt = jnp.float32 if split > 1 else cdt  # split-K: fp32 partials, summed in XLA
+    out_dt = jnp.float32 if split > 1 else cdt  # split-K: fp32 partials, summed in XLA ...
+    reduce_into = _tma_reduces(cfg, interpret)  # ... or TMA-added into one fp32 buffer
     # K chunk per wgmma issue = the swizzle width of the x tile (in elements).
     x_sw, x_tr = _tiled(bk * 16, 16)
     chunk = x_sw * 8 // 16
@@ -869,31 +921,24 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
                 return acc_ref[...]
 
             acc = pl.run_scoped(compute, plgpu.ACC((bn, bm), jnp.float32))
+        slot = 0 if reduce_into else si
         if not tr:
             o_smem[...] = acc.astype(out_dt)
-            dst = o_gmem.at[si, pl.ds(ni * bn, bn), pl.ds(mi * bm, bm)]
+            dst = o_gmem.at[slot, pl.ds(ni * bn, bn), pl.ds(mi * bm, bm)]
         else:
             _store_transposed(o_smem, acc.astype(out_dt), interpret)
-            dst = o_gmem.at[si, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)]
+            dst = o_gmem.at[slot, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)]
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, dst)
+        plgpu.copy_smem_to_gmem(o_smem, dst, **(dict(reduction_op="add") if reduce_into else {}))
         plgpu.wait_smem_to_gmem(0)
 
-    kw: dict[str, Any] = dict(
-        out_type=jax.ShapeDtypeStruct((split, rows, packed.n_pad) if tr else (split, packed.n_pad, rows), out_dt),
+    slots = 1 if reduce_into else split
+    return _make_kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((slots, rows, packed.n_pad) if tr else (slots, packed.n_pad, rows), out_dt),
         scratch_types=[plgpu.SMEM((bm, bn) if tr else (bn, bm), out_dt, transforms=() if interpret else o_tr)],
-        grid=grid,
-        grid_names=("n", "m", "k"),
+        grid=grid, grid_names=("n", "m", "k"), interpret=interpret, reduce_into=reduce_into,
     )
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-        kw["interpret"] = InterpretGPUParams()
-    else:
-        kw["compiler_params"] = plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
-        )
-    return plgpu.kernel(body, **kw)
 
 
 def _store_transposed(o_ref, val, interpret: bool) -> None:
@@ -978,7 +1023,8 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
     total = tiles * nk
     aligned = cfg.schedule == "tiles"
     direct = aligned and cfg.writes_y
-    slots = int(counts.max())
+    reduce_into = _tma_reduces(cfg, interpret)  # partials TMA-added into one fp32 buffer
+    slots = 1 if reduce_into else int(counts.max())
     out_dt = cdt if aligned else jnp.float32
     x_sw, x_tr = _tiled(bk * 16, 16)
     chunk = x_sw * 8 // 16
@@ -1051,7 +1097,7 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
 
             @pl.when(flush)
             def _store():
-                slot = 0 if aligned else c - first_cta(line - k)
+                slot = 0 if aligned or reduce_into else c - first_cta(line - k)
                 val = acc[...] if acc_ref_mode else acc
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 if not direct:
@@ -1066,7 +1112,7 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
                     dst = o_gmem.at[slot, pl.ds(mt * bm, bm), pl.ds(row0, bn)]
                 else:
                     dst = o_gmem.at[slot, pl.ds(row0, bn), pl.ds(mt * bm, bm)]
-                plgpu.copy_smem_to_gmem(o_ref, dst)
+                plgpu.copy_smem_to_gmem(o_ref, dst, **(dict(reduction_op="add") if reduce_into else {}))
 
             if acc_ref_mode:
                 return acc
@@ -1118,22 +1164,15 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
     o_shape = (bm, bn) if direct else (bn, bm)
     if wgs > 1:
         o_shape = (wgs, *o_shape)
-    kw: dict[str, Any] = dict(
+    mesh_kw = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
+    kernel = _make_kernel(
+        body,
         out_type=jax.ShapeDtypeStruct(
             (slots, *((mp if rows is None else rows, packed.n_pad) if direct else (packed.n_pad, mp))), out_dt),
         scratch_types=[plgpu.SMEM(o_shape, out_dt, transforms=() if interpret else o_tr)],
-        grid=(ctas,),
-        grid_names=("c",),
+        grid=(ctas,), grid_names=("c",), interpret=interpret, reduce_into=reduce_into, **mesh_kw,
     )
-    if wgs > 1:
-        kw.update(num_threads=wgs + 1, thread_name="wg")
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-        kw["interpret"] = InterpretGPUParams()
-    else:
-        kw["compiler_params"] = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
-    return plgpu.kernel(body, **kw), counts, slots
+    return kernel, counts, slots
 
 
 def _stream_sum(parts: jax.Array, counts: np.ndarray, mp: int, packed: MgpuPacked, cfg: MgpuConfig) -> jax.Array:
@@ -1209,7 +1248,7 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
         args += (_x_block_sums(x2, cfg),)
     if cfg.schedule == "grid":
         out = _build(mp, packed, cfg, cdt, interpret, rows if cfg.writes_y else mp)(*args)  # [split, rows, Np]
-        y = out.sum(0) if cfg.split_k > 1 else out[0]
+        y = out.sum(0) if out.shape[0] > 1 else out[0]  # one slot: no split, or split_reduce="tma"
         if cfg.writes_y:
             return y[:m, : packed.n].astype(cdt)
     else:

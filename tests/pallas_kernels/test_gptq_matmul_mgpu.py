@@ -404,6 +404,31 @@ def test_dispatch_auto_kernel_choice(monkeypatch):
     assert dispatch.prepare(lin4, bits=4, backend="gpu", interpret=True).kernel == "triton"
 
 
+@pytest.mark.parametrize("sched,split,m", [("grid", 4, 1), ("grid", 2, 9), ("stream", 1, 5)])
+def test_split_reduce_tma(sched, split, m, monkeypatch):
+    """``split_reduce="tma"``: the hardware kernel TMA-adds its fp32 partials into one buffer that
+    is aliased in and out of the custom call (``cp.reduce.async.bulk ... add``, no per-split
+    slots, no XLA sum over them); the interpreter (no TMA reduction) gives the same result as the
+    default path, which it runs."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 3)
+    lin, w64, p = make(91 + m, 1024, 256, 4, 128, True)
+    cfg = mg.MgpuConfig(block_m=8 if m < 8 else 16, block_n=64, block_k=128, split_k=split, num_stages=2,
+                        scale_mode="acc", w_layout="upcast", schedule=sched, ctas_per_sm=1)
+    x = jax.random.normal(jax.random.key(m), (m, 1024), jnp.float32).astype(jnp.bfloat16)
+    tma = dataclasses.replace(cfg, split_reduce="tma")
+    y = mg.gptq_matmul_mgpu(x, p, config=tma, interpret=True)
+    assert rel_err(y, np.asarray(x, np.float64) @ w64) < 8e-3
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=True)))
+    for c, reduces in ((tma, True), (cfg, False)):
+        text = mg._forward.trace(x, p, c, False).lower(lowering_platforms=("cuda",)).as_text()
+        assert ("cp.reduce.async.bulk" in text) == reduces, c
+        assert ("output_operand_alias" in text) == reduces, c
+    assert not mg._tma_reduces(dataclasses.replace(tma, schedule="tiles"), False)  # no partials to add
+    assert mg._tma_reduces(tma, False) and not mg._tma_reduces(tma, True)
+    with pytest.raises(ValueError, match="split_reduce must be one of"):
+        mg.gptq_matmul_mgpu(x, p, config=dataclasses.replace(cfg, split_reduce="atomic"), interpret=True)
+
+
 # ---------------------------------------------------------------- real GPU
 
 
@@ -433,6 +458,11 @@ def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
         rp = dataclasses.replace
         variants = [(cfgs[0], p_nk), (rp(cfgs[0], tma_bounds=False, transpose_out=None), p_nk),
                     (rp(cfgs[0], transpose_out=None if cfgs[0].schedule == "stream" else True), p)]
+        # partials TMA-added in the kernel (split-K at M = 1: token-major; M = 33: stream-K)
+        nkb = p.k_pad // cfgs[0].block_k
+        split = max((d for d in (2, 4, 8) if nkb % d == 0), default=1) if cfgs[0].schedule == "grid" else 1
+        variants += [(rp(cfgs[0], split_reduce="tma", split_k=split), p),
+                     (rp(cfgs[0], split_reduce="tma", split_k=split, transpose_out=None), p_nk)]
         for cfg, q in variants:
             y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, q, config=cfg))(x)
             assert rel_err(y, ref64) < 8e-3, (m, cfg, q.layout)
