@@ -89,13 +89,13 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
     rp = dataclasses.replace
     d = mg.default_config(m, packed)
     bk = 64 if packed.group_size == 64 else 128
-    c = [(d, "kblocks")]
+    c = [(d, "kblocks"), (d, "frag")]  # "frag": weights pre-permuted into wgmma register order
     nkb = packed.k_pad // d.block_k
     tma = rp(d, split_reduce="tma")
     if d.schedule == "grid" and d.split_k > 1:  # partials TMA-added in L2 instead of summed by XLA
-        c += [(tma, "kblocks"), (rp(tma, split_k=min(2 * d.split_k, nkb // 4) or 1), "kblocks")]
+        c += [(tma, "kblocks"), (tma, "frag"), (rp(tma, split_k=min(2 * d.split_k, nkb // 4) or 1), "frag")]
     elif d.schedule == "stream":
-        c += [(tma, "kblocks")]
+        c += [(tma, "kblocks"), (tma, "frag")]
     c += [(d, "nk"), (_session4_options(d), "nk"), (_token_major(d), "kblocks")]
     if m <= 16:
         bm = 8 if m <= 8 else 16

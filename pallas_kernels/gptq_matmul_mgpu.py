@@ -112,7 +112,7 @@ SPLIT_REDUCES = ("xla", "tma")
 N_ALIGN = 128
 K_ALIGN = 128
 W_KBLOCK = 128  # K columns per contiguous block of the "kblocks" weight layout
-LAYOUTS = ("kblocks", "nk")
+LAYOUTS = ("kblocks", "nk", "frag")
 SPLIT_PAD_BLOCKS = 8  # pack_mgpu(split_pad=True): K padded to a multiple of 8 x 128 ...
 SPLIT_PAD_MAX_FRAC = 32  # ... when that adds at most K / 32 columns
 JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
@@ -131,7 +131,9 @@ class MgpuPacked:
         ``layout``: ``"nk"`` ``[Np, Kp]`` (K contiguous per output row: a kernel's weight tile
         is ``rows`` runs of ``block_k * bits / 8`` bytes, ``Kp * bits / 8`` apart) or
         ``"kblocks"`` ``[Kp/128, Np, 128]`` (K cut into blocks of 128 columns, each block
-        ``[Np, 128]`` with K contiguous: a ``[rows, 128]`` weight tile is one contiguous run).
+        ``[Np, 128]`` with K contiguous: a ``[rows, 128]`` weight tile is one contiguous run), or
+        (4-bit only) ``"frag"``: int32 words ``[Kp/128, Np/16, 256]`` of *unsigned* codes in the
+        wgmma register-fragment order (:func:`frag_pack`; converted without lane shuffles).
       sz: ``[2, Gp, Np]`` in ``dtype``: ``sz[0]`` the scales (padded rows / columns are 0),
         ``sz[1]`` the zeros ``zero_point - 2^(bits-1)`` (exact integers).
       perm: int32 ``[K]`` act-order permutation applied to x, or None.
@@ -154,6 +156,8 @@ class MgpuPacked:
         """The codes as ``[Np, Kp]`` (either layout)."""
         if self.layout == "nk":
             return self.w
+        if self.layout == "frag":
+            return frag_unpack(self.w) - jnp.int8(8)
         return self.w.transpose(1, 0, 2).reshape(self.n_pad, self.k_pad)
 
     @property
@@ -237,10 +241,16 @@ def pack_mgpu(
         codes = jnp.take(codes, perm, axis=0)
     half = 1 << (bits - 1)
     wdt = jnp.int4 if bits == 4 else jnp.int8
-    w = jnp.pad((codes - half).astype(jnp.int8), ((0, k_pad - k), (0, n_pad - n))).T  # [Np, Kp]
+    if layout == "frag":
+        if bits != 4:
+            raise ValueError(f"layout='frag' packs 4-bit weights only; got bits={bits} (use 'kblocks').")
+        w = frag_pack(jnp.pad(codes.astype(jnp.int8), ((0, k_pad - k), (0, n_pad - n))).T)
+    else:
+        w = jnp.pad((codes - half).astype(jnp.int8), ((0, k_pad - k), (0, n_pad - n))).T  # [Np, Kp]
     if layout == "kblocks":
         w = w.reshape(n_pad, k_pad // W_KBLOCK, W_KBLOCK).transpose(1, 0, 2)
-    w = w.astype(wdt)
+    if layout != "frag":
+        w = w.astype(wdt)
     pad = ((0, g_pad - num_groups), (0, n_pad - n))
     s = jnp.pad(scales.astype(jnp.float32), pad).astype(dtype)
     z = jnp.pad(zeros.astype(jnp.int32) - half, pad).astype(dtype)
@@ -269,6 +279,156 @@ def dequantize_mgpu(packed: MgpuPacked, dtype: Any = jnp.float32) -> jax.Array:
     q = packed.w_nk().astype(jnp.float32).T  # [Kp, Np]
     w = (q - packed.zeros.astype(jnp.float32)[g]) * packed.scales.astype(jnp.float32)[g]
     return w.astype(dtype)
+
+
+# ------------------------------------------------------------------ "frag" weight layout (4-bit)
+#
+# Each thread's wgmma A-operand values, pre-permuted at pack time into one 32-bit word per
+# (16-row group, 16-column K tile): lane l = 4 g + t of a warp holds rows g and g + 8, columns
+# 2t, 2t + 1, 2t + 8, 2t + 9 of the tile (the m64k16 register fragment), as 4 pairs
+# (row h, column half e) -> "slot" h + 2 e, its two values at nibbles slot and slot + 4. A warp
+# then loads its 32 words of a tile in one conflict-free 128-byte access, and each pair becomes
+# a bf16x2 / f16x2 register with a shift, one lop3 and one subtract (zero point folded into the
+# exponent bias) -- no lane shuffles, no permutes. Words are ordered ``[Kp/128, Np/16, 256]``:
+# per K block of 128 and 16-row group, ``chunk (2 x 64 columns), lane (32), tile in chunk (4)``.
+
+FRAG_WORDS = 256  # int32 words per (16 rows x 128 K columns)
+_FRAG_AXES = (2, 8, 2, 4, 2, 4, 2)  # h, g | c, i, e, t, v: row = 8h + g, col = 64c + 16i + 8e + 2t + v
+
+
+def _frag_shifts() -> np.ndarray:
+    """``[h, e, v]`` bit offsets of a value in its word: nibble ``h + 2e + 4v``."""
+    h, e, v = np.meshgrid(np.arange(2), np.arange(2), np.arange(2), indexing="ij")
+    return (4 * (h + 2 * e + 4 * v)).astype(np.uint32)
+
+
+def frag_pack(codes_nk: jax.Array) -> jax.Array:
+    """Unsigned 4-bit codes ``[Np, Kp]`` (``Np % 16 == Kp % 128 == 0``) -> int32 words
+    ``[Kp/128, Np/16, 256]`` of the ``"frag"`` layout."""
+    n, k = codes_nk.shape
+    c = codes_nk.astype(jnp.uint32).reshape(n // 16, 2, 8, k // 128, 2, 4, 2, 4, 2)  # rg h g kb c i e t v
+    sh = jnp.asarray(_frag_shifts()).reshape(1, 2, 1, 1, 1, 1, 2, 1, 2)
+    words = jnp.sum(c << sh, axis=(1, 6, 8), dtype=jnp.uint32)  # rg g kb c i t (disjoint bits: sum = or)
+    words = words.transpose(2, 0, 3, 1, 5, 4).reshape(k // 128, n // 16, FRAG_WORDS)  # kb rg c g t i
+    return jax.lax.bitcast_convert_type(words, jnp.int32)
+
+
+def frag_unpack(words: jax.Array) -> jax.Array:
+    """Inverse of :func:`frag_pack` over ``[kb, rg, c * 128]`` words (``c`` = 1 or 2 chunks of 64
+    columns): unsigned codes (int8) ``[rg * 16, kb * c * 64]``."""
+    kb, rg, w = words.shape
+    cc = w // 128
+    u = jax.lax.bitcast_convert_type(words, jnp.uint32).reshape(kb, rg, cc, 8, 4, 4)  # kb rg c g t i
+    # nibble 4v + 2e + h, static shifts (no array constants: this also runs inside interpreted kernels)
+    nib = jnp.stack([(u >> (4 * j)) & 15 for j in range(8)], axis=-1).reshape(kb, rg, cc, 8, 4, 4, 2, 2, 2)
+    nib = nib.transpose(1, 8, 3, 0, 2, 5, 7, 4, 6)  # rg h g kb c i e t v  (from kb rg c g t i v e h)
+    return nib.reshape(rg * 16, kb * cc * 64).astype(jnp.int8)
+
+
+def _wgmma_fragment_map(shape: tuple[int, int]) -> tuple[tuple[int, ...], np.ndarray]:
+    """Mosaic's ``WGMMA_LAYOUT`` register array for ``shape`` (bf16 / f16) and, per register,
+    ``(b, h, i, e)``: its pair sits at row ``64 b + 16 warp + 8 h + g`` and columns
+    ``16 i + 8 e + 2 t`` (+1) of the thread (lane ``4 g + t``). Derived from the layout's tiling;
+    raises NotImplementedError if that does not match the PTX m64k16 fragment."""
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mu
+
+    lay = fa.WGMMA_LAYOUT
+    contig = tuple(mu.get_contiguous_strides(shape))
+    strides = lay.tiling.tile_strides(contig)
+    tiled = lay.tiled_tiling_shape
+    dyn = strides[-lay.tiled_tiling_rank:]
+
+    def offset(idx, dims):
+        shp = tuple(tiled[d] for d in dims)
+        return sum(((idx // s) % z) * dyn[d] for d, s, z in zip(dims, mu.get_contiguous_strides(shp), shp))
+
+    rs = tuple(lay.registers_shape(shape))
+    out = np.zeros(rs + (4,), np.int64)
+    for tid in range(128):
+        w, lane = divmod(tid, 32)
+        g, t = divmod(lane, 4)
+        base = offset(lane, lay.lane_dims) + offset(w, lay.warp_dims)
+        for ridx in np.ndindex(rs):
+            r, col = divmod(base + sum(i * s for i, s in zip(ridx, strides)), shape[1])
+            b, rem = divmod(r - 16 * w - g, 64)
+            h, rem_r = divmod(rem, 8)
+            i, rem_c = divmod(col - 2 * t, 16)
+            e, rem_e = divmod(rem_c, 8)
+            if rem_r or rem_e or h > 1 or e > 1 or lay.vector_length != 2:
+                raise NotImplementedError("Mosaic's WGMMA_LAYOUT is not the m64k16 fragment the 'frag' layout packs")
+            if tid == 0:
+                out[ridx] = (b, h, i, e)
+            elif tuple(out[ridx]) != (b, h, i, e):
+                raise NotImplementedError("Mosaic's WGMMA_LAYOUT differs between threads from the PTX fragment")
+    return rs, out
+
+
+def _frag_dequant(part, chunk_idx: int, z_ref, s_ref, *, col0: int, gs: int, bk: int, bn: int, cdt):
+    """The ``[bn, 64]`` WGMMA-layout operand ``q - z`` (``s_ref`` None) or ``(q - z) * s`` of
+    columns ``[col0, col0 + 64)`` of the K block, from a ``"frag"`` SMEM part ``[bn/16, words]``
+    (``chunk_idx``: the 64-column chunk within the part). ``z_ref`` / ``s_ref``: ``[rows, bn]``
+    zero / scale rows of the block (one row when ``gs >= bk``)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+
+    shape = (bn, 64)
+    rs, fmap = _wgmma_fragment_map(shape)
+    half = jnp.dtype(cdt) == jnp.dtype(jnp.float16)
+    # 2^7 (bf16) / 2^10 (f16) as the exponent: the 4 code bits are the low mantissa bits, value
+    # = magic + code exactly; magic + z (z = zero point - 8 as stored, +8) is subtracted
+    magic, op = (0x6400, "f16x2") if half else (0x4300, "bf16x2")
+    bias = (1024.0 if half else 128.0) + 8.0
+    types = (plgpu.RefType(), plgpu.RefType()) + ((plgpu.RefType(),) if s_ref is not None else ())
+
+    @plgpu.inline_mgpu(arg_types=types, return_type=plgpu.ShapeDtypeStruct(shape, cdt, plgpu.Layout.WGMMA))
+    def dequant(_, w_smem, z_smem, *s_smem):
+        i32 = ir.IntegerType.get_signless(32)
+        index = ir.IndexType.get()
+        et = ir.F16Type.get() if half else ir.BF16Type.get()
+        v2 = ir.VectorType.get((2,), et)
+        ci = lambda v: arith.constant(i32, v)  # noqa: E731
+        idx = lambda v: arith.index_cast(index, v)  # noqa: E731
+        tid = mu.thread_idx()
+        lane = arith.remui(tid, ci(32))
+        warp = arith.remui(arith.divui(tid, ci(32)), ci(4))
+        g = arith.divui(lane, ci(4))
+        word_off = idx(arith.addi(ci(chunk_idx * 128), arith.muli(lane, ci(4))))
+        words = {b: vector.load(ir.VectorType.get((4,), i32), w_smem, [idx(arith.addi(warp, ci(4 * b))), word_off])
+                 for b in range(bn // 64)}
+        pair_regs: dict = {}
+
+        def pair(ref, b, h, grp, add):
+            key = (id(ref), b, h, grp)
+            if key not in pair_regs:
+                row = idx(arith.addi(arith.addi(arith.muli(warp, ci(16)), g), ci(64 * b + 8 * h)))
+                val = memref.load(ref, [arith.constant(index, grp), row])
+                if add:
+                    val = arith.addf(val, arith.constant(et, add))
+                pair_regs[key] = mu.bitcast(vector.broadcast(v2, val), i32)
+            return pair_regs[key]
+
+        regs = np.empty(rs, dtype=object)
+        for ridx in np.ndindex(rs):
+            b, h, i, e = (int(v) for v in fmap[ridx])
+            grp = 0 if gs >= bk else (col0 + 16 * i) // gs
+            word = vector.extract(words[b], dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
+            sh = 4 * (h + 2 * e)
+            shift = f"shr.u32 t, $1, {sh};" if sh else "mov.b32 t, $1;"
+            ops = [word, pair(z_smem, b, h, grp, bias)]
+            tail = f"sub.{op} $0, t, $2;"
+            if s_smem:
+                ops.append(pair(s_smem[0], b, h, grp, 0.0))
+                tail = f"sub.{op} t, t, $2; mul.rn.{op} $0, t, $3;"
+            asm = (f"{{ .reg .b32 t; {shift} lop3.b32 t, t, 0x000F000F, 0x{magic:04X}{magic:04X}, 0xea; {tail} }}")
+            out = llvm.inline_asm(i32, ops, asm, "=r," + ",".join("r" * len(ops)))
+            regs[ridx] = mu.bitcast(out, v2)
+        return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+    return dequant(part, z_ref, *(() if s_ref is None else (s_ref,)))
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -507,6 +667,9 @@ def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
         raise ValueError(f"zero_mode must be 'regs' or 'xsum'; got {cfg.zero_mode!r}.")
     if cfg.zero_mode == "xsum" and cfg.scale_mode != "acc":
         raise ValueError("zero_mode='xsum' needs scale_mode='acc'.")
+    if cfg.zero_mode == "xsum" and packed.layout == "frag":
+        raise ValueError("zero_mode='xsum' needs the 'kblocks' or 'nk' weight layout (the 'frag' conversion "
+                         "subtracts the zero point itself).")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {cfg.schedule!r}.")
     if cfg.split_reduce not in SPLIT_REDUCES:
@@ -558,8 +721,11 @@ def _group_cols(col0: int, width: int, gs: int, bk: int) -> tuple[int, int]:
 
 
 def _w_value(w_parts):
-    """The ``[bn, bk]`` weight tile (interpreter) from its K parts (:func:`_w_parts`)."""
+    """The ``[bn, bk]`` weight tile (interpreter) from its K parts (:func:`_w_parts`); signed
+    ``code - 8`` for ``"frag"`` words (int32) too."""
     vals = [p[...] for p in w_parts]
+    if vals[0].dtype == jnp.int32:  # "frag"
+        vals = [frag_unpack(v[None]) - jnp.int8(8) for v in vals]
     return vals[0] if len(vals) == 1 else jnp.concatenate(vals, axis=1)
 
 
@@ -675,6 +841,12 @@ def _w_chunks(w_parts, bits: int, w_layout: str, chunk: int):
     return get
 
 
+def _frag_part(w_parts, col0: int):
+    """``(part ref, chunk index)`` holding the 64 K columns from ``col0`` of a ``"frag"`` tile."""
+    width = w_parts[0].shape[-1] // 2  # columns per part (2 words per column per 16 rows)
+    return w_parts[col0 // width], (col0 % width) // 64
+
+
 def _upcast(wj, cdt, w_layout: str):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -689,14 +861,18 @@ def _mma_acc_hw(acc, w_smem, x_smem, s_smem, z_smem, *, chunk, bk, cdt, bn, bm, 
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     def mm(tmp_ref):
-        w = _w_chunks(w_smem, bits, w_layout, chunk)
+        w = None if w_layout == "frag" else _w_chunks(w_smem, bits, w_layout, chunk)
         steps = bk // chunk
         for j in range(steps):
             ks = slice(j * chunk, (j + 1) * chunk)
             with jax.named_scope("upcast"):
-                wj = _upcast(w(j), cdt, w_layout)
-                if xs_smem is None:
-                    wj = wj - _bcast_rows(z_smem[0, :], wj.shape)
+                if w_layout == "frag":  # q - z straight from the fragment-ordered words
+                    wj = _frag_dequant(*_frag_part(w_smem, j * chunk), z_smem, None, col0=j * chunk, gs=bk, bk=bk,
+                                       bn=bn, cdt=cdt)
+                else:
+                    wj = _upcast(w(j), cdt, w_layout)
+                    if xs_smem is None:
+                        wj = wj - _bcast_rows(z_smem[0, :], wj.shape)
             with jax.named_scope("wgmma"):
                 plgpu.wgmma(tmp_ref, wj, _transposed(x_smem.at[:, ks]))
             plgpu.wgmma_wait(1 if j + 1 < steps else 0)
@@ -747,12 +923,18 @@ def _dequant_mma_hw(acc_ref, w_smem, x_smem, s_smem, z_smem, *, chunk, gs, bk, c
     """Hardware leaf: weights SMEM -> registers (int upcast) -> scaled in registers -> wgmma A."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    w = _w_chunks(w_smem, bits, w_layout, chunk)
+    w = None if w_layout == "frag" else _w_chunks(w_smem, bits, w_layout, chunk)
     steps = bk // chunk
     for j in range(steps):
         ks = slice(j * chunk, (j + 1) * chunk)
         row0, sub = _group_cols(j * chunk, chunk, gs, bk)
         with jax.named_scope("dequant"):
+            if w_layout == "frag":  # (q - z) * s straight from the fragment-ordered words
+                wj = _frag_dequant(*_frag_part(w_smem, j * chunk), z_smem, s_smem, col0=j * chunk, gs=gs, bk=bk,
+                                   bn=acc_ref.shape[0], cdt=cdt)
+                plgpu.wgmma(acc_ref, wj, _transposed(x_smem.at[:, ks]))
+                plgpu.wgmma_wait(1 if j + 1 < steps else 0)
+                continue
             wc = _upcast(w(j), cdt, w_layout)
             if impl == "jnp" and not sub:
                 shape = wc.shape
@@ -775,6 +957,11 @@ def _w_spec(packed: MgpuPacked, rows: int, bk: int):
     """
     kb = W_KBLOCK
     width = bk if packed.layout == "nk" else min(bk, kb)
+    if packed.layout == "frag":  # [Kp/128, Np/16, 256] words, plain (the kernel addresses them itself)
+        if bk <= kb:
+            per = kb // bk
+            return (1, rows // 16, 2 * bk), lambda n, k: (k // per, n, k % per), ()
+        return (bk // kb, rows // 16, FRAG_WORDS), lambda n, k: (k, n, 0), ()
     transforms = _tiled(width * packed.bits, packed.bits)[1]
     if packed.layout == "nk":
         return (rows, bk), lambda n, k: (n, k), transforms
@@ -784,13 +971,17 @@ def _w_spec(packed: MgpuPacked, rows: int, bk: int):
     return (bk // kb, rows, kb), lambda n, k: (k, n, 0), transforms
 
 
-def _w_parts(w_smem, packed: MgpuPacked, rows=None) -> tuple:
-    """The SMEM weight tile as ``[rows, width]`` refs in K order (``rows``: a row slice of each)."""
+def _w_parts(w_smem, packed: MgpuPacked, wg=None, bn: int = 0) -> tuple:
+    """The SMEM weight tile as ``[rows, width]`` refs in K order (``"frag"``: ``[rows/16, 2 *
+    width]`` words); with ``wg`` only the rows ``[wg * bn, (wg + 1) * bn)`` of each."""
     if packed.layout == "nk":
         parts = (w_smem,)
     else:
         parts = tuple(w_smem.at[i] for i in range(w_smem.shape[0]))
-    return parts if rows is None else tuple(p.at[rows] for p in parts)
+    if wg is None:
+        return parts
+    rows = pl.ds(wg * (bn // 16), bn // 16) if packed.layout == "frag" else pl.ds(wg * bn, bn)
+    return tuple(p.at[rows] for p in parts)
 
 
 def _tma_reduces(cfg: MgpuConfig, interpret: bool) -> bool:
@@ -878,7 +1069,7 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
             plgpu.BlockSpec((2, s_rows, bn), sz_index),  # scales and zeros: one copy
         ]
         leaf_kw = dict(chunk=chunk, gs=gs, bk=bk, cdt=cdt)
-        hw_kw = dict(bits=bits, w_layout=cfg.w_layout)
+        hw_kw = dict(bits=bits, w_layout="frag" if packed.layout == "frag" else cfg.w_layout)
         if cfg.scale_mode == "acc":
             gm = (w_gmem, x_gmem, sz_gmem)
             if xsum:  # per-K-block sums of x (_x_block_sums)
@@ -1048,6 +1239,7 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
         sz_block, sz_row = (2, bk // gs, bn_cta), lambda k: k
 
     xsum = cfg.zero_mode == "xsum"
+    w_layout = "frag" if packed.layout == "frag" else cfg.w_layout
 
     def block_product(acc, w_smem, x_smem, s_ref, z_ref, xs_ref=None):
         """acc (value, or ACC ref in acc_ref_mode) plus this K block's contribution."""
@@ -1056,11 +1248,11 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
             if interpret:
                 return _mma_acc_interpret(acc, w_smem, x_smem, s_ref, z_ref, chunk=chunk, bk=bk, cdt=cdt, **xs_kw)
             return _mma_acc_hw(acc, w_smem, x_smem, s_ref, z_ref, chunk=chunk, bk=bk, cdt=cdt, bn=bn, bm=bm,
-                               impl=cfg.scale_impl, bits=bits, w_layout=cfg.w_layout, **xs_kw)
+                               impl=cfg.scale_impl, bits=bits, w_layout=w_layout, **xs_kw)
         if interpret:
             return _dequant_mma_interpret(acc, w_smem, x_smem, s_ref, z_ref, chunk=chunk, gs=gs, bk=bk, cdt=cdt)
         _dequant_mma_hw(acc, w_smem, x_smem, s_ref, z_ref, chunk=chunk, gs=gs, bk=bk, cdt=cdt,
-                        impl=cfg.scale_impl, bits=bits, w_layout=cfg.w_layout)
+                        impl=cfg.scale_impl, bits=bits, w_layout=w_layout)
         return acc
 
     def body(x_gmem, w_gmem, sz_gmem, *rest):
@@ -1084,7 +1276,7 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
             (s,) = idx
             if wgs > 1:
                 rows = pl.ds(wg * bn, bn)
-                w_smem, sz_s, sz_z = _w_parts(w_smem, packed, rows), sz_smem.at[0, :, rows], sz_smem.at[1, :, rows]
+                w_smem, sz_s, sz_z = _w_parts(w_smem, packed, wg, bn), sz_smem.at[0, :, rows], sz_smem.at[1, :, rows]
                 o_ref = o_smem.at[wg]
             else:
                 w_smem = _w_parts(w_smem, packed)

@@ -443,6 +443,7 @@ def test_split_reduce_tma(sched, split, m, monkeypatch):
 def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
     lin, w64, p = make(40 + k, k, n, bits, gs, act_order, dtype)
     p_nk = mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, layout="nk")  # p: the default, "kblocks"
+    p_frag = mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, layout="frag") if bits == 4 else None
     for m in (1, 33, 130):
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
         ref64 = np.asarray(x, np.float64) @ w64
@@ -463,6 +464,8 @@ def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
         split = max((d for d in (2, 4, 8) if nkb % d == 0), default=1) if cfgs[0].schedule == "grid" else 1
         variants += [(rp(cfgs[0], split_reduce="tma", split_k=split), p),
                      (rp(cfgs[0], split_reduce="tma", split_k=split, transpose_out=None), p_nk)]
+        if p_frag is not None:  # fragment-ordered 4-bit words, each schedule the defaults pick
+            variants += [(cfgs[0], p_frag), (rp(cfgs[0], split_reduce="tma", split_k=split), p_frag)]
         for cfg, q in variants:
             y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, q, config=cfg))(x)
             assert rel_err(y, ref64) < 8e-3, (m, cfg, q.layout)
