@@ -104,6 +104,69 @@ def test_pack_refusals_and_errors():
         mg.pack_mgpu_linear(lin, bits=8)
 
 
+def _np_frag_words(codes_nk: np.ndarray) -> np.ndarray:
+    """Independent loop transcription of the "frag" packing from the PTX m64k16 A fragment: lane
+    4g+t of a warp holds (row g, cols 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..) of a
+    16 x 16 tile as slots 0..3, the pair's values at nibbles slot and slot+4."""
+    n, k = codes_nk.shape
+    out = np.zeros((k // 128, n // 16, 256), np.uint32)
+    for kb in range(k // 128):
+        for rg in range(n // 16):
+            for c in range(2):
+                for lane in range(32):
+                    g, t = divmod(lane, 4)
+                    for i in range(4):
+                        word = 0
+                        for slot, (dr, dc) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):
+                            for v in range(2):
+                                q = codes_nk[16 * rg + g + dr, 128 * kb + 64 * c + 16 * i + 2 * t + dc + v]
+                                word |= int(q) << (4 * (slot + 4 * v))
+                        out[kb, rg, c * 128 + lane * 4 + i] = word
+    return out.view(np.int32)
+
+
+def test_frag_layout_packs_the_wgmma_fragment():
+    codes = np.asarray(jax.random.randint(jax.random.key(5), (32, 256), 0, 16))
+    words = mg.frag_pack(jnp.asarray(codes))
+    np.testing.assert_array_equal(np.asarray(words), _np_frag_words(codes))
+    np.testing.assert_array_equal(np.asarray(mg.frag_unpack(words)), codes)
+    np.testing.assert_array_equal(np.asarray(mg.frag_unpack(words[:, :, 128:])), codes.reshape(32, 2, 2, 64)[:, :, 1]
+                                  .reshape(32, 128))  # one 64-column chunk per K block (block_k 64)
+    rs, fmap = mg._wgmma_fragment_map((128, 64))  # Mosaic's WGMMA layout agrees with the PTX fragment
+    assert fmap.reshape(-1, 4).max(0).tolist() == [1, 1, 3, 1] and len({tuple(r) for r in fmap.reshape(-1, 4)}) == 32
+    lin, w64, p = make(7, 576, 200, 4, 64, True)
+    pf = mg.pack_mgpu_linear(lin, bits=4, layout="frag")
+    assert pf.w.dtype == jnp.int32 and pf.w.shape == (p.k_pad // 128, p.n_pad // 16, 256)
+    np.testing.assert_array_equal(np.asarray(mg.dequantize_mgpu(pf)), np.asarray(mg.dequantize_mgpu(p)))
+    with pytest.raises(ValueError, match="4-bit weights only"):
+        mg.pack_mgpu_linear(make(8, 256, 128, 8, 128, False)[0], bits=8, layout="frag")
+
+
+@pytest.mark.parametrize("gs,m,dtype,tiles", [
+    (128, 1, jnp.bfloat16, (8, 128, 128, 2, "acc", "grid", 1)), (64, 9, jnp.float16, (16, 64, 64, 2, "acc", "grid", 1)),
+    (32, 3, jnp.bfloat16, (8, 64, 128, 1, "weights", "grid", 1)), (128, 5, jnp.float16, (8, 64, 256, 1, "weights", "grid", 1)),
+    (128, 17, jnp.bfloat16, (32, 64, 128, 1, "acc", "stream", 2)), (-1, 70, jnp.bfloat16, (64, 64, 64, 1, "weights", "tiles", 2)),
+])
+def test_frag_layout_kernel(gs, m, dtype, tiles, monkeypatch):
+    """The "frag" weights through every schedule, both scale modes, K blocks of 64 / 128 / 256,
+    g32 / g64 / g128 / per-channel, bf16 and fp16: interpreter vs float64, and the hardware
+    path (shift + lop3 + sub per pair, no shuffles) lowers for CUDA."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 2)
+    bm, bn, bk, split, mode, sched, wgs = tiles
+    lin, w64, _ = make(30 + m, 512, 192, 4, gs, True)
+    p = mg.pack_mgpu_linear(lin, bits=4, dtype=dtype, layout="frag")
+    cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=2, scale_mode=mode,
+                        schedule=sched, compute_wgs=wgs, ctas_per_sm=1)
+    x = jax.random.normal(jax.random.key(m), (m, 512), jnp.float32).astype(dtype)
+    y = mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=True)
+    assert y.shape == (m, 192) and rel_err(y, np.asarray(x, np.float64) @ w64) < 8e-3
+    text = mg._forward.trace(x, p, cfg, False).lower(lowering_platforms=("cuda",)).as_text()
+    assert "lop3.b32" in text and ("f16x2" if dtype == jnp.float16 else "bf16x2") in text
+    if mode == "acc":
+        with pytest.raises(ValueError, match="zero_mode='xsum' needs the 'kblocks' or 'nk'"):
+            mg.gptq_matmul_mgpu(x, p, config=dataclasses.replace(cfg, zero_mode="xsum"), interpret=True)
+
+
 # ---------------------------------------------------------------- kernel (interpret)
 
 CASES = [
