@@ -78,8 +78,8 @@ def report_failure(name: str, e: Exception) -> str:
 
 
 def mgpu_candidates(m: int, packed, limit: int) -> list:
-    """``(config, weight layout)`` pairs: the default first (``"kblocks"`` layout, TMA bounds,
-    token-major grid partials when M is below the token tile), then with the split-K / stream-K
+    """``(config, weight layout)`` pairs: the default first (``"frag"`` layout, TMA bounds,
+    token-major grid partials when M is below the token tile), then on ``"kblocks"``, then with the split-K / stream-K
     partials TMA-added in the kernel (``split_reduce="tma"``), then the same tiles on the ``"nk"``
     layout, with the session-4 options (x padded in XLA, grid partials ``[split, Np, Mp]``, ``"nk"``),
     and with token-major partials forced on; then other split / block sizes and the persistent
@@ -89,31 +89,32 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
     rp = dataclasses.replace
     d = mg.default_config(m, packed)
     bk = 64 if packed.group_size == 64 else 128
-    c = [(d, "kblocks"), (d, "frag")]  # "frag": weights pre-permuted into wgmma register order
+    D = mg.default_layout(4)  # "frag": weights pre-permuted into wgmma register order
+    c = [(d, D), (d, "kblocks")]
     nkb = packed.k_pad // d.block_k
     tma = rp(d, split_reduce="tma")
     if d.schedule == "grid" and d.split_k > 1:  # partials TMA-added in L2 instead of summed by XLA
-        c += [(tma, "kblocks"), (tma, "frag"), (rp(tma, split_k=min(2 * d.split_k, nkb // 4) or 1), "frag")]
+        c += [(tma, D), (tma, "kblocks"), (rp(tma, split_k=min(2 * d.split_k, nkb // 4) or 1), D)]
     elif d.schedule == "stream":
-        c += [(tma, "kblocks"), (tma, "frag")]
-    c += [(d, "nk"), (_session4_options(d), "nk"), (_token_major(d), "kblocks")]
+        c += [(tma, D), (tma, "kblocks")]
+    c += [(d, "nk"), (_session4_options(d), "nk"), (_token_major(d), D)]
     if m <= 16:
         bm = 8 if m <= 8 else 16
-        c += [(rp(d, split_k=max(1, d.split_k // 2)), "kblocks"),
-              (rp(d, split_k=max(1, d.split_k // 4)), "kblocks"),
-              (rp(d, split_k=min(2 * d.split_k, nkb)), "kblocks"),
+        c += [(rp(d, split_k=max(1, d.split_k // 2)), D),
+              (rp(d, split_k=max(1, d.split_k // 4)), D),
+              (rp(d, split_k=min(2 * d.split_k, nkb)), D),
               (rp(d, block_k=256, split_k=max(1, d.split_k // 2), num_stages=4, scale_mode=W) if bk == 128 else d,
-               "kblocks"),
-              (C(bm, 128, bk, 1, 8, A, "jnp", U, "stream", 2, 1), "kblocks"),
-              (rp(d, block_n=64), "kblocks")]
+               D),
+              (C(bm, 128, bk, 1, 8, A, "jnp", U, "stream", 2, 1), D),
+              (rp(d, block_n=64), D)]
     elif m <= 64:
         bm = 32 if m <= 32 else 64
-        c += [(C(bm, 64, bk, 1, 4, A, "jnp", U, "stream", 2, 1), "kblocks"),
-              (C(bm, 128, bk, 1, 4, A, "jnp", U, "stream", 1, 2), "kblocks")]
+        c += [(C(bm, 64, bk, 1, 4, A, "jnp", U, "stream", 2, 1), D),
+              (C(bm, 128, bk, 1, 4, A, "jnp", U, "stream", 1, 2), D)]
     else:
-        c += [(C(256, 64, 64, 1, 4, W, "jnp", U, "tiles", 1, 2), "kblocks"),
-              (C(128, 64, 128, 1, 4, W, "jnp", U, "tiles", 1, 2), "kblocks"),
-              (C(128, 64, 64, 1, 4, W, "jnp", U, "stream", 1, 2), "kblocks")]
+        c += [(C(256, 64, 64, 1, 4, W, "jnp", U, "tiles", 1, 2), D),
+              (C(128, 64, 128, 1, 4, W, "jnp", U, "tiles", 1, 2), D),
+              (C(128, 64, 64, 1, 4, W, "jnp", U, "stream", 1, 2), D)]
     out = []
     nk = lambda cfg: packed.k_pad // cfg.block_k  # noqa: E731
     for cfg, lay in c:
@@ -126,7 +127,7 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
     return out[:limit]
 
 
-def mgpu_name(cfg, layout: str = "kblocks") -> str:
+def mgpu_name(cfg, layout: str = "frag") -> str:
     s = (f"mgpu[bm{cfg.block_m},bn{cfg.block_n},bk{cfg.block_k},sk{cfg.split_k},st{cfg.num_stages},"
          f"{cfg.scale_mode},{cfg.scale_impl},{cfg.w_layout}")
     if cfg.schedule != "grid":
@@ -141,7 +142,7 @@ def mgpu_name(cfg, layout: str = "kblocks") -> str:
         s += f",sum-{cfg.split_reduce}"
     if cfg.tma_bounds:
         s += ",tma-bounds"
-    if layout != "kblocks":
+    if layout != mg.default_layout(4):
         s += f",w-{layout}"
     return s + "]"
 
@@ -322,11 +323,11 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
     except Exception as e:
         rows.append(dict(K=k, N=n, M=m, variant="mgpu[pack]", error=report_failure("mgpu pack", e)))
         return
-    packs = by_layout["kblocks"]  # pack_mgpu's default layout: what dispatch.prepare builds
+    packs = by_layout[mg.default_layout(4)]  # pack_mgpu's default layout: what dispatch.prepare builds
     p0 = packs[0]
     plain = [mg.pack_mgpu_linear(lin, bits=4, dtype=x.dtype, split_pad=False) for lin in lins]
     if plain[0].k_pad != p0.k_pad:  # K padded for split-K by default (pack_mgpu split_pad): also time without
-        by_layout["kblocks-unpadded"] = plain
+        by_layout["unpadded"] = plain
     del plain
     ref = mg.reference(x, p0).astype(jnp.float32)
     pbytes = device_bytes(p0.w) + p0.sz.nbytes + io
@@ -338,8 +339,8 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
             rows.append(dict(K=k, N=n, M=m, variant="mgpu_layout_xla_dequant", error=report_failure("xla", e)))
     cands = [c for c in mgpu_candidates(m, p0, 64)
              if all(f in mgpu_name(*c) for f in MGPU_FILTER) and not any(f in mgpu_name(*c) for f in MGPU_EXCLUDE)]
-    if "kblocks-unpadded" in by_layout:
-        cands.insert(1, (mg.default_config(m, by_layout["kblocks-unpadded"][0]), "kblocks-unpadded"))
+    if "unpadded" in by_layout:
+        cands.insert(2, (mg.default_config(m, by_layout["unpadded"][0]), "unpadded"))
     for i, (cfg, lay) in enumerate(cands[:MAX_MGPU_CFGS]):
         if over_budget():
             print(f"SKIPPED mgpu {cfg} at K={k} N={n} M={m}: --budget-s exhausted", flush=True)

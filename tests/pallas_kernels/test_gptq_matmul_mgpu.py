@@ -34,7 +34,9 @@ def make(seed, k, n, bits, gs, act_order, dtype=jnp.bfloat16):
 @pytest.mark.parametrize("bits,gs,act_order,k", [(4, 128, True, 576), (4, -1, False, 320), (8, 32, False, 256),
                                                   (4, 64, False, 384)])
 def test_pack_dequant_matches_numpy(bits, gs, act_order, k):
-    lin, w64, kb = make(1, k, 72, bits, gs, act_order)  # the default layout: "kblocks"
+    lin, w64, default = make(1, k, 72, bits, gs, act_order)
+    assert default.layout == ("frag" if bits == 4 else "kblocks") == mg.default_layout(bits)
+    kb = mg.pack_mgpu_linear(lin, bits=bits, layout="kblocks")
     p = mg.pack_mgpu_linear(lin, bits=bits, layout="nk")
     assert p.w.shape == (128, p.k_pad) and p.w.dtype == (jnp.int4 if bits == 4 else jnp.int8)
     assert p.layout == "nk" and p.w_nk() is p.w and kb.layout == "kblocks"
@@ -505,8 +507,8 @@ def test_split_reduce_tma(sched, split, m, monkeypatch):
 ])
 def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
     lin, w64, p = make(40 + k, k, n, bits, gs, act_order, dtype)
-    p_nk = mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, layout="nk")  # p: the default, "kblocks"
-    p_frag = mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, layout="frag") if bits == 4 else None
+    p_nk = mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, layout="nk")  # p: the default ("frag" for 4-bit)
+    p_kb = mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, layout="kblocks") if bits == 4 else None
     for m in (1, 33, 130):
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
         ref64 = np.asarray(x, np.float64) @ w64
@@ -527,8 +529,8 @@ def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
         split = max((d for d in (2, 4, 8) if nkb % d == 0), default=1) if cfgs[0].schedule == "grid" else 1
         variants += [(rp(cfgs[0], split_reduce="tma", split_k=split), p),
                      (rp(cfgs[0], split_reduce="tma", split_k=split, transpose_out=None), p_nk)]
-        if p_frag is not None:  # fragment-ordered 4-bit words, each schedule the defaults pick
-            variants += [(cfgs[0], p_frag), (rp(cfgs[0], split_reduce="tma", split_k=split), p_frag)]
+        if p_kb is not None:  # 4-bit: also the "kblocks" layout (shuffle-based upcast)
+            variants += [(cfgs[0], p_kb), (rp(cfgs[0], split_reduce="tma", split_k=split), p_kb)]
         for cfg, q in variants:
             y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, q, config=cfg))(x)
             assert rel_err(y, ref64) < 8e-3, (m, cfg, q.layout)
