@@ -8,12 +8,18 @@ wgmma's N dimension (any multiple of 8 up to 256): one kernel for decode (M = 1.
 
 Layout (:class:`MgpuPacked`, built once by :func:`pack_mgpu`):
 
-* ``w``: native ``jnp.int4`` (4-bit) or ``jnp.int8`` (8-bit) holding ``q - 2^(bits-1)`` (signed,
-  so the hardware int4/int8 -> bf16 upcast applies), as ``[Kp/128, Np, 128]`` (``layout="kblocks"``,
-  the default: K cut into blocks of 128 columns with K contiguous inside a block, so that the
-  ``[rows, 128]`` tile a pipeline step copies is one contiguous run of memory rather than ``rows``
-  runs of 64 bytes ``Kp/2`` bytes apart; timed equal to or faster than ``"nk"`` on the H200,
-  benchmarks/RESULTS.md) or ``[Np, Kp]`` (``layout="nk"``);
+* ``w`` (4-bit, ``layout="frag"``, the default): int32 words ``[Kp/128, Np/16, 256]`` of the
+  *unsigned* codes, pre-permuted at pack time into the wgmma m64k16 register fragment
+  (:func:`frag_pack`): each thread loads one 32-bit word per (16 rows x 16 K columns) holding
+  exactly its 8 operand values, and turns each pair into a bf16x2 / f16x2 register with a shift,
+  one ``lop3`` (the 4 bits become the low mantissa of 2^7 / 2^10) and one subtract of
+  ``2^7 + z`` (the zero point folded into the exponent bias): no lane shuffles or permutes.
+  Otherwise native ``jnp.int4`` / ``jnp.int8`` holding ``q - 2^(bits-1)`` (signed, for Mosaic's
+  int -> bf16 upcast, which relays the ``WGMMA_UPCAST`` load layout through warp shuffles), as
+  ``[Kp/128, Np, 128]`` (``layout="kblocks"``, the 8-bit default: a ``[rows, 128]`` tile is one
+  contiguous run) or ``[Np, Kp]`` (``layout="nk"``). On the H200 at 8192 x 28672 ``"frag"`` took
+  46 / 51 / 73 us at M = 1 / 16 / 64 against 55 / 66 / 93 us for ``"kblocks"``
+  (benchmarks/RESULTS.md, session 9);
 * ``sz``: ``[2, Gp, Np]`` in the activation dtype, ``sz[0]`` the scales and ``sz[1]`` the zeros
   shifted by ``2^(bits-1)`` (exact small integers), so ``W[k, n] = (w[n, k] - z[g, n]) * s[g, n]``
   (one array so that one TMA copy per pipeline step brings both rows; ``scales`` / ``zeros`` are
@@ -26,7 +32,8 @@ Layout (:class:`MgpuPacked`, built once by :func:`pack_mgpu`):
 Schedules (``MgpuConfig.schedule``; :func:`default_config` picks by M):
 
 * ``"grid"`` (decode, M <= 16): grid ``(Np/block_n, Mp/block_m, split_k)``, one warpgroup per
-  CTA, described next; split-K partials (fp32) added in XLA.
+  CTA, described next; split-K partials (fp32) added in XLA, or (``split_reduce="tma"``) by the
+  CTAs themselves with TMA reduce-adds into one fp32 buffer aliased through the custom call.
 * ``"stream"`` (M <= 64, and larger M when there are fewer tiles than SMs): a persistent grid;
   the ``(M tile, N tile, K block)`` steps form one line cut into equal contiguous ranges, one per
   CTA (stream-K), each streamed through one uninterrupted TMA pipeline; a CTA writes an fp32
