@@ -615,7 +615,8 @@ def test_zero_point_through_x_sums(sched, wgs, split, gs, m, monkeypatch):
     """zero_mode="xsum": wgmma on the raw codes, each K block corrected by z * sum(x) — the same
     function (interpreter), and the hardware path lowers for CUDA."""
     monkeypatch.setattr(mg, "_num_sms", lambda: 3)
-    lin, w64, p = make(95 + m, 384, 256, 4, gs, gs == 128)
+    lin, w64, _ = make(95 + m, 384, 256, 4, gs, gs == 128)
+    p = mg.pack_mgpu_linear(lin, bits=4, layout="kblocks")  # xsum runs on signed codes, not "frag" words
     bk = 64 if gs == 64 else 128
     cfg = mg.MgpuConfig(block_m=8 if m <= 8 else 16, block_n=64, block_k=bk, split_k=split, num_stages=2,
                         scale_mode="acc", schedule=sched, compute_wgs=wgs, ctas_per_sm=1, zero_mode="xsum")
