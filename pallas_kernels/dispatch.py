@@ -47,8 +47,9 @@ __all__ = ["Prepared", "prepare", "matmul", "xla_matmul", "gptq_qweight", "LARGE
 LARGE_M_GPU = 128
 # The same threshold for the Mosaic GPU kernel: its persistent warp-specialised tiles beat XLA
 # dequantize + cuBLAS up to M = 1024 on an H200 (756 vs 961 us at 8192 x 28672, and 201 vs 480 us at
-# M = 256) and tie at M = 4096 (3195 vs 3172 us; benchmarks/RESULTS.md).
-LARGE_M_MGPU = 4096
+# M = 256) and tie at M = 4096 (3195 vs 3172 us; benchmarks/RESULTS.md). With the 4-bit "frag" layout
+# (session 9) the kernel leads at 4096 too: 2741 us against 3187 for the XLA path (bf16 2726).
+LARGE_M_MGPU = 8192
 
 # GPU kernel used when prepare() is not told: "auto" picks "mgpu" (gptq_matmul_mgpu, Mosaic GPU,
 # needs Hopper: wgmma / TMA) on compute capability 9.x and "triton" (gptq_matmul_gpu) elsewhere.
