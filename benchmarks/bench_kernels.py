@@ -448,6 +448,30 @@ def _token_major(cfg):
     return dataclasses.replace(cfg, transpose_out=None if cfg.schedule == "stream" else True)
 
 
+def _tma_reduce(cfg):
+    """``cfg`` with its split-K / stream-K partials TMA-reduced in the kernel (when it has any)."""
+    split = cfg.split_k > 1 or cfg.schedule == "stream"
+    return dataclasses.replace(cfg, split_reduce="tma") if split else cfg
+
+
+def _grid_variant(**kw):
+    """default_config with the decode grid's split-K knobs changed (M <= 16)."""
+    def pick(default, m, p):
+        return mg._grid_config(m, p, **kw) if m <= 16 else default(m, p)
+    return pick
+
+
+# --e2e-configs: name -> (pack_mgpu keyword arguments, config(default_config, m, packed))
+E2E_CONFIGS = {
+    "kblocks": (dict(layout="kblocks"), lambda default, m, p: default(m, p)),
+    "tma": ({}, lambda default, m, p: _tma_reduce(default(m, p))),
+    "steps2": ({}, _grid_variant(min_steps=2)),
+    "steps8": ({}, _grid_variant(min_steps=8)),
+    "cta8": ({}, _grid_variant(ctas_per_sm=8)),
+    "cta32": ({}, _grid_variant(ctas_per_sm=32, min_steps=2)),
+}
+
+
 def bench_e2e(args) -> list[dict]:
     """Decode tokens/s of a Llama-2-7B-shaped model (random weights made on the device), bf16 vs GPTQ.
 
@@ -503,6 +527,10 @@ def bench_e2e(args) -> list[dict]:
         runs.append(("gptq4_g128[mgpu,nk]", quant_lin, "mgpu", True, "nk"))
         runs.append(("gptq4_g128[mgpu,session4]", quant_lin, "mgpu", True, "session4"))
         runs.append(("gptq4_g128[mgpu,unpadded]", quant_lin, "mgpu", True, "unpadded"))
+    for name in filter(None, args.e2e_configs.split(",")):
+        if name not in E2E_CONFIGS:
+            raise SystemExit(f"--e2e-configs: unknown variant {name!r}; known: {', '.join(E2E_CONFIGS)}")
+        runs.append((f"gptq4_g128[mgpu,{name}]", quant_lin, "mgpu", True, name))
     real_pack, real_default = mg.pack_mgpu, mg.default_config
     gen_models = {}
     built = []  # (label, step, leaves, {batch: [ids, mask, cache]}, row fields)
@@ -515,8 +543,11 @@ def bench_e2e(args) -> list[dict]:
         # compiled here; the timed calls reuse them.
         mg.pack_mgpu = (functools.partial(real_pack, layout="nk") if variant == "nk"
                         else functools.partial(real_pack, layout="nk", split_pad=False) if variant == "session4"
-                        else functools.partial(real_pack, split_pad=False) if variant == "unpadded" else real_pack)
+                        else functools.partial(real_pack, split_pad=False) if variant == "unpadded"
+                        else functools.partial(real_pack, **E2E_CONFIGS[variant][0]) if variant in E2E_CONFIGS
+                        else real_pack)
         mg.default_config = ((lambda m, p: _session4_options(real_default(m, p))) if variant == "session4"
+                             else functools.partial(E2E_CONFIGS[variant][1], real_default) if variant in E2E_CONFIGS
                              else real_default)
         params = build(make)
         model = LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16, fuse=fuse)
@@ -791,6 +822,9 @@ def main() -> None:
                     help="also time the quantized model on the Mosaic kernel with the \"nk\" weight layout, "
                          "as session 4 ran it (\"nk\", K not split-padded, x padded in XLA, [split, Np, Mp] "
                          "partials), and the default without pack_mgpu's split_pad")
+    ap.add_argument("--e2e-configs", default="",
+                    help="comma list: also time the quantized model with these Mosaic-kernel variants "
+                         f"({', '.join(E2E_CONFIGS)})")
     ap.add_argument("--e2e-nofuse", action="store_true",
                     help="also time the quantized model with q/k/v and gate/up as separate kernels")
     args = ap.parse_args()

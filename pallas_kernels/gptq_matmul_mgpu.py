@@ -558,12 +558,18 @@ def _num_sms() -> int:
         return 132
 
 
-def _grid_config(m: int, packed: MgpuPacked) -> MgpuConfig:
+def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm: int | None = None
+                 ) -> MgpuConfig:
     """The ``"grid"`` schedule's tiles for ``m`` tokens (H100 / H200 sweeps, benchmarks/RESULTS.md):
     many short CTAs (split-K up to ~16 CTAs per SM at M <= 8 with 8 pipeline stages, ~8 per SM
     with 4 stages at M <= 16) and the explicit upcast layout for decode; M <= 64 one 64-wide N
     tile per CTA; larger M dequantizes the weights in registers ("weights") under the widest token
-    tile."""
+    tile.
+
+    ``min_steps`` (K blocks per CTA at least, when K is split) and ``ctas_per_sm`` (the CTA count
+    split-K aims for, per SM; default 16 / 8 / 2 by M) are the benchmark's tuning knobs."""
+    if min_steps < 1:
+        raise ValueError(f"min_steps={min_steps} must be >= 1.")
     if m <= 16:
         bm = 8 if m <= 8 else 16
         bn, bk, stages = 128, 128, 8 if m <= 8 else 4
@@ -581,11 +587,11 @@ def _grid_config(m: int, packed: MgpuPacked) -> MgpuConfig:
         stages = min(2 * stages, 8)
     nk = packed.k_pad // bk
     ctas = -(-m // bm) * (packed.n_pad // bn)
-    target = (16 if m <= 8 else 8 if m <= 16 else 2) * _num_sms()
+    target = (ctas_per_sm or (16 if m <= 8 else 8 if m <= 16 else 2)) * _num_sms()
     split = 1
     if ctas < target:
         for d in range(1, min(nk, 16) + 1):
-            if nk % d == 0 and nk // d >= 4:  # keep >= 4 pipeline steps per CTA
+            if nk % d == 0 and nk // d >= min_steps:  # keep >= min_steps pipeline steps per CTA
                 split = d
                 if ctas * d >= target:
                     break
