@@ -469,7 +469,95 @@ E2E_CONFIGS = {
     "steps8": ({}, _grid_variant(min_steps=8)),
     "cta8": ({}, _grid_variant(ctas_per_sm=8)),
     "cta32": ({}, _grid_variant(ctas_per_sm=32, min_steps=2)),
+    "split32": ({}, _grid_variant(max_split=32)),
+    "tma-split32": ({}, lambda default, m, p: _tma_reduce(_grid_variant(max_split=32)(default, m, p))),
 }
+
+
+def bench_decode_attention(args) -> list[dict]:
+    """Device-timed decode attention (one token per row over a ``[B, S, KV, hd]`` bf16 cache, all
+    slots valid, the query at slot ``index``): the Pallas kernel (default tiles, and one split)
+    against the XLA einsum path of ``jgptq.models.llama`` (what ``forward_step(attention="xla")``
+    runs). Caches rotate over copies larger than L2; GB/s counts the K/V bytes the kernel reads
+    (slots <= index) and, for XLA, all slots (it reads the whole cache)."""
+    from jgptq.models.config import LlamaConfig
+    from jgptq.models.llama import _attention
+    from jgptq.pallas_kernels import decode_attention as da
+
+    interp = jax.default_backend() != "gpu"
+    rows = []
+    for spec in args.decode_attn_shapes.split(","):
+        b, h, kvh, hd, s = (int(v) for v in spec.split("x"))
+        if interp:
+            b, h, kvh, hd, s = min(b, 2), 4, 2, 64, min(s, 128)
+        cfg = LlamaConfig(model_type="llama", vocab_size=8, hidden_size=h * hd, intermediate_size=8, num_layers=1,
+                          num_heads=h, num_kv_heads=kvh, head_dim=hd)
+        cache_bytes = 2 * b * s * kvh * hd * 2
+        n = 2 if interp else _copies(cache_bytes)
+        key = jax.random.key(s + b)
+        q = jax.random.normal(key, (b, h, hd), jnp.bfloat16)
+        kcs = [jax.random.normal(jax.random.fold_in(key, 2 * i), (b, s, kvh, hd), jnp.bfloat16) for i in range(n)]
+        vcs = [jax.random.normal(jax.random.fold_in(key, 2 * i + 1), (b, s, kvh, hd), jnp.bfloat16) for i in range(n)]
+        valid = jnp.ones((b, s), bool)
+
+        def xla(q, kcs, vcs, index):
+            pos = jnp.full((b, 1), index)
+            kpos = jnp.broadcast_to(jnp.arange(s), (b, s))
+            return [_attention(q[:, None], kc, vc, index + jnp.arange(1), valid, pos, kpos, cfg)
+                    for kc, vc in zip(kcs, vcs)]
+
+        def kernel(q, kcs, vcs, index, config=None):
+            return [da.decode_attention(q, kc, vc, valid, index, config=config, interpret=interp)
+                    for kc, vc in zip(kcs, vcs)]
+
+        d = da.default_config(b, kvh, s)
+        fns = {"xla": xla, f"pallas[bs{d.block_s},sp{d.splits}]": kernel}
+        if d.splits != 1:
+            one = dataclasses.replace(d, splits=1)
+            fns["pallas[bs64,sp1]"] = functools.partial(kernel, config=one)
+        for index in (s // 2, s - 1):
+            ref = da.reference(q, kcs[0], vcs[0], valid, index)
+            for name, fn in fns.items():
+                f = jax.jit(fn)
+                try:
+                    out = f(q, kcs, vcs, jnp.int32(index))[0].reshape(b, h, hd)
+                    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+                    t = time_jax(f, (q, kcs, vcs, jnp.int32(index)), n, trials=3 if interp else 7)
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    print(report_failure(f"decode attention {spec} {name}", e), flush=True)
+                    continue
+                read = cache_bytes * ((index + 1) / s if name != "xla" else 1.0)
+                row = dict(decode_attn=spec, B=b, H=h, KV=kvh, hd=hd, S=s, index=index, impl=name, us=t * 1e6,
+                           GBps=read / t / 1e9, max_abs_err=err)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print("\ndecode attention (us; GB/s of the K/V it reads):")
+    for r in rows:
+        print(f"  B={r['B']:3d} H={r['H']} KV={r['KV']} hd={r['hd']} S={r['S']:6d} index={r['index']:6d} "
+              f"{r['impl']:>18}: {r['us']:8.1f} us {r['GBps']:8.0f} GB/s  err {r['max_abs_err']:.1e}")
+    return rows
+
+
+def e2e_base(rows: list[dict], r: dict) -> dict:
+    """The bf16 row that ``r`` is compared with: same batch, same decode attention."""
+    return next(b for b in rows if b["e2e"].split(",attn-")[0] == "bf16" and b["batch"] == r["batch"]
+                and b.get("attention") == r.get("attention"))
+
+
+def e2e_cache(model, batch: int, slots: int, context: int) -> dict:
+    """An empty KV cache whose first ``context`` slots count as filled (random keys / values):
+    decode steps then attend to that many earlier tokens, as mid-generation."""
+    cache = model.init_cache(batch, slots)
+    if context:
+        if not 0 < context < slots:
+            raise SystemExit(f"--e2e-context must be in [0, {slots}); got {context}")
+        key = jax.random.key(context)
+        fill = lambda x, i: jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)  # noqa: E731
+        cache = dict(cache, k=[fill(x, i) for i, x in enumerate(cache["k"])],
+                     v=[fill(x, 1000 + i) for i, x in enumerate(cache["v"])],
+                     valid=jnp.broadcast_to(jnp.arange(slots) < context, (batch, slots)),
+                     index=jnp.asarray(context, jnp.int32))
+    return cache
 
 
 def bench_e2e(args) -> list[dict]:
@@ -565,39 +653,45 @@ def bench_e2e(args) -> list[dict]:
         # every call, a host cost of milliseconds per step for a 32-layer model)
         leaves, treedef = jax.tree.flatten(model)
 
-        def run(leaves, ids, mask, cache, treedef=treedef):
-            return jax.tree.unflatten(treedef, leaves).step(ids, mask, cache, last_only=True)
+        attns = args.e2e_attention.split(",")
+        for attn in attns:  # the same weights, one jitted step per decode-attention implementation
+            name = label if len(attns) == 1 else f"{label},attn-{attn}"
 
-        def run_scan(leaves, ids, mask, cache, treedef=treedef):
-            # --e2e-scan: that many greedy decode steps in one jitted lax.scan (one host call for
-            # all of them: the per-call host work of dispatching ~600 arguments, and any CUDA graph
-            # update, is paid once per scan)
-            def body(carry, _):
-                ids, cache = carry
-                logits, cache = jax.tree.unflatten(treedef, leaves).step(ids, mask, cache, last_only=True)
-                return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None], cache), None
+            def run(leaves, ids, mask, cache, treedef=treedef, attn=attn):
+                return jax.tree.unflatten(treedef, leaves).step(ids, mask, cache, last_only=True, attention=attn)
 
-            (ids, cache), _ = jax.lax.scan(body, (ids, cache), None, length=args.e2e_scan)
-            return ids, cache
+            def run_scan(leaves, ids, mask, cache, treedef=treedef, attn=attn):
+                # --e2e-scan: that many greedy decode steps in one jitted lax.scan (one host call for
+                # all of them: the per-call host work of dispatching ~600 arguments, and any CUDA graph
+                # update, is paid once per scan)
+                def body(carry, _):
+                    ids, cache = carry
+                    logits, cache = jax.tree.unflatten(treedef, leaves).step(ids, mask, cache, last_only=True,
+                                                                              attention=attn)
+                    return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None], cache), None
 
-        step = jax.jit(run, donate_argnums=(3,))
-        scan = jax.jit(run_scan, donate_argnums=(3,)) if args.e2e_scan > 0 else None
-        state = {}
-        for batch in (1, 16):
-            cache = model.init_cache(batch, args.e2e_slots)
-            ids = jnp.ones((batch, 1), jnp.int32)
-            mask = jnp.ones((batch, 1), bool)
-            logits, cache = step(leaves, ids, mask, cache)  # compile (under this model's patch)
-            jax.block_until_ready(logits)
-            if scan is not None:
-                _, cache = scan(leaves, ids, mask, cache)
-                jax.block_until_ready(cache)
-            state[batch] = [ids, mask, cache]
+                (ids, cache), _ = jax.lax.scan(body, (ids, cache), None, length=args.e2e_scan)
+                return ids, cache
+
+            step = jax.jit(run, donate_argnums=(3,))
+            scan = jax.jit(run_scan, donate_argnums=(3,)) if args.e2e_scan > 0 else None
+            state = {}
+            for batch in (1, 16):
+                cache = e2e_cache(model, batch, args.e2e_slots, args.e2e_context)
+                ids = jnp.ones((batch, 1), jnp.int32)
+                mask = jnp.ones((batch, 1), bool)
+                logits, cache = step(leaves, ids, mask, cache)  # compile (under this model's patch)
+                jax.block_until_ready(logits)
+                if scan is not None:
+                    _, cache = scan(leaves, ids, mask, cache)
+                    jax.block_until_ready(cache)
+                state[batch] = [ids, mask, cache]
+            built.append((name, (step, scan), leaves, state, dict(device_bytes_all_state=total_bytes,
+                                                                  kernel_arrays=kernels, kernel_bytes=wbytes,
+                                                                  attention=attn, context=args.e2e_context)))
         if args.e2e_generate:  # models.generate.generate() flattens the module itself
             gen_models[label] = model
         del model
-        built.append((label, (step, scan), leaves, state, dict(device_bytes_all_state=total_bytes,
-                                                               kernel_arrays=kernels, kernel_bytes=wbytes)))
     mg.pack_mgpu, mg.default_config = real_pack, real_default
     times = {(label, b): [] for label, *_ in built for b in (1, 16)}
     issue = {key: [] for key in times}
@@ -645,10 +739,10 @@ def bench_e2e(args) -> list[dict]:
         from jgptq.models.generate import generate
 
         n_new = args.e2e_generate
-        for label, model in gen_models.items():
-            row = next(r for r in rows if r["e2e"] == label and r["batch"] == 1)
+        for row in (r for r in rows if r["batch"] == 1 and r["e2e"].split(",attn-")[0] in gen_models):
+            model = gen_models[row["e2e"].split(",attn-")[0]]
             for chunk in (1, 16):
-                kw = dict(eos_token_id=[], decode_chunk=chunk)
+                kw = dict(eos_token_id=[], decode_chunk=chunk, attention=row["attention"])
                 generate(model, None, [[1] * 8], n_new, **kw)  # compile
                 rates = []
                 for _ in range(2):
@@ -663,7 +757,7 @@ def bench_e2e(args) -> list[dict]:
             r["bits_per_quantized_weight"] = 8 * r["kernel_bytes"] / q_w
     print("\ne2e decode (Llama-2-7B shapes, random weights):")
     for r in rows:
-        base = next(b for b in rows if b["e2e"] == "bf16" and b["batch"] == r["batch"])
+        base = e2e_base(rows, r)
         spread = f"{min(r['ms_rounds']):.2f}-{max(r['ms_rounds']):.2f}"
         print(f"  {r['e2e']:>18} batch {r['batch']:3d}: {r['ms_per_step']:8.2f} ms/step ({spread} over "
               f"{len(r['ms_rounds'])} rounds; host issues one in {statistics.median(r['ms_issue_rounds']):.2f}) "
@@ -672,9 +766,9 @@ def bench_e2e(args) -> list[dict]:
               + (f", kernel weights {r.get('bits_per_quantized_weight', 0):.2f} bits/weight" if r["kernel_bytes"] else ""))
     if any("generate_tok_s_chunk1" in r for r in rows):
         print(f"\ngenerate() batch 1, {args.e2e_generate} new tokens, decode tok/s after the first token:")
-        base = next(b for b in rows if b["e2e"] == "bf16" and b["batch"] == 1)
         for r in rows:
             if "generate_tok_s_chunk1" in r:
+                base = e2e_base(rows, r)
                 print(f"  {r['e2e']:>18}: decode_chunk=1 {r['generate_tok_s_chunk1']:7.1f} "
                       f"({r['generate_tok_s_chunk1'] / base['generate_tok_s_chunk1']:.2f}x vs bf16), "
                       f"decode_chunk=16 {r['generate_tok_s_chunk16']:7.1f} "
@@ -682,7 +776,7 @@ def bench_e2e(args) -> list[dict]:
     if any("ms_per_step_scan" in r for r in rows):
         print(f"\nthe same, {rows[0]['scan_steps']} decode steps per jitted lax.scan (one host call):")
         for r in rows:
-            base = next(b for b in rows if b["e2e"] == "bf16" and b["batch"] == r["batch"])
+            base = e2e_base(rows, r)
             print(f"  {r['e2e']:>18} batch {r['batch']:3d}: {r['ms_per_step_scan']:8.2f} ms/step "
                   f"({min(r['ms_rounds_scan']):.2f}-{max(r['ms_rounds_scan']):.2f}) "
                   f"{r['batch'] / r['ms_per_step_scan'] * 1e3:9.1f} tok/s "
@@ -825,10 +919,27 @@ def main() -> None:
     ap.add_argument("--e2e-configs", default="",
                     help="comma list: also time the quantized model with these Mosaic-kernel variants "
                          f"({', '.join(E2E_CONFIGS)})")
+    ap.add_argument("--decode-attn", action="store_true",
+                    help="only the decode-attention benchmark: pallas_kernels.decode_attention vs the models' "
+                         "XLA attention (one new token per row over a KV cache)")
+    ap.add_argument("--decode-attn-shapes", default="1x32x32x128x256,16x32x32x128x256,1x32x32x128x4096,"
+                    "16x32x8x128x4096,1x32x8x128x32768",
+                    help="comma list of BxHxKVxhdxS")
+    ap.add_argument("--e2e-attention", default="auto",
+                    help="comma list of decode-attention implementations (auto, xla, pallas; "
+                         "jgptq.models.llama.DECODE_ATTENTION), each timed on every model")
+    ap.add_argument("--e2e-context", type=int, default=128,
+                    help="cache slots already filled when decoding starts (tokens of context)")
     ap.add_argument("--e2e-nofuse", action="store_true",
                     help="also time the quantized model with q/k/v and gate/up as separate kernels")
     args = ap.parse_args()
     print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
+    if args.decode_attn:
+        rows = bench_decode_attention(args)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_decode_attention.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        return
     if args.e2e:
         rows = bench_e2e(args)
         os.makedirs(args.out, exist_ok=True)

@@ -11,7 +11,9 @@
 # 4. (E2E_S > 0) the 7B-shape decode benchmark: bf16 vs GPTQ 4-bit (fused q/k/v + gate/up, and unfused).
 #    E2E_ARGS replaces its extra flags (default --e2e-nofuse; --e2e-variants adds nk-layout / session-4 models;
 #    models are timed in 3 interleaved rounds, --e2e-rounds; --e2e-trace adds GPU busy / idle per step).
-# Time boxes (seconds): DUMP_S (default 0: part 0, Mosaic dumps, skipped), TESTS_S (default 130), BIG_S (250), REST_S (120), E2E_S (0); 0 skips that part.
+# Time boxes (seconds): DUMP_S (default 0: part 0, Mosaic dumps, skipped), TESTS_S (default 130), BIG_S (250), REST_S (120),
+# DA_S (0: the decode-attention benchmark, bench_kernels.py --decode-attn), E2E_S (0); 0 skips that part.
+# PERSIST=0 skips the persistent-schedule tests of part 1.
 # TESTS_PATH narrows part 1 (e.g. tests/pallas_kernels/test_gptq_matmul_mgpu.py).
 # REST_SHAPES / REST_MS replace part 3's shapes (KxN,...) and token counts (e.g. the 7B decode layers:
 # REST_SHAPES=4096x12288,4096x4096,4096x22016,11008x4096). BIG_MS / BIG_CFGS / REST_CFGS choose the
@@ -53,7 +55,7 @@ if [ "$TESTS_S" != 0 ]; then
     "$REPO/${TESTS_PATH:-tests/pallas_kernels}" -m gpu -k "not persistent_compiled" --maxfail=4 -q 2>&1 \
     | tee "$OUT/gpu_pytest.txt" | tail -30
   echo "pytest exit: ${PIPESTATUS[0]} (124 = cut at ${TESTS_S} s)"
-  timeout "$TESTS_S" "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
+  [ "${PERSIST:-1}" != 0 ] && timeout "$TESTS_S" "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
     "$T/test_gptq_matmul_mgpu.py" -m gpu -k "persistent_compiled" -q 2>&1 | tee "$OUT/gpu_pytest_persistent.txt" \
     | grep -v "cuda_event.cc\|Source Location\|cuda_status.cc\|allocator.cc\|^$" | tail -30
   echo "pytest (persistent) exit: ${PIPESTATUS[0]}"
@@ -75,6 +77,14 @@ if [ "$REST_S" != 0 ]; then
     --budget-s "$REST_S" --out "$OUT/rest" $BENCH_ARGS 2>&1 | tee "$OUT/bench_rest.log" | grep -v '^{"K"' | tail -25
   echo "bench exit: ${PIPESTATUS[0]}"
   mv "$OUT/rest/bench_kernels.json" "$OUT/bench_rest.json" 2>/dev/null; rmdir "$OUT/rest" 2>/dev/null
+fi
+if [ "${DA_S:-0}" != 0 ]; then
+  echo "=== decode attention: Pallas kernel vs XLA (bench_kernels.py --decode-attn) ==="
+  mkdir -p "$OUT/da"
+  timeout "$DA_S" "$PY" "$REPO/benchmarks/bench_kernels.py" --decode-attn --out "$OUT/da" 2>&1 \
+    | tee "$OUT/bench_decode_attention.log" | grep -v '^{' | tail -24
+  echo "decode-attn exit: ${PIPESTATUS[0]}"
+  mv "$OUT/da/bench_decode_attention.json" "$OUT/" 2>/dev/null; rmdir "$OUT/da" 2>/dev/null
 fi
 if [ "$E2E_S" != 0 ]; then
   echo "=== 4/4 end to end: 7B-shape decode ==="

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgptq.models.config import LlamaConfig
-from jgptq.models.llama import LlamaForCausalLM, forward_step, init_cache
+from jgptq.models.llama import DECODE_ATTENTION, LlamaForCausalLM, forward_step, init_cache
 
 __all__ = ["generate", "sample_logits", "bucket_length"]
 
@@ -58,15 +58,15 @@ _COMPILED: dict[Any, tuple[Callable, Callable]] = {}
 
 
 def _step_fns(treedef: Any, config: LlamaConfig, greedy: bool, use_top_p: bool,
-              chunk: int) -> tuple[Callable, Callable]:
-    key = (treedef, config, greedy, use_top_p, chunk)
+              chunk: int, attention: str = "auto") -> tuple[Callable, Callable]:
+    key = (treedef, config, greedy, use_top_p, chunk, attention)
     if key in _COMPILED:
         return _COMPILED[key]
 
     def run(leaves, ids, mask, cache):
         model = jax.tree.unflatten(treedef, leaves)
         tree = model.tree() if isinstance(model, LlamaForCausalLM) else model
-        logits, cache = forward_step(tree, ids, mask, cache, config, last_only=True)
+        logits, cache = forward_step(tree, ids, mask, cache, config, last_only=True, attention=attention)
         return logits[:, 0], cache
 
     def prefill(leaves, ids, mask, cache, rng, temperature, top_p, eos):
@@ -100,7 +100,8 @@ def _step_fns(treedef: Any, config: LlamaConfig, greedy: bool, use_top_p: bool,
 def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: LlamaConfig | None,
              prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
-             stream: StreamFn | None = None, dtype: Any | None = None, decode_chunk: int = 8) -> list[list[int]]:
+             stream: StreamFn | None = None, dtype: Any | None = None, decode_chunk: int = 8,
+             attention: str = "auto") -> list[list[int]]:
     """Generate continuations of a batch of token-id prompts.
 
     Args:
@@ -121,6 +122,9 @@ def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: Llam
         host; benchmarks/RESULTS.md), and ``stream``
         then sees the tokens of a chunk together. After every row has finished, at most two
         chunks of steps were computed in vain.
+      attention: how decode steps attend to the KV cache: ``"auto"`` (the Pallas kernel
+        ``pallas_kernels.decode_attention`` on CUDA GPUs where it applies, else XLA), ``"xla"``
+        or ``"pallas"`` (see ``jgptq.models.llama.DECODE_ATTENTION``).
     Returns:
       For each prompt, the generated ids (ending with the EOS id when one was produced).
     """
@@ -141,6 +145,8 @@ def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: Llam
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if isinstance(decode_chunk, bool) or not isinstance(decode_chunk, (int, np.integer)) or decode_chunk < 1:
         raise ValueError(f"decode_chunk must be an integer >= 1, got {decode_chunk!r}")
+    if attention not in DECODE_ATTENTION:
+        raise ValueError(f"attention must be one of {DECODE_ATTENTION}, got {attention!r}")
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt")
@@ -170,7 +176,7 @@ def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: Llam
 
     leaves, treedef = jax.tree.flatten(model)
     greedy = temperature == 0
-    prefill, decode = _step_fns(treedef, config, greedy, top_p < 1, chunk)
+    prefill, decode = _step_fns(treedef, config, greedy, top_p < 1, chunk, attention)
     cache = init_cache(config, b, slots, model.dtype)
     temp = jnp.float32(temperature if not greedy else 1.0)
     tp = jnp.float32(top_p)

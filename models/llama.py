@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jgptq.models.config import LlamaConfig
+from jgptq.pallas_kernels import decode_attention as _decode_attn
 from jgptq.models.quant_linear import Linear, QuantLinear, fuse_quantized, linear, linear_from_params
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
     "forward", "forward_step", "init_cache", "positions_from_mask", "rms_norm", "rope_inv_freq",
     "LlamaForCausalLM", "DecoderLayer", "Attention", "MLP", "RMSNorm", "check_params",
     "attention_input", "attention_output", "attention_residual", "mlp_input", "mlp_hidden",
-    "block_output", "ATTENTION_IMPLS",
+    "block_output", "ATTENTION_IMPLS", "DECODE_ATTENTION",
 ]
 
 # GPTQ's true-sequential order: each inner list shares one input (and one Hessian).
@@ -156,6 +157,33 @@ def _attention_fused(q: jax.Array, k: jax.Array, v: jax.Array, config: LlamaConf
 
 
 ATTENTION_IMPLS = ("xla", "cudnn")
+# forward_step's attention over the cache for one new token per row: "pallas" is
+# pallas_kernels.decode_attention (one kernel instead of ~6 XLA fusions; interpreted off the GPU),
+# "xla" the einsum path of _attention, "auto" the kernel on CUDA GPUs where it applies.
+DECODE_ATTENTION = ("auto", "xla", "pallas")
+
+
+def _use_decode_kernel(attention: str, q: jax.Array, kc: jax.Array, config: LlamaConfig) -> bool:
+    """Whether forward_step runs this decode step's attention through the Pallas kernel."""
+    if attention == "xla":
+        return False
+    why = _decode_attn.supported((q.shape[0], q.shape[2], q.shape[3]), tuple(kc.shape), q.dtype)
+    if why is None and config.sliding_window is not None:
+        why = "a sliding window (not implemented in the kernel)"
+    if attention == "pallas":
+        if why:
+            raise ValueError(f"attention='pallas' cannot run this decode step: {why}; use 'xla' or 'auto'.")
+        return True
+    return why is None and jax.default_backend() == "gpu"
+
+
+def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, k_valid: jax.Array, index: jax.Array
+                      ) -> jax.Array:
+    """The Pallas decode-attention kernel for ``q [B, 1, H, hd]`` -> ``[B, 1, H * hd]``."""
+    b, _, h, hd = q.shape
+    o = _decode_attn.decode_attention(q[:, 0], kc, vc, k_valid, index,
+                                      interpret=jax.default_backend() != "gpu")
+    return o.reshape(b, 1, h * hd)
 
 
 def _mlp_act(mlp: Mapping[str, Any], x2: jax.Array) -> jax.Array:
@@ -168,8 +196,10 @@ def _mlp_act(mlp: Mapping[str, Any], x2: jax.Array) -> jax.Array:
 
 def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Array, config: LlamaConfig,
            *, kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
-           k_valid: jax.Array | None = None, k_pos: jax.Array | None = None, capture: bool = False):
-    """One decoder block; with ``kv`` the new keys/values are written at slot ``index`` first.
+           k_valid: jax.Array | None = None, k_pos: jax.Array | None = None, capture: bool = False,
+           attention: str = "xla"):
+    """One decoder block; with ``kv`` the new keys/values are written at slot ``index`` first
+    (``attention``: see :data:`DECODE_ATTENTION`; it applies to one new token per row).
 
     Returns ``(h, new_kv_or_None, captured_or_None)``.
     """
@@ -185,8 +215,12 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
         kc, vc = kv
         kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, index, 0, 0))
         vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, index, 0, 0))
-        q_slot = index + jnp.arange(t)
-        o = _attention(q, kc.astype(q.dtype), vc.astype(q.dtype), q_slot, k_valid, q_pos, k_pos, config)
+        kq, vq = kc.astype(q.dtype), vc.astype(q.dtype)
+        if t == 1 and _use_decode_kernel(attention, q, kq, config):
+            o = _decode_attention(q, kq, vq, k_valid, index)
+        else:
+            q_slot = index + jnp.arange(t)
+            o = _attention(q, kq, vq, q_slot, k_valid, q_pos, k_pos, config)
         new_kv = (kc, vc)
     h = attention_residual(lp, h, o)
     x2 = mlp_input(lp, h, config)
@@ -310,13 +344,19 @@ def init_cache(config: LlamaConfig, batch: int, slots: int, dtype: Any = jnp.flo
 
 
 def forward_step(params: Mapping[str, Any], ids: jax.Array, mask: jax.Array, cache: Mapping[str, Any],
-                 config: LlamaConfig, last_only: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+                 config: LlamaConfig, last_only: bool = False, attention: str = "auto"
+                 ) -> tuple[jax.Array, dict[str, Any]]:
     """Append ``ids [B, T]`` (validity ``mask [B, T]``) at slot ``cache["index"]`` and run the model.
 
     Positions continue from the valid tokens already in the cache. Returns logits ``[B, T, V]``
     (``[B, 1, V]`` of the last slot when ``last_only``) float32 and the updated cache. All
-    rows write the same slots, so batches should be left-padded for decoding.
+    rows write the same slots, so batches should be left-padded for decoding. ``attention``
+    chooses how a one-token step attends to the cache (:data:`DECODE_ATTENTION`: ``"auto"``,
+    ``"xla"`` or ``"pallas"``); a row with no valid slot at all gets zeros from the kernel and
+    a uniform average from ``"xla"`` (callers mask such rows out).
     """
+    if attention not in DECODE_ATTENTION:
+        raise ValueError(f"attention must be one of {DECODE_ATTENTION}, got {attention!r}")
     index = cache["index"]
     b, t = ids.shape
     valid = jax.lax.dynamic_update_slice(cache["valid"], mask.astype(bool), (0, index))
@@ -325,7 +365,8 @@ def forward_step(params: Mapping[str, Any], ids: jax.Array, mask: jax.Array, cac
     h = embed(params, ids)
     new_k, new_v = [], []
     for lp, kc, vc in zip(params["layers"], cache["k"], cache["v"]):
-        h, (kc, vc), _ = _block(lp, h, q_pos, mask, config, kv=(kc, vc), index=index, k_valid=valid, k_pos=k_pos)
+        h, (kc, vc), _ = _block(lp, h, q_pos, mask, config, kv=(kc, vc), index=index, k_valid=valid, k_pos=k_pos,
+                                attention=attention)
         new_k.append(kc)
         new_v.append(vc)
     if last_only:
@@ -589,9 +630,10 @@ class LlamaForCausalLM(nnx.Module):
         """Logits ``[B, T, V]`` float32 for ``ids [B, T]`` (``mask [B, T]`` valid tokens)."""
         return forward(self.tree(), ids, mask, self.config)
 
-    def step(self, ids: jax.Array, mask: jax.Array, cache: Mapping[str, Any], last_only: bool = False):
+    def step(self, ids: jax.Array, mask: jax.Array, cache: Mapping[str, Any], last_only: bool = False,
+             attention: str = "auto"):
         """:func:`forward_step` on this model: ``(logits, new_cache)``."""
-        return forward_step(self.tree(), ids, mask, cache, self.config, last_only)
+        return forward_step(self.tree(), ids, mask, cache, self.config, last_only, attention)
 
     def init_cache(self, batch: int, slots: int) -> dict[str, Any]:
         """An empty KV cache for ``batch`` rows and ``slots`` positions in the compute dtype."""

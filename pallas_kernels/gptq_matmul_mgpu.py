@@ -558,16 +558,17 @@ def _num_sms() -> int:
         return 132
 
 
-def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm: int | None = None
-                 ) -> MgpuConfig:
+def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm: int | None = None,
+                 max_split: int = 16) -> MgpuConfig:
     """The ``"grid"`` schedule's tiles for ``m`` tokens (H100 / H200 sweeps, benchmarks/RESULTS.md):
     many short CTAs (split-K up to ~16 CTAs per SM at M <= 8 with 8 pipeline stages, ~8 per SM
     with 4 stages at M <= 16) and the explicit upcast layout for decode; M <= 64 one 64-wide N
     tile per CTA; larger M dequantizes the weights in registers ("weights") under the widest token
     tile.
 
-    ``min_steps`` (K blocks per CTA at least, when K is split) and ``ctas_per_sm`` (the CTA count
-    split-K aims for, per SM; default 16 / 8 / 2 by M) are the benchmark's tuning knobs."""
+    ``min_steps`` (K blocks per CTA at least, when K is split), ``ctas_per_sm`` (the CTA count
+    split-K aims for, per SM; default 16 / 8 / 2 by M) and ``max_split`` (the largest split) are
+    the benchmark's tuning knobs."""
     if min_steps < 1:
         raise ValueError(f"min_steps={min_steps} must be >= 1.")
     if m <= 16:
@@ -590,7 +591,7 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm:
     target = (ctas_per_sm or (16 if m <= 8 else 8 if m <= 16 else 2)) * _num_sms()
     split = 1
     if ctas < target:
-        for d in range(1, min(nk, 16) + 1):
+        for d in range(1, min(nk, max_split) + 1):
             if nk % d == 0 and nk // d >= min_steps:  # keep >= min_steps pipeline steps per CTA
                 split = d
                 if ctas * d >= target:

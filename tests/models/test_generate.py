@@ -192,3 +192,54 @@ def test_real_smollm2_greedy_chat_matches_transformers(smollm2_gguf_path):
         ref_ids = ref_ids[: ref_ids.index(ref_ids[-1]) + 1]
     assert ours[0] == ref_ids, (tok.decode(ours[0]), tok.decode(ref_ids))
     assert "Paris" in tok.decode(ours[0])
+
+
+def test_decode_attention_kernel_matches_xla_path(tiny_hf_model):
+    """forward_step's one-token steps through the Pallas decode-attention kernel (interpreted on
+    the CPU) give the XLA path's logits: bf16, grouped-query heads (3 per KV head), left-padded
+    rows; generate() with either gives the same greedy tokens."""
+    from jgptq.models.llama import forward_step
+
+    cfg, params, _ = load_hf(tiny_hf_model("smollm2").folder)
+    model = LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16)
+    tree = model.tree()
+    rng = np.random.default_rng(5)
+    ids = jnp.asarray(rng.integers(3, 256, size=(2, 6)), jnp.int32)
+    mask = jnp.asarray([[False, False, True, True, True, True], [True] * 6])
+    step = jax.jit(lambda ids, mask, cache, attention: forward_step(tree, ids, mask, cache, cfg, True, attention),
+                   static_argnums=3)
+    caches = {a: model.init_cache(2, 32) for a in ("xla", "pallas")}
+    for a in caches:
+        _, caches[a] = step(ids, mask, caches[a], a)  # prefill (T = 6): the XLA path in both
+    one = jnp.ones((2, 1), bool)
+    for t in range(4):
+        tok = jnp.asarray(rng.integers(3, 256, size=(2, 1)), jnp.int32)
+        out = {}
+        for a in caches:
+            out[a], caches[a] = step(tok, one, caches[a], a)
+        ref = np.asarray(out["xla"], np.float32)
+        err = np.abs(np.asarray(out["pallas"], np.float32) - ref).max() / np.abs(ref).max()
+        assert err < 3e-2, (t, err)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    assert generate(model, None, prompts, 6, attention="pallas") == generate(model, None, prompts, 6, attention="xla")
+
+
+def test_decode_attention_argument_errors(tiny_hf_model):
+    from jgptq.models.llama import forward_step
+
+    cfg, params, _ = load_hf(tiny_hf_model("smollm2").folder)
+    model = LlamaForCausalLM.from_params(cfg, params)  # float32: the kernel takes bf16 / fp16 only
+    ids, one = jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), bool)
+    with pytest.raises(ValueError, match="attention='pallas' cannot run this decode step: dtype float32"):
+        forward_step(model.tree(), ids, one, model.init_cache(1, 16), cfg, attention="pallas")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        forward_step(model.tree(), ids, one, model.init_cache(1, 16), cfg, attention="flash")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        generate(model, None, [[1]], 2, attention="flash")
+    mcfg, mparams, _ = load_hf(tiny_hf_model("mistral").folder)
+    mistral = LlamaForCausalLM.from_params(mcfg, mparams, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="sliding window"):
+        forward_step(mistral.tree(), ids, one, mistral.init_cache(1, 16), mcfg, attention="pallas")
+    # "auto" falls back to the XLA path off the GPU and for unsupported shapes
+    logits, _ = forward_step(model.tree(), ids, one, model.init_cache(1, 16), cfg, attention="auto")
+    assert np.isfinite(np.asarray(logits)).all()

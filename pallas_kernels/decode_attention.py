@@ -1,0 +1,313 @@
+"""Decode attention over a KV cache, one new token per row: Pallas (Triton lowering), GPU.
+
+``o[b, h] = softmax_s(q[b, h] . k[b, s, h // G] / sqrt(hd) | allowed[b, s]) @ v[b, s, h // G]``
+with ``allowed[b, s] = valid[b, s] and s <= index`` (grouped-query attention: ``G = H / KV`` query
+heads share a key/value head). This is the decode step of :mod:`jgptq.models.llama` (its XLA path
+builds ~6 fusions per layer for this: scores, masked max, exp, sum, probabilities x V, their sum; on
+an H200 they took 15-18 us of a 7B decode layer, `benchmarks/RESULTS.md`), in one kernel:
+
+* grid ``(B, KV, splits)``: each program takes one key/value head of one row and a contiguous
+  range of cache slots; the ``G`` query heads of that head are one ``[Gp, hd]`` tile (padded to
+  a power of two >= 16, the smallest tensor-core tile), so scores and ``p @ v`` are tensor-core
+  dots with fp32 accumulation;
+* slots after ``index`` are never allowed, so the loop stops there (a cache of 4096 slots at
+  step 100 reads 128 of them); ``valid`` (left padding, holes) is applied per slot;
+* online softmax (running max and sum in fp32); with one split the kernel writes the normalised
+  output, with several it writes fp32 partial ``(o, max, sum)`` per split and XLA combines them.
+
+A row with no allowed slot gets zeros. The file also holds the plain-jnp :func:`reference` and a
+benchmark :func:`main` (against the XLA einsum attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+__all__ = ["DecodeAttentionConfig", "default_config", "decode_attention", "reference", "supported", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeAttentionConfig:
+    """Tiles of :func:`decode_attention`.
+
+    Attributes:
+      block_s: cache slots per loop step (power of two, >= 16, divides ``S / splits``).
+      splits: contiguous slot ranges per row and head, one program each (divides ``S / block_s``).
+      num_warps, num_stages: Triton launch parameters.
+    """
+
+    block_s: int = 64
+    splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def supported(q_shape: tuple[int, ...], cache_shape: tuple[int, ...], dtype) -> str | None:
+    """Why :func:`decode_attention` cannot take these shapes / dtype (``None`` when it can).
+
+    ``q_shape`` is ``[B, H, hd]``, ``cache_shape`` ``[B, S, KV, hd]``."""
+    if len(q_shape) != 3 or len(cache_shape) != 4:
+        return f"q must be [B, H, hd] and the cache [B, S, KV, hd]; got {q_shape} and {cache_shape}"
+    b, h, hd = q_shape
+    bc, s, kvh, hdc = cache_shape
+    if b != bc or hd != hdc:
+        return f"q {q_shape} and the cache {cache_shape} disagree on batch or head_dim"
+    if kvh < 1 or h % kvh:
+        return f"{h} query heads are not a multiple of {kvh} key/value heads"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"dtype {jnp.dtype(dtype)} (the tensor-core dots take bfloat16 / float16)"
+    if not _pow2(hd) or hd < 16:
+        return f"head_dim={hd} (a power of two >= 16 is needed)"
+    if s % 16:
+        return f"{s} cache slots (a multiple of 16 is needed)"
+    if h // kvh > 128:
+        return f"{h // kvh} query heads per key/value head (at most 128)"
+    return None
+
+
+def default_config(b: int, kvh: int, s: int, num_sms: int | None = None) -> DecodeAttentionConfig:
+    """Tiles for ``b`` rows, ``kvh`` key/value heads and ``s`` cache slots: 64-slot steps (the
+    largest power of two <= 64 dividing ``s``), and the slots split until there are about two
+    programs per SM, each with at least 4 steps (short caches are not split: a split costs an
+    XLA combine)."""
+    bs = 64
+    while s % bs:
+        bs //= 2
+    steps = s // bs
+    if num_sms is None:
+        num_sms = _num_sms()
+    splits = 1
+    for d in range(1, steps + 1):
+        if steps % d or steps // d < 4:
+            continue
+        splits = d
+        if b * kvh * d >= 2 * num_sms:
+            break
+    return DecodeAttentionConfig(block_s=bs, splits=splits)
+
+
+def _num_sms() -> int:
+    try:
+        dev = jax.devices()[0]
+        return int(getattr(dev, "core_count", 0) or 132)
+    except Exception:  # pragma: no cover - no backend
+        return 132
+
+
+def _validate(q, k_cache, v_cache, k_valid, cfg: DecodeAttentionConfig) -> None:
+    why = supported(tuple(q.shape), tuple(k_cache.shape), q.dtype)
+    if why:
+        raise ValueError(f"decode_attention: unsupported input: {why}.")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"decode_attention: v_cache {v_cache.shape} must match k_cache {k_cache.shape}.")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"decode_attention: the cache ({k_cache.dtype}, {v_cache.dtype}) must be in q's dtype "
+                         f"{q.dtype}.")
+    b, s = k_cache.shape[:2]
+    if tuple(k_valid.shape) != (b, s):
+        raise ValueError(f"decode_attention: k_valid must be [B, S] = {(b, s)}; got {tuple(k_valid.shape)}.")
+    bs, sp = cfg.block_s, cfg.splits
+    if not _pow2(bs) or bs < 16:
+        raise ValueError(f"block_s={bs} must be a power of two >= 16.")
+    if sp < 1 or s % (bs * sp):
+        raise ValueError(f"splits={sp} x block_s={bs} must divide the {s} cache slots.")
+    if cfg.num_warps < 1 or cfg.num_stages < 1:
+        raise ValueError(f"num_warps={cfg.num_warps} and num_stages={cfg.num_stages} must be >= 1.")
+
+
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_valid: jax.Array,
+                     index: jax.Array | int, *, config: DecodeAttentionConfig | None = None,
+                     interpret: bool = False) -> jax.Array:
+    """Attention of one new token per row over a KV cache.
+
+    Args:
+      q: ``[B, H, hd]`` bfloat16 / float16, the new token's queries (RoPE applied).
+      k_cache, v_cache: ``[B, S, KV, hd]`` in q's dtype, already holding the new token at ``index``.
+      k_valid: ``[B, S]`` bool (or int): slots that hold a real token.
+      index: int32 scalar, the new token's slot: slots after it are not attended to.
+      config: tiles; default :func:`default_config`.
+      interpret: run through the Pallas interpreter (CPU tests).
+    Returns:
+      ``[B, H, hd]`` in q's dtype; zeros for a row with no allowed slot.
+    """
+    b, s, kvh, _ = k_cache.shape
+    cfg = config or default_config(b, kvh, s)
+    _validate(q, k_cache, v_cache, k_valid, cfg)
+    return _forward(q, k_cache, v_cache, k_valid, jnp.asarray(index, jnp.int32), cfg, interpret)
+
+
+def _kernel(idx_ref, q_ref, k_ref, v_ref, valid_ref, *out_refs, block_s: int, split_len: int, scale: float,
+            normalize: bool):
+    o_ref = out_refs[0]
+    j = pl.program_id(2)
+    index = idx_ref[0]
+    lo = j * split_len
+    hi = jnp.minimum(lo + split_len, index + 1)  # slots after the query's own are never allowed
+    n_steps = jnp.maximum(hi - lo + block_s - 1, 0) // block_s
+    q = q_ref[...]  # [Gp, hd]
+    gp, hd = q.shape
+
+    def body(i, carry):
+        o, m, l = carry
+        start = pl.multiple_of(i * block_s, block_s)  # within this split's slots (the refs' blocks)
+        k = k_ref[pl.ds(start, block_s), :]  # [bs, hd]
+        v = v_ref[pl.ds(start, block_s), :]
+        sc = pl.dot(q, k, trans_b=True) * scale  # [Gp, bs] fp32
+        pos = lo + start + jnp.arange(block_s, dtype=jnp.int32)  # cache slots
+        ok = (valid_ref[pl.ds(start, block_s)] != 0) & (pos <= index)
+        sc = jnp.where(ok[None, :], sc, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+        m_base = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no allowed slot yet: keep exp() finite
+        corr = jnp.exp(m - m_base)
+        p = jnp.exp(sc - m_base[:, None])
+        l = corr * l + jnp.sum(p, axis=1)
+        o = corr[:, None] * o + pl.dot(p.astype(v.dtype), v)
+        return o, m_new, l
+
+    init = (jnp.zeros((gp, hd), jnp.float32), jnp.full((gp,), -jnp.inf, jnp.float32),
+            jnp.zeros((gp,), jnp.float32))
+    o, m, l = jax.lax.fori_loop(0, n_steps, body, init)
+    if normalize:
+        o_ref[...] = jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
+    else:
+        m_out, l_out = out_refs[1:]
+        o_ref[...] = o
+        m_out[...] = m
+        l_out[...] = l
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def _forward(q, k_cache, v_cache, k_valid, index, cfg: DecodeAttentionConfig, interpret: bool):
+    b, h, hd = q.shape
+    s, kvh = k_cache.shape[1], k_cache.shape[2]
+    g = h // kvh
+    gp = max(16, 1 << (g - 1).bit_length())
+    qg = q.reshape(b, kvh, g, hd)
+    if gp != g:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    sp = cfg.splits
+    split_len = s // sp
+    valid = k_valid.astype(jnp.int32)
+    idx = jnp.reshape(index, (1,))
+    in_specs = [
+        pl.BlockSpec((1,), lambda i, n, j: (0,)),
+        pl.BlockSpec((None, None, gp, hd), lambda i, n, j: (i, n, 0, 0)),
+        pl.BlockSpec((None, split_len, None, hd), lambda i, n, j: (i, j, n, 0)),
+        pl.BlockSpec((None, split_len, None, hd), lambda i, n, j: (i, j, n, 0)),
+        pl.BlockSpec((None, split_len), lambda i, n, j: (i, j)),
+    ]
+    normalize = sp == 1
+    if normalize:
+        out_shape = jax.ShapeDtypeStruct((b, kvh, gp, hd), q.dtype)
+        out_specs = pl.BlockSpec((None, None, gp, hd), lambda i, n, j: (i, n, 0, 0))
+    else:
+        out_shape = (jax.ShapeDtypeStruct((b, kvh, sp, gp, hd), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kvh, sp, gp), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kvh, sp, gp), jnp.float32))
+        out_specs = (pl.BlockSpec((None, None, None, gp, hd), lambda i, n, j: (i, n, j, 0, 0)),
+                     pl.BlockSpec((None, None, None, gp), lambda i, n, j: (i, n, j, 0)),
+                     pl.BlockSpec((None, None, None, gp), lambda i, n, j: (i, n, j, 0)))
+    kernel = functools.partial(_kernel, block_s=cfg.block_s, split_len=split_len, scale=1.0 / math.sqrt(hd),
+                               normalize=normalize)
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        params["compiler_params"] = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the Triton lowering is deprecated upstream
+        out = pl.pallas_call(kernel, out_shape=out_shape, grid=(b, kvh, sp), in_specs=in_specs,
+                             out_specs=out_specs, interpret=interpret, name="decode_attention",
+                             **params)(idx, qg, k_cache, v_cache, valid)
+    if normalize:
+        o = out[:, :, :g]
+    else:  # combine the splits: rescale each to the overall max, add, divide by the total sum
+        o_p, m_p, l_p = out
+        m = jnp.max(m_p, axis=2, keepdims=True)
+        w = jnp.where(m_p == -jnp.inf, 0.0, jnp.exp(m_p - jnp.where(m == -jnp.inf, 0.0, m)))
+        l_tot = jnp.sum(w * l_p, axis=2)
+        o_sum = jnp.sum(w[..., None] * o_p, axis=2)
+        o = jnp.where(l_tot[..., None] > 0, o_sum / jnp.where(l_tot > 0, l_tot, 1.0)[..., None], 0.0)
+        o = o[:, :, :g].astype(q.dtype)
+    return o.reshape(b, h, hd)
+
+
+def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_valid: jax.Array,
+              index: jax.Array | int) -> jax.Array:
+    """Plain-jnp fp32 decode attention with the same semantics (zeros where no slot is allowed)."""
+    b, h, hd = q.shape
+    s, kvh = k_cache.shape[1], k_cache.shape[2]
+    g = h // kvh
+    qf = q.astype(jnp.float32).reshape(b, kvh, g, hd)
+    sc = jnp.einsum("bkgd,bskd->bkgs", qf, k_cache.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST) / math.sqrt(hd)
+    allowed = jnp.asarray(k_valid).astype(bool) & (jnp.arange(s)[None, :] <= jnp.asarray(index))
+    sc = jnp.where(allowed[:, None, None, :], sc, -jnp.inf)
+    m = jnp.max(sc, axis=-1, keepdims=True)
+    p = jnp.where(allowed[:, None, None, :], jnp.exp(sc - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bkgs,bskd->bkgd", p, v_cache.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
+    return o.reshape(b, h, hd).astype(q.dtype)
+
+
+def main() -> None:  # pragma: no cover - benchmark
+    """Device-timed decode attention vs the XLA einsum attention of jgptq.models (Llama-2-7B heads)."""
+    import time
+
+    interpret = jax.default_backend() != "gpu"
+    dt = jnp.bfloat16
+
+    def xla_attention(q, kc, vc, valid, index):
+        b, h, hd = q.shape
+        kvh = kc.shape[2]
+        qg = q.reshape(b, 1, kvh, h // kvh, hd)
+        sc = jnp.einsum("btkgd,bskd->bkgts", qg, kc, preferred_element_type=jnp.float32) / math.sqrt(hd)
+        allowed = valid & (jnp.arange(kc.shape[1])[None, :] <= index)
+        sc = jnp.where(allowed[:, None, None, None, :], sc, -1e30)
+        p = jax.nn.softmax(sc, axis=-1).astype(vc.dtype)
+        return jnp.einsum("bkgts,bskd->btkgd", p, vc).reshape(b, h, hd)
+
+    shapes = [(1, 32, 32, 128, 256), (16, 32, 32, 128, 256), (1, 32, 32, 128, 4096), (16, 32, 8, 128, 4096)]
+    if interpret:
+        shapes = [(2, 4, 2, 64, 64)]
+    rows = []
+    for b, h, kvh, hd, s in shapes:
+        key = jax.random.key(0)
+        kq, kk, kv = jax.random.split(key, 3)
+        q = jax.random.normal(kq, (b, h, hd), dt)
+        kc = jax.random.normal(kk, (b, s, kvh, hd), dt)
+        vc = jax.random.normal(kv, (b, s, kvh, hd), dt)
+        valid = jnp.ones((b, s), bool)
+        for index in (s // 2, s - 1):
+            fns = {"xla": jax.jit(xla_attention),
+                   "pallas": jax.jit(functools.partial(decode_attention, interpret=interpret))}
+            ref = reference(q, kc, vc, valid, index)
+            for name, f in fns.items():
+                out = f(q, kc, vc, valid, index)
+                err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+                n = 3 if interpret else 200
+                jax.block_until_ready(f(q, kc, vc, valid, index))
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    out = f(q, kc, vc, valid, index)
+                jax.block_until_ready(out)
+                us = (time.perf_counter() - t0) / n * 1e6
+                rows.append((b, h, kvh, hd, s, index, name, us, err))
+                print(f"B={b:3d} H={h} KV={kvh} hd={hd} S={s:5d} index={index:5d} {name:>6}: {us:8.1f} us "
+                      f"(host loop) max err {err:.2e}", flush=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
