@@ -163,7 +163,8 @@ def _kernel(idx_ref, q_ref, k_ref, v_ref, valid_ref, *out_refs, block_s: int, sp
         start = pl.multiple_of(i * block_s, block_s)  # within this split's slots (the refs' blocks)
         k = k_ref[pl.ds(start, block_s), :]  # [bs, hd]
         v = v_ref[pl.ds(start, block_s), :]
-        sc = pl.dot(q, k, trans_b=True) * scale  # [Gp, bs] fp32
+        sc = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32) * scale  # [Gp, bs] = q k^T, fp32
         pos = lo + start + jnp.arange(block_s, dtype=jnp.int32)  # cache slots
         ok = (valid_ref[pl.ds(start, block_s)] != 0) & (pos <= index)
         sc = jnp.where(ok[None, :], sc, -jnp.inf)
@@ -172,7 +173,8 @@ def _kernel(idx_ref, q_ref, k_ref, v_ref, valid_ref, *out_refs, block_s: int, sp
         corr = jnp.exp(m - m_base)
         p = jnp.exp(sc - m_base[:, None])
         l = corr * l + jnp.sum(p, axis=1)
-        o = corr[:, None] * o + pl.dot(p.astype(v.dtype), v)
+        o = corr[:, None] * o + jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                                    preferred_element_type=jnp.float32)
         return o, m_new, l
 
     init = (jnp.zeros((gp, hd), jnp.float32), jnp.full((gp,), -jnp.inf, jnp.float32),

@@ -559,7 +559,7 @@ def _num_sms() -> int:
 
 
 def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm: int | None = None,
-                 max_split: int = 16) -> MgpuConfig:
+                 max_split: int = 32) -> MgpuConfig:
     """The ``"grid"`` schedule's tiles for ``m`` tokens (H100 / H200 sweeps, benchmarks/RESULTS.md):
     many short CTAs (split-K up to ~16 CTAs per SM at M <= 8 with 8 pipeline stages, ~8 per SM
     with 4 stages at M <= 16) and the explicit upcast layout for decode; M <= 64 one 64-wide N
@@ -568,7 +568,9 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm:
 
     ``min_steps`` (K blocks per CTA at least, when K is split), ``ctas_per_sm`` (the CTA count
     split-K aims for, per SM; default 16 / 8 / 2 by M) and ``max_split`` (the largest split) are
-    the benchmark's tuning knobs."""
+    the benchmark's tuning knobs. Up to 32 splits: K = 11008 (split-padded to 88 blocks) then
+    splits 22 ways of 4 blocks rather than 11 of 8 (the 7B down_proj at M = 1 in the decode step:
+    13.3 -> 10.3 us on the H200, benchmarks/RESULTS.md session 10)."""
     if min_steps < 1:
         raise ValueError(f"min_steps={min_steps} must be >= 1.")
     if m <= 16:

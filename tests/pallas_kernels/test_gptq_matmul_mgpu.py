@@ -72,9 +72,10 @@ def test_split_pad_widens_k_for_split_k(k, gs, want, monkeypatch):
     w, w_plain = (np.asarray(mg.dequantize_mgpu(q, jnp.float32)) for q in (p, plain))
     np.testing.assert_array_equal(w[:plain.k_pad], w_plain)
     assert not w[plain.k_pad:].any() if gs > 0 else True
-    if k == 11008:  # the decode grid: 11 K splits of 8 blocks (352 CTAs at N = 4096), not 2 of 43 (64 CTAs)
+    if k == 11008:  # the decode grid: 22 K splits of 4 blocks (704 CTAs at N = 4096), not 2 of 43 (64 CTAs)
         monkeypatch.setattr(mg, "_num_sms", lambda: 132)
-        assert mg.default_config(1, p).split_k == 11 and mg.default_config(1, plain).split_k == 2
+        assert mg.default_config(1, p).split_k == 22 and mg.default_config(1, plain).split_k == 2
+        assert mg._grid_config(1, p, max_split=16).split_k == 11
 
 
 def test_split_pad_kernel_matches_numpy(monkeypatch):
