@@ -605,6 +605,9 @@ def bench_e2e(args) -> list[dict]:
                 "layers": layers_p, "norm": {"scale": jnp.ones((d,), jnp.bfloat16)},
                 "lm_head": float_lin(d, v)}
 
+    batches = tuple(int(b) for b in args.e2e_batches.split(","))
+    if 1 not in batches:
+        raise SystemExit("--e2e-batches must include 1 (the ratios, traces and generate() rows are batch 1)")
     rows = []
     runs = [("bf16", float_lin, None, True, False)]
     runs += [(f"gptq4_g128[{kn}]", quant_lin, kn, True, False) for kn in args.e2e_kernels.split(",")]
@@ -676,7 +679,7 @@ def bench_e2e(args) -> list[dict]:
             step = jax.jit(run, donate_argnums=(3,))
             scan = jax.jit(run_scan, donate_argnums=(3,)) if args.e2e_scan > 0 else None
             state = {}
-            for batch in (1, 16):
+            for batch in batches:
                 cache = e2e_cache(model, batch, args.e2e_slots, args.e2e_context)
                 ids = jnp.ones((batch, 1), jnp.int32)
                 mask = jnp.ones((batch, 1), bool)
@@ -693,14 +696,14 @@ def bench_e2e(args) -> list[dict]:
             gen_models[label] = model
         del model
     mg.pack_mgpu, mg.default_config = real_pack, real_default
-    times = {(label, b): [] for label, *_ in built for b in (1, 16)}
+    times = {(label, b): [] for label, *_ in built for b in batches}
     issue = {key: [] for key in times}
     scan_times = {key: [] for key in times}
     finite = {}
     rounds = max(1, args.e2e_rounds)
     for r in range(rounds):
         for label, (step, scan), leaves, state, _ in built[r % len(built):] + built[: r % len(built)]:
-            for batch in (1, 16):
+            for batch in batches:
                 ids, mask, cache = state[batch]
                 n = args.e2e_steps
                 t0 = time.perf_counter()
@@ -719,7 +722,7 @@ def bench_e2e(args) -> list[dict]:
                 state[batch][2] = cache
     rows = []
     for label, (step, scan), leaves, state, fields in built:
-        for batch in (1, 16):
+        for batch in batches:
             ts = times[(label, batch)]
             dt = statistics.median(ts)
             row = dict(e2e=label, batch=batch, layers=layers, ms_per_step=dt * 1e3, tokens_per_s=batch / dt,
@@ -928,6 +931,9 @@ def main() -> None:
     ap.add_argument("--e2e-attention", default="auto",
                     help="comma list of decode-attention implementations (auto, xla, pallas; "
                          "jgptq.models.llama.DECODE_ATTENTION), each timed on every model")
+    ap.add_argument("--e2e-batches", default="1,16",
+                    help="comma list of batch sizes (every model keeps a KV cache per batch size and "
+                         "attention variant on the device: 16 GB per batch-16 cache at 4096 slots)")
     ap.add_argument("--e2e-context", type=int, default=128,
                     help="cache slots already filled when decoding starts (tokens of context)")
     ap.add_argument("--e2e-nofuse", action="store_true",

@@ -1,4 +1,4 @@
-"""Pallas kernels for GPTQ quantized matmuls (GPU, TPU), each with a plain-jnp reference.
+"""Pallas kernels for GPTQ quantized matmuls (GPU, TPU) and decode attention, each with a plain-jnp reference.
 
 Uses only JAX and NumPy (no jgptq core imports). Modules:
 
@@ -13,4 +13,7 @@ Uses only JAX and NumPy (no jgptq core imports). Modules:
   (:func:`~.gptq_matmul_mgpu.pack_mgpu`); what ``dispatch.prepare`` picks on Hopper by default
   (``gpu_kernel="auto"``; the Triton-lowered kernel on other GPUs and for 2-bit).
 - :mod:`.gptq_matmul_tpu` — Pallas TPU dequant-matmul (tested in interpret mode).
+- :mod:`.decode_attention` — Pallas (Triton lowering) attention of one new token per row over a
+  KV cache (grouped-query heads, per-slot validity, sequence splits combined in XLA); what
+  ``jgptq.models.llama.forward_step(attention="auto")`` runs on CUDA GPUs.
 """

@@ -78,3 +78,43 @@ def test_layer_cycle_positions_and_one_layer(bench_kernels):
                      "body_mosaic_gpu_kernel", "input_reduce_fusion_3"]
     assert out["layer_ops"][0][1] == pytest.approx(truth[0][1], abs=0.006)
     assert bench_kernels.layer_cycle(spans[:10], "mosaic", 4) == {"matches": 5}
+
+
+def test_e2e_cache_fills_the_context_and_the_config_variants(bench_kernels):
+    """--e2e-context: the first slots hold random keys / values and count as valid, decoding goes on
+    at that slot; the --e2e-configs variants change only the decode grid's split knobs."""
+    import jax
+    import jax.numpy as jnp
+
+    from jgptq.models.config import LlamaConfig
+    from jgptq.models.llama import LlamaForCausalLM
+    from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
+    from jgptq.pallas_kernels.gptq_matmul_gpu import random_gptq_linear
+
+    cfg = LlamaConfig(model_type="llama", vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=16)
+    lin = lambda k, n: {"kernel": jnp.ones((k, n), jnp.bfloat16)}  # noqa: E731
+    layer = {"input_layernorm": {"scale": jnp.ones(32)}, "post_attention_layernorm": {"scale": jnp.ones(32)},
+             "self_attn": {"q_proj": lin(32, 32), "k_proj": lin(32, 16), "v_proj": lin(32, 16),
+                           "o_proj": lin(32, 32)},
+             "mlp": {"gate_proj": lin(32, 64), "up_proj": lin(32, 64), "down_proj": lin(64, 32)}}
+    model = LlamaForCausalLM.from_params(cfg, {"embed_tokens": {"embedding": jnp.ones((16, 32))}, "layers": [layer] * 2,
+                                               "norm": {"scale": jnp.ones(32)}, "lm_head": lin(32, 16)},
+                                         dtype=jnp.bfloat16)
+    cache = bench_kernels.e2e_cache(model, 3, 64, 40)
+    assert int(cache["index"]) == 40
+    np.testing.assert_array_equal(np.asarray(cache["valid"]), np.arange(64)[None].repeat(3, 0) < 40)
+    assert cache["k"][0].shape == (3, 64, 1, 16) and float(jnp.abs(cache["k"][1]).sum()) > 0
+    assert bench_kernels.e2e_cache(model, 1, 64, 0)["index"] == 0
+    with pytest.raises(SystemExit, match="--e2e-context"):
+        bench_kernels.e2e_cache(model, 1, 64, 64)
+    p = mg.pack_mgpu_linear(random_gptq_linear(jax.random.key(0), 11008, 256), bits=4)
+    default = lambda m, q: mg.default_config(m, q)  # noqa: E731
+    for name, (pack_kw, pick) in bench_kernels.E2E_CONFIGS.items():
+        c1, c64 = pick(default, 1, p), pick(default, 64, p)
+        assert c64 == mg.default_config(64, p) or name.startswith("tma"), name  # M > 16: the default (tma: stream-K)
+        assert c1.block_m == 8 and c1.schedule == "grid", name
+    assert bench_kernels.E2E_CONFIGS["split32"][1](default, 1, p).split_k == 22
+    assert bench_kernels.E2E_CONFIGS["steps8"][1](default, 1, p).split_k == 11
+    assert bench_kernels.E2E_CONFIGS["tma-split32"][1](default, 1, p).split_reduce == "tma"
+    assert bench_kernels.E2E_CONFIGS["kblocks"][0] == {"layout": "kblocks"}
