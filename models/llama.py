@@ -159,7 +159,8 @@ def _attention_fused(q: jax.Array, k: jax.Array, v: jax.Array, config: LlamaConf
 ATTENTION_IMPLS = ("xla", "cudnn")
 # forward_step's attention over the cache for one new token per row: "pallas" is
 # pallas_kernels.decode_attention (one kernel instead of ~6 XLA fusions; interpreted off the GPU),
-# "xla" the einsum path of _attention, "auto" the kernel on CUDA GPUs where it applies.
+# "xla" the einsum path of _attention, "auto" the kernel on NVIDIA GPUs (compute capability >= 8.0)
+# where it applies.
 DECODE_ATTENTION = ("auto", "xla", "pallas")
 
 
@@ -174,7 +175,17 @@ def _use_decode_kernel(attention: str, q: jax.Array, kc: jax.Array, config: Llam
         if why:
             raise ValueError(f"attention='pallas' cannot run this decode step: {why}; use 'xla' or 'auto'.")
         return True
-    return why is None and jax.default_backend() == "gpu"
+    return why is None and _cuda_sm80()
+
+
+def _cuda_sm80() -> bool:
+    """Whether the default device is an NVIDIA GPU of compute capability >= 8.0 (bf16 tensor-core
+    dots in Triton); ROCm and older GPUs keep the XLA path under ``attention="auto"``."""
+    if jax.default_backend() != "gpu":
+        return False
+    cc = str(getattr(jax.devices()[0], "compute_capability", "") or "")
+    major = cc.split(".")[0]
+    return major.isdigit() and int(major) >= 8
 
 
 def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, k_valid: jax.Array, index: jax.Array
