@@ -27,6 +27,7 @@ from flax import nnx
 
 from jgptq.models.config import LlamaConfig
 from jgptq.pallas_kernels import decode_attention as _decode_attn
+from jgptq.pallas_kernels import dispatch as _dispatch
 from jgptq.models.quant_linear import Linear, QuantLinear, fuse_quantized, linear, linear_from_params
 
 __all__ = [
@@ -175,17 +176,9 @@ def _use_decode_kernel(attention: str, q: jax.Array, kc: jax.Array, config: Llam
         if why:
             raise ValueError(f"attention='pallas' cannot run this decode step: {why}; use 'xla' or 'auto'.")
         return True
-    return why is None and _cuda_sm80()
-
-
-def _cuda_sm80() -> bool:
-    """Whether the default device is an NVIDIA GPU of compute capability >= 8.0 (bf16 tensor-core
-    dots in Triton); ROCm and older GPUs keep the XLA path under ``attention="auto"``."""
-    if jax.default_backend() != "gpu":
-        return False
-    cc = str(getattr(jax.devices()[0], "compute_capability", "") or "")
-    major = cc.split(".")[0]
-    return major.isdigit() and int(major) >= 8
+    # "auto": NVIDIA GPUs of compute capability >= 8.0 (bf16 tensor-core dots in Triton); ROCm,
+    # older GPUs, CPU and TPU keep the XLA path
+    return why is None and (_dispatch.cuda_major() or 0) >= 8
 
 
 def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, k_valid: jax.Array, index: jax.Array

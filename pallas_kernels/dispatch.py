@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from .repack import PackedGPTQ, SUPPORTED_BITS, dequantize_packed, pack_gptq_linear
 
 __all__ = ["Prepared", "prepare", "matmul", "xla_matmul", "gptq_qweight", "LARGE_M_GPU", "LARGE_M_MGPU",
-           "DEFAULT_GPU_KERNEL", "GPU_KERNELS"]
+           "DEFAULT_GPU_KERNEL", "GPU_KERNELS", "cuda_major"]
 
 # Above this many tokens the GPU path dequantizes once and calls XLA's dot (cuBLAS), which was
 # faster than the Pallas kernel there on an H100 (benchmarks/RESULTS.md, "Pallas kernels").
@@ -59,14 +59,20 @@ DEFAULT_GPU_KERNEL = "auto"
 GPU_KERNELS = ("triton", "mgpu")
 
 
-def _auto_gpu_kernel() -> str:
-    """"mgpu" when the default device is a Hopper GPU (compute capability 9.x), else "triton"."""
+def cuda_major() -> int | None:
+    """The compute-capability major version of the default device when it is an NVIDIA GPU (9 on
+    Hopper), else None (CPU, TPU, ROCm, no backend)."""
     try:
         dev = jax.devices()[0]
     except RuntimeError:  # pragma: no cover - no backend at all
-        return "triton"
-    cc = str(getattr(dev, "compute_capability", "") or "")
-    return "mgpu" if dev.platform == "gpu" and cc.split(".")[0] == "9" else "triton"
+        return None
+    major = str(getattr(dev, "compute_capability", "") or "").split(".")[0]
+    return int(major) if dev.platform == "gpu" and major.isdigit() else None
+
+
+def _auto_gpu_kernel() -> str:
+    """"mgpu" when the default device is a Hopper GPU (compute capability 9.x), else "triton"."""
+    return "mgpu" if cuda_major() == 9 else "triton"
 
 _GPU_NAMES = ("gpu", "cuda", "rocm")
 

@@ -143,3 +143,27 @@ def test_compiled_on_gpu(b, kvh, s, index):
     valid = valid.at[:, index].set(True)
     out = jax.jit(da.decode_attention)(q, kc, vc, valid, jnp.int32(index))
     _check(out, q, kc, vc, valid, index)
+
+
+def test_auto_picks_the_kernel_on_nvidia_sm80_and_newer_only(monkeypatch):
+    """dispatch.cuda_major reads the device's compute capability; the models' attention="auto"
+    takes the kernel from 8.0 on (and the matmul dispatch the Mosaic kernel on 9.x)."""
+    import types
+
+    from jgptq.models.config import LlamaConfig
+    from jgptq.models.llama import _use_decode_kernel
+    from jgptq.pallas_kernels import dispatch
+
+    cfg = LlamaConfig(model_type="llama", vocab_size=8, hidden_size=128, intermediate_size=8, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=64)
+    q = jnp.zeros((1, 1, 2, 64), jnp.bfloat16)
+    kc = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+    for platform, cc, major in (("gpu", "9.0", 9), ("gpu", "8.6", 8), ("gpu", "7.5", 7), ("gpu", "gfx90a", None),
+                                ("cpu", "", None)):
+        monkeypatch.setattr(jax, "devices", lambda p=platform, c=cc: [types.SimpleNamespace(platform=p,
+                                                                                            compute_capability=c)])
+        assert dispatch.cuda_major() == major
+        assert dispatch._auto_gpu_kernel() == ("mgpu" if major == 9 else "triton")
+        assert _use_decode_kernel("auto", q, kc, cfg) == (major is not None and major >= 8), (platform, cc)
+        assert _use_decode_kernel("xla", q, kc, cfg) is False
+        assert _use_decode_kernel("pallas", q, kc, cfg) is True
