@@ -122,9 +122,10 @@ def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: Llam
         host; benchmarks/RESULTS.md), and ``stream``
         then sees the tokens of a chunk together. After every row has finished, at most two
         chunks of steps were computed in vain.
-      attention: how decode steps attend to the KV cache: ``"auto"`` (the Pallas kernel
-        ``pallas_kernels.decode_attention`` on CUDA GPUs where it applies, else XLA), ``"xla"``
-        or ``"pallas"`` (see ``jgptq.models.llama.DECODE_ATTENTION``).
+      attention: how decode steps attend to the KV cache: ``"auto"`` (on CUDA GPUs the Pallas
+        kernel ``pallas_kernels.decode_attention_update``, RoPE and the cache write fused in, or
+        ``decode_attention`` where only that applies; else XLA), ``"xla"``, ``"pallas"`` or
+        ``"fused"`` (see ``jgptq.models.llama.DECODE_ATTENTION``).
     Returns:
       For each prompt, the generated ids (ending with the EOS id when one was produced).
     """

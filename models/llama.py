@@ -160,25 +160,37 @@ def _attention_fused(q: jax.Array, k: jax.Array, v: jax.Array, config: LlamaConf
 ATTENTION_IMPLS = ("xla", "cudnn")
 # forward_step's attention over the cache for one new token per row: "pallas" is
 # pallas_kernels.decode_attention (one kernel instead of ~6 XLA fusions; interpreted off the GPU),
-# "xla" the einsum path of _attention, "auto" the kernel on NVIDIA GPUs (compute capability >= 8.0)
-# where it applies.
-DECODE_ATTENTION = ("auto", "xla", "pallas")
+# "fused" pallas_kernels.decode_attention_update (that kernel with RoPE and the in-place cache
+# write folded in: no separate RoPE, padding or dynamic-update-slice ops), "xla" the einsum path
+# of _attention, "auto" the fused kernel on NVIDIA GPUs (compute capability >= 8.0) where it
+# applies, else the unfused one where that applies, else XLA.
+DECODE_ATTENTION = ("auto", "xla", "pallas", "fused")
 
 
-def _use_decode_kernel(attention: str, q: jax.Array, kc: jax.Array, config: LlamaConfig) -> bool:
-    """Whether forward_step runs this decode step's attention through the Pallas kernel."""
+def _decode_path(attention: str, x: jax.Array, kc: jax.Array, config: LlamaConfig) -> str:
+    """How this one-token decode step attends: ``"xla"``, ``"pallas"`` or ``"fused"``
+    (``x [B, 1, D]`` is the attention input, ``kc`` the layer's key cache)."""
     if attention == "xla":
-        return False
-    why = _decode_attn.supported((q.shape[0], q.shape[2], q.shape[3]), tuple(kc.shape), q.dtype)
-    if why is None and config.sliding_window is not None:
-        why = "a sliding window (not implemented in the kernel)"
-    if attention == "pallas":
-        if why:
-            raise ValueError(f"attention='pallas' cannot run this decode step: {why}; use 'xla' or 'auto'.")
-        return True
+        return "xla"
+    b, c = x.shape[0], config
+    why = _decode_attn.supported((b, c.num_heads, c.head_dim), tuple(kc.shape), x.dtype)
+    if why is None and c.sliding_window is not None:
+        why = "a sliding window (not implemented in the kernels)"
+    why_fused = why or _decode_attn.supported_update((b, c.num_heads + 2 * c.num_kv_heads, c.head_dim),
+                                                     tuple(kc.shape), x.dtype)
+    if why_fused is None and kc.dtype != x.dtype:
+        why_fused = (f"a {kc.dtype} cache under {x.dtype} activations (the fused kernel writes the cache in the "
+                     "compute dtype)")
+    if attention in ("pallas", "fused"):
+        reason = why if attention == "pallas" else why_fused
+        if reason:
+            raise ValueError(f"attention={attention!r} cannot run this decode step: {reason}; use 'xla' or 'auto'.")
+        return attention
     # "auto": NVIDIA GPUs of compute capability >= 8.0 (bf16 tensor-core dots in Triton); ROCm,
     # older GPUs, CPU and TPU keep the XLA path
-    return why is None and (_dispatch.cuda_major() or 0) >= 8
+    if (_dispatch.cuda_major() or 0) < 8:
+        return "xla"
+    return "fused" if why_fused is None else "pallas" if why is None else "xla"
 
 
 def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, k_valid: jax.Array, index: jax.Array
@@ -188,6 +200,25 @@ def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, k_valid: jax.A
     o = _decode_attn.decode_attention(q[:, 0], kc, vc, k_valid, index,
                                       interpret=jax.default_backend() != "gpu")
     return o.reshape(b, 1, h * hd)
+
+
+def _decode_step_fused(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, kc: jax.Array, vc: jax.Array,
+                       k_valid: jax.Array, index: jax.Array, config: LlamaConfig
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One-token attention through ``decode_attention_update``: ``x [B, 1, D]`` -> ``o [B, 1, H*hd]``
+    and the caches with the new key/value written at ``index`` (RoPE and the write in the kernel)."""
+    b = x.shape[0]
+    c = config
+    if "qkv_proj" in attn:  # the fused matmul's output is already [q | k | v] per row
+        y = attn["qkv_proj"].concatenated(x)
+    else:
+        y = jnp.concatenate([linear(attn[n], x) for n in ("q_proj", "k_proj", "v_proj")], axis=-1)
+    qkv = y.reshape(b, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
+    freqs = q_pos[:, 0].astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(c))  # [B, hd/2]
+    cos, sin = jnp.cos(freqs).astype(x.dtype), jnp.sin(freqs).astype(x.dtype)
+    o, kc, vc = _decode_attn.decode_attention_update(qkv, kc, vc, k_valid, index, cos, sin,
+                                                     interpret=jax.default_backend() != "gpu")
+    return o.reshape(b, 1, c.num_heads * c.head_dim), kc, vc
 
 
 def _mlp_act(mlp: Mapping[str, Any], x2: jax.Array) -> jax.Array:
@@ -210,17 +241,22 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
     b, t, _ = h.shape
     attn, mlp = lp["self_attn"], lp["mlp"]
     x = attention_input(lp, h, config)
-    q, k, v = _qkv(attn, x, q_pos, config)
-    if kv is None:
+    path = "xla" if kv is None or t != 1 else _decode_path(attention, x, kv[0], config)
+    if path == "fused":
+        o, kc, vc = _decode_step_fused(attn, x, q_pos, kv[0], kv[1], k_valid, index, config)
+        new_kv = (kc, vc)
+    elif kv is None:
+        q, k, v = _qkv(attn, x, q_pos, config)
         q_slot = jnp.arange(t)
         o = _attention(q, k, v, q_slot, mask.astype(bool), q_pos, q_pos, config)
         new_kv = None
     else:
+        q, k, v = _qkv(attn, x, q_pos, config)
         kc, vc = kv
         kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, index, 0, 0))
         vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, index, 0, 0))
         kq, vq = kc.astype(q.dtype), vc.astype(q.dtype)
-        if t == 1 and _use_decode_kernel(attention, q, kq, config):
+        if path == "pallas":
             o = _decode_attention(q, kq, vq, k_valid, index)
         else:
             q_slot = index + jnp.arange(t)
@@ -356,7 +392,7 @@ def forward_step(params: Mapping[str, Any], ids: jax.Array, mask: jax.Array, cac
     (``[B, 1, V]`` of the last slot when ``last_only``) float32 and the updated cache. All
     rows write the same slots, so batches should be left-padded for decoding. ``attention``
     chooses how a one-token step attends to the cache (:data:`DECODE_ATTENTION`: ``"auto"``,
-    ``"xla"`` or ``"pallas"``); a row with no valid slot at all gets zeros from the kernel and
+    ``"xla"``, ``"pallas"`` or ``"fused"``); a row with no valid slot at all gets zeros from the kernel and
     a uniform average from ``"xla"`` (callers mask such rows out).
     """
     if attention not in DECODE_ATTENTION:

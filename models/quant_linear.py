@@ -277,6 +277,10 @@ class FusedQuantLinear(nnx.Module):
     def in_features(self) -> int:
         return self.inner.in_features
 
+    def concatenated(self, x: jax.Array) -> jax.Array:
+        """``x[..., in]`` -> the parts' outputs side by side, ``[..., sum(out_i)]`` (no split)."""
+        return self.inner(x)
+
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         """``x[..., in]`` -> one ``[..., out_i]`` per part, in ``x.dtype``."""
         y = self.inner(x)

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["DecodeAttentionConfig", "default_config", "decode_attention", "reference", "supported", "main"]
+__all__ = ["DecodeAttentionConfig", "default_config", "decode_attention", "decode_attention_update",
+           "reference", "reference_update", "supported", "supported_update", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,15 +235,234 @@ def _forward(q, k_cache, v_cache, k_valid, index, cfg: DecodeAttentionConfig, in
                              **params)(idx, qg, k_cache, v_cache, valid)
     if normalize:
         o = out[:, :, :g]
-    else:  # combine the splits: rescale each to the overall max, add, divide by the total sum
-        o_p, m_p, l_p = out
-        m = jnp.max(m_p, axis=2, keepdims=True)
-        w = jnp.where(m_p == -jnp.inf, 0.0, jnp.exp(m_p - jnp.where(m == -jnp.inf, 0.0, m)))
-        l_tot = jnp.sum(w * l_p, axis=2)
-        o_sum = jnp.sum(w[..., None] * o_p, axis=2)
-        o = jnp.where(l_tot[..., None] > 0, o_sum / jnp.where(l_tot > 0, l_tot, 1.0)[..., None], 0.0)
-        o = o[:, :, :g].astype(q.dtype)
+    else:
+        o = _combine(*out, g, q.dtype)
     return o.reshape(b, h, hd)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused decode step: RoPE, the cache write and the attention in one kernel
+# ---------------------------------------------------------------------------------------------
+def supported_update(qkv_shape: tuple[int, ...], cache_shape: tuple[int, ...], dtype) -> str | None:
+    """Why :func:`decode_attention_update` cannot take these shapes / dtype (``None`` when it can).
+
+    ``qkv_shape`` is ``[B, H + 2 KV, hd]``, ``cache_shape`` ``[B, S, KV, hd]``."""
+    if len(qkv_shape) != 3 or len(cache_shape) != 4:
+        return f"qkv must be [B, H + 2 KV, hd] and the cache [B, S, KV, hd]; got {qkv_shape} and {cache_shape}"
+    b, rows, hd = qkv_shape
+    kvh = cache_shape[2]
+    h = rows - 2 * kvh
+    if h < 1:
+        return f"{rows} qkv rows leave no query heads next to 2 x {kvh} key/value heads"
+    why = supported((b, h, hd), cache_shape, dtype)
+    if why is None and hd < 32:
+        why = f"head_dim={hd} (the fused kernel's RoPE halves need head_dim >= 32)"
+    return why
+
+
+def decode_attention_update(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_valid: jax.Array,
+                            index: jax.Array | int, cos: jax.Array, sin: jax.Array, *,
+                            config: DecodeAttentionConfig | None = None, interpret: bool = False
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode step's attention with RoPE and the KV-cache write fused in.
+
+    The new token's projections arrive as they leave the (fused) qkv matmul: rows ``0..H-1`` of
+    ``qkv`` are its query heads, ``H..H+KV-1`` its keys, the last ``KV`` its values, all before RoPE.
+    The kernel rotates q and k (rotate-half RoPE, each product and sum rounded to the compute
+    dtype as :func:`jgptq.models.llama._rope` does), writes the rotated key and the value at slot
+    ``index`` of the caches *in place* (the caches are aliased to the outputs: under ``jit`` with
+    the caches donated, or inside a decode loop, nothing is copied) and attends over the cache
+    with the new slot included, as :func:`decode_attention` does.
+
+    Args:
+      qkv: ``[B, H + 2 KV, hd]`` bfloat16 / float16.
+      k_cache, v_cache: ``[B, S, KV, hd]`` in qkv's dtype; slot ``index`` is overwritten.
+      k_valid: ``[B, S]`` bool (or int): slots that hold a real token, the new one included.
+      index: int32 scalar, the new token's slot.
+      cos, sin: ``[B, hd / 2]`` in qkv's dtype, ``cos/sin(position * inv_freq)`` of each row's token.
+      config: tiles; default :func:`default_config`.
+      interpret: run through the Pallas interpreter (CPU tests).
+    Returns:
+      ``(o [B, H, hd], k_cache, v_cache)``; ``o`` is zeros for a row with no allowed slot.
+    """
+    b, s, kvh, hd = k_cache.shape
+    why = supported_update(tuple(qkv.shape), tuple(k_cache.shape), qkv.dtype)
+    if why:
+        raise ValueError(f"decode_attention_update: unsupported input: {why}.")
+    if tuple(cos.shape) != (b, hd // 2) or tuple(sin.shape) != (b, hd // 2):
+        raise ValueError(f"decode_attention_update: cos and sin must be [B, hd/2] = {(b, hd // 2)}; got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}.")
+    if cos.dtype != qkv.dtype or sin.dtype != qkv.dtype:
+        raise ValueError(f"decode_attention_update: cos / sin ({cos.dtype}, {sin.dtype}) must be in qkv's dtype "
+                         f"{qkv.dtype}.")
+    h = qkv.shape[1] - 2 * kvh
+    cfg = config or default_config(b, kvh, s)
+    _validate(jax.ShapeDtypeStruct((b, h, hd), qkv.dtype), k_cache, v_cache, k_valid, cfg)
+    return _forward_update(qkv, k_cache, v_cache, k_valid, jnp.asarray(index, jnp.int32), cos, sin, cfg,
+                           interpret)
+
+
+def _rotate(x1, x2, c, s, dt):
+    """Rotate-half RoPE on the two halves, every product and sum rounded to ``dt``."""
+    f32 = jnp.float32
+
+    def mul(a, b):
+        return (a.astype(f32) * b.astype(f32)).astype(dt)
+
+    r1 = (mul(x1, c).astype(f32) - mul(x2, s).astype(f32)).astype(dt)
+    r2 = (mul(x2, c).astype(f32) + mul(x1, s).astype(f32)).astype(dt)
+    return r1, r2
+
+
+def _update_kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, *out_refs, h: int, g: int,
+                   gp: int, block_s: int, split_len: int, scale: float, normalize: bool):
+    from jax.experimental.pallas import triton as plt
+
+    *o_refs, k_out, v_out = out_refs
+    n = pl.program_id(1)
+    j = pl.program_id(2)
+    kvh = (qkv_ref.shape[0] - h) // 2
+    hd = qkv_ref.shape[1]
+    half = hd // 2
+    dt = qkv_ref.dtype
+    index = idx_ref[0]
+    lo = j * split_len
+    c = cos_ref[...]
+    s = sin_ref[...]
+    # the G query heads of key/value head n (rows n*G ..), padded to Gp rows by masked loads
+    qmask = jnp.broadcast_to((jnp.arange(gp) < g)[:, None], (gp, half))
+    q1 = plt.load(qkv_ref.at[pl.ds(n * g, gp), pl.ds(0, half)], mask=qmask, other=0)
+    q2 = plt.load(qkv_ref.at[pl.ds(n * g, gp), pl.ds(half, half)], mask=qmask, other=0)
+    q1, q2 = _rotate(q1, q2, c[None, :], s[None, :], dt)
+    k1, k2 = _rotate(qkv_ref[h + n, pl.ds(0, half)], qkv_ref[h + n, pl.ds(half, half)], c, s, dt)
+    vn = qkv_ref[h + kvh + n, :]
+
+    @pl.when((index >= lo) & (index < lo + split_len))
+    def _write():  # only the split that holds the new slot writes it
+        k_out[index - lo, pl.ds(0, half)] = k1
+        k_out[index - lo, pl.ds(half, half)] = k2
+        v_out[index - lo, :] = vn
+
+    hi = jnp.minimum(lo + split_len, index + 1)
+    n_steps = jnp.maximum(hi - lo + block_s - 1, 0) // block_s
+
+    def body(i, carry):
+        o, m, l = carry
+        start = pl.multiple_of(i * block_s, block_s)
+        pos = lo + start + jnp.arange(block_s, dtype=jnp.int32)
+        new = (pos == index)[:, None]  # the slot being written: its values come from registers
+        kb1 = jnp.where(new, k1[None, :], k_ref[pl.ds(start, block_s), pl.ds(0, half)])
+        kb2 = jnp.where(new, k2[None, :], k_ref[pl.ds(start, block_s), pl.ds(half, half)])
+        vb = jnp.where(new, vn[None, :], v_ref[pl.ds(start, block_s), :])
+        dims = (((1,), (1,)), ((), ()))
+        sc = (jax.lax.dot_general(q1, kb1, dims, preferred_element_type=jnp.float32)
+              + jax.lax.dot_general(q2, kb2, dims, preferred_element_type=jnp.float32)) * scale
+        ok = (valid_ref[pl.ds(start, block_s)] != 0) & (pos <= index)
+        sc = jnp.where(ok[None, :], sc, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+        m_base = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        corr = jnp.exp(m - m_base)
+        p = jnp.exp(sc - m_base[:, None])
+        l = corr * l + jnp.sum(p, axis=1)
+        o = corr[:, None] * o + jax.lax.dot_general(p.astype(dt), vb, (((1,), (0,)), ((), ())),
+                                                    preferred_element_type=jnp.float32)
+        return o, m_new, l
+
+    init = (jnp.zeros((gp, hd), jnp.float32), jnp.full((gp,), -jnp.inf, jnp.float32),
+            jnp.zeros((gp,), jnp.float32))
+    o, m, l = jax.lax.fori_loop(0, n_steps, body, init)
+    if normalize:  # straight into [H, hd]: rows n*G .. n*G+G-1 (masked store of the Gp-row tile)
+        o = jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0).astype(dt)
+        plt.store(o_refs[0].at[pl.ds(n * g, gp), :], o, mask=jnp.broadcast_to((jnp.arange(gp) < g)[:, None],
+                                                                             (gp, hd)))
+    else:
+        o_refs[0][...] = o
+        o_refs[1][...] = m
+        o_refs[2][...] = l
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def _forward_update(qkv, k_cache, v_cache, k_valid, index, cos, sin, cfg: DecodeAttentionConfig, interpret: bool):
+    b, rows, hd = qkv.shape
+    s, kvh = k_cache.shape[1], k_cache.shape[2]
+    h = rows - 2 * kvh
+    g = h // kvh
+    gp = max(16, 1 << (g - 1).bit_length())
+    sp = cfg.splits
+    split_len = s // sp
+    valid = k_valid.astype(jnp.int32)
+    idx = jnp.reshape(index, (1,))
+    cache_spec = pl.BlockSpec((None, split_len, None, hd), lambda i, n, j: (i, j, n, 0))
+    in_specs = [
+        pl.BlockSpec((1,), lambda i, n, j: (0,)),
+        pl.BlockSpec((None, rows, hd), lambda i, n, j: (i, 0, 0)),
+        pl.BlockSpec((None, hd // 2), lambda i, n, j: (i, 0)),
+        pl.BlockSpec((None, hd // 2), lambda i, n, j: (i, 0)),
+        cache_spec,
+        cache_spec,
+        pl.BlockSpec((None, split_len), lambda i, n, j: (i, j)),
+    ]
+    normalize = sp == 1
+    cache_shapes = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+    if normalize:
+        o_shapes = (jax.ShapeDtypeStruct((b, h, hd), qkv.dtype),)
+        o_specs = (pl.BlockSpec((None, h, hd), lambda i, n, j: (i, 0, 0)),)
+    else:
+        o_shapes = (jax.ShapeDtypeStruct((b, kvh, sp, gp, hd), jnp.float32),
+                    jax.ShapeDtypeStruct((b, kvh, sp, gp), jnp.float32),
+                    jax.ShapeDtypeStruct((b, kvh, sp, gp), jnp.float32))
+        o_specs = (pl.BlockSpec((None, None, None, gp, hd), lambda i, n, j: (i, n, j, 0, 0)),
+                   pl.BlockSpec((None, None, None, gp), lambda i, n, j: (i, n, j, 0)),
+                   pl.BlockSpec((None, None, None, gp), lambda i, n, j: (i, n, j, 0)))
+    n_o = len(o_shapes)
+    kernel = functools.partial(_update_kernel, h=h, g=g, gp=gp, block_s=cfg.block_s, split_len=split_len,
+                               scale=1.0 / math.sqrt(hd), normalize=normalize)
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        params["compiler_params"] = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = pl.pallas_call(kernel, out_shape=(*o_shapes, *cache_shapes), grid=(b, kvh, sp), in_specs=in_specs,
+                             out_specs=(*o_specs, cache_spec, cache_spec),
+                             input_output_aliases={4: n_o, 5: n_o + 1}, interpret=interpret,
+                             name="decode_attention_update", **params)(idx, qkv, cos, sin, k_cache, v_cache, valid)
+    *o_out, k_new, v_new = out
+    if normalize:
+        return o_out[0], k_new, v_new
+    return _combine(*o_out, g, qkv.dtype).reshape(b, h, hd), k_new, v_new
+
+
+def _combine(o_p, m_p, l_p, g: int, dtype):
+    """Splits' fp32 partials ``(o, max, sum)`` ``[B, KV, splits, Gp, ...]`` -> ``[B, KV, G, hd]``: each
+    rescaled to the overall max, added, divided by the total sum."""
+    m = jnp.max(m_p, axis=2, keepdims=True)
+    w = jnp.where(m_p == -jnp.inf, 0.0, jnp.exp(m_p - jnp.where(m == -jnp.inf, 0.0, m)))
+    l_tot = jnp.sum(w * l_p, axis=2)
+    o_sum = jnp.sum(w[..., None] * o_p, axis=2)
+    o = jnp.where(l_tot[..., None] > 0, o_sum / jnp.where(l_tot > 0, l_tot, 1.0)[..., None], 0.0)
+    return o[:, :, :g].astype(dtype)
+
+
+def reference_update(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_valid: jax.Array,
+                     index: jax.Array | int, cos: jax.Array, sin: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Plain-jnp :func:`decode_attention_update`: RoPE (rounded as the kernel does), the cache write
+    with ``dynamic_update_slice``, then :func:`reference`."""
+    kvh, hd = k_cache.shape[2], k_cache.shape[3]
+    h = qkv.shape[1] - 2 * kvh
+    half = hd // 2
+    c, s = cos[:, None, :], sin[:, None, :]
+    q1, q2 = _rotate(qkv[:, :h, :half], qkv[:, :h, half:], c, s, qkv.dtype)
+    k1, k2 = _rotate(qkv[:, h:h + kvh, :half], qkv[:, h:h + kvh, half:], c, s, qkv.dtype)
+    q = jnp.concatenate([q1, q2], axis=-1)
+    k = jnp.concatenate([k1, k2], axis=-1)
+    idx = jnp.asarray(index, jnp.int32)
+    kc = jax.lax.dynamic_update_slice(k_cache, k[:, None].astype(k_cache.dtype), (0, idx, 0, 0))
+    vc = jax.lax.dynamic_update_slice(v_cache, qkv[:, None, h + kvh:].astype(v_cache.dtype), (0, idx, 0, 0))
+    return reference(q, kc, vc, k_valid, idx), kc, vc
 
 
 def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_valid: jax.Array,

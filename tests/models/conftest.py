@@ -34,6 +34,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # SmolLM2: tied embeddings, 3 query heads per KV head, theta 1e5
     "smollm2": ("LlamaConfig", dict(_COMMON, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
                                     tie_word_embeddings=True, rope_theta=100000.0)),
+    # SmolLM2-135M's head layout (head_dim 64, 3 query heads per KV head) at a tiny width
+    "smollm2_hd64": ("LlamaConfig", dict(_COMMON, hidden_size=192, num_attention_heads=3, num_key_value_heads=1,
+                                         tie_word_embeddings=True, rope_theta=100000.0)),
     # Mistral with a sliding window shorter than the test sequences
     "mistral": ("MistralConfig", dict(_COMMON, sliding_window=8, head_dim=16)),
     # Qwen2/2.5: q/k/v biases, explicit head_dim larger than hidden/heads

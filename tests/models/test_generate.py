@@ -224,6 +224,49 @@ def test_decode_attention_kernel_matches_xla_path(tiny_hf_model):
     assert generate(model, None, prompts, 6, attention="pallas") == generate(model, None, prompts, 6, attention="xla")
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_fused_decode_step_matches_xla_path(tiny_hf_model, quantized):
+    """attention="fused" (RoPE, the cache write and attention in one kernel, interpreted on the
+    CPU; with the GPTQ model it reads the fused q/k/v matmul's output directly) gives the XLA
+    path's logits and KV caches step after step on left-padded bf16 rows of SmolLM2's head layout,
+    and generate() the same greedy tokens."""
+    from test_quant_linear import quantize_params
+
+    from jgptq.models.llama import forward_step
+
+    cfg, params, _ = load_hf(tiny_hf_model("smollm2_hd64").folder)
+    assert (cfg.head_dim, cfg.num_heads // cfg.num_kv_heads) == (64, 3)
+    if quantized:
+        params, _ = quantize_params(params, np.random.default_rng(8), shared_perm=True)
+    model = LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16)
+    tree = model.tree()
+    assert ("qkv_proj" in tree["layers"][0]["self_attn"]) == quantized
+    rng = np.random.default_rng(6)
+    ids = jnp.asarray(rng.integers(3, 256, size=(3, 5)), jnp.int32)
+    mask = jnp.asarray([[False, False, True, True, True], [True] * 5, [False, True, True, True, True]])
+    step = jax.jit(lambda ids, mask, cache, attention: forward_step(tree, ids, mask, cache, cfg, True, attention),
+                   static_argnums=3)
+    caches = {a: model.init_cache(3, 32) for a in ("xla", "fused")}
+    for a in caches:
+        _, caches[a] = step(ids, mask, caches[a], a)
+    for t in range(4):
+        tok = jnp.asarray(rng.integers(3, 256, size=(3, 1)), jnp.int32)
+        one = jnp.asarray([[True], [t != 1], [True]])  # row 1 skips a step (a hole in its cache)
+        out = {}
+        for a in caches:
+            out[a], caches[a] = step(tok, one, caches[a], a)
+        ref = np.asarray(out["xla"], np.float32)
+        err = np.abs(np.asarray(out["fused"], np.float32) - ref).max() / np.abs(ref).max()
+        assert err < 3e-2, (t, err)
+        for name in ("k", "v"):
+            for layer, (x, f) in enumerate(zip(caches["xla"][name], caches["fused"][name])):
+                x, f = np.asarray(x, np.float32), np.asarray(f, np.float32)
+                assert np.abs(x - f).max() <= 3e-2 * np.abs(x).max(), (t, name, layer)
+    assert int(caches["fused"]["index"]) == int(caches["xla"]["index"]) == 9
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    assert generate(model, None, prompts, 6, attention="fused") == generate(model, None, prompts, 6, attention="xla")
+
+
 def test_decode_attention_argument_errors(tiny_hf_model):
     from jgptq.models.llama import forward_step
 
@@ -240,6 +283,13 @@ def test_decode_attention_argument_errors(tiny_hf_model):
     mistral = LlamaForCausalLM.from_params(mcfg, mparams, dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="sliding window"):
         forward_step(mistral.tree(), ids, one, mistral.init_cache(1, 16), mcfg, attention="pallas")
+    with pytest.raises(ValueError, match="sliding window"):
+        forward_step(mistral.tree(), ids, one, mistral.init_cache(1, 16), mcfg, attention="fused")
+    bf16 = LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16)  # head_dim 16: unfused kernel only
+    with pytest.raises(ValueError, match="attention='fused' cannot run this decode step: head_dim=16"):
+        forward_step(bf16.tree(), ids, one, bf16.init_cache(1, 16), cfg, attention="fused")
+    with pytest.raises(ValueError, match="attention='fused' cannot run this decode step: dtype float32"):
+        forward_step(model.tree(), ids, one, model.init_cache(1, 16), cfg, attention="fused")
     # "auto" falls back to the XLA path off the GPU and for unsupported shapes
     logits, _ = forward_step(model.tree(), ids, one, model.init_cache(1, 16), cfg, attention="auto")
     assert np.isfinite(np.asarray(logits)).all()

@@ -7,6 +7,7 @@ left padding and holes in the valid slots, the query's slot anywhere in the cach
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -147,23 +148,144 @@ def test_compiled_on_gpu(b, kvh, s, index):
 
 def test_auto_picks_the_kernel_on_nvidia_sm80_and_newer_only(monkeypatch):
     """dispatch.cuda_major reads the device's compute capability; the models' attention="auto"
-    takes the kernel from 8.0 on (and the matmul dispatch the Mosaic kernel on 9.x)."""
+    takes the fused kernel from 8.0 on (the unfused one where only that applies), and the matmul
+    dispatch the Mosaic kernel on 9.x."""
     import types
 
     from jgptq.models.config import LlamaConfig
-    from jgptq.models.llama import _use_decode_kernel
+    from jgptq.models.llama import _decode_path
     from jgptq.pallas_kernels import dispatch
 
     cfg = LlamaConfig(model_type="llama", vocab_size=8, hidden_size=128, intermediate_size=8, num_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=64)
-    q = jnp.zeros((1, 1, 2, 64), jnp.bfloat16)
+    x = jnp.zeros((1, 1, 128), jnp.bfloat16)
     kc = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+    kc32 = kc.astype(jnp.float32)  # an fp32 cache under bf16 activations: only the unfused kernel
     for platform, cc, major in (("gpu", "9.0", 9), ("gpu", "8.6", 8), ("gpu", "7.5", 7), ("gpu", "gfx90a", None),
                                 ("cpu", "", None)):
         monkeypatch.setattr(jax, "devices", lambda p=platform, c=cc: [types.SimpleNamespace(platform=p,
                                                                                             compute_capability=c)])
         assert dispatch.cuda_major() == major
         assert dispatch._auto_gpu_kernel() == ("mgpu" if major == 9 else "triton")
-        assert _use_decode_kernel("auto", q, kc, cfg) == (major is not None and major >= 8), (platform, cc)
-        assert _use_decode_kernel("xla", q, kc, cfg) is False
-        assert _use_decode_kernel("pallas", q, kc, cfg) is True
+        new_gpu = major is not None and major >= 8
+        assert _decode_path("auto", x, kc, cfg) == ("fused" if new_gpu else "xla"), (platform, cc)
+        assert _decode_path("auto", x, kc32, cfg) == ("pallas" if new_gpu else "xla"), (platform, cc)
+        assert _decode_path("xla", x, kc, cfg) == "xla"
+        assert _decode_path("pallas", x, kc, cfg) == "pallas"
+        assert _decode_path("pallas", x, kc32, cfg) == "pallas"
+        assert _decode_path("fused", x, kc, cfg) == "fused"
+        with pytest.raises(ValueError, match="float32 cache"):
+            _decode_path("fused", x, kc32, cfg)
+    small = dataclasses.replace(cfg, hidden_size=32, head_dim=16)  # RoPE halves of 8: unfused kernel only
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(platform="gpu", compute_capability="9.0")])
+    assert _decode_path("auto", x[..., :32], kc[..., :16], small) == "pallas"
+    with pytest.raises(ValueError, match="head_dim >= 32"):
+        _decode_path("fused", x[..., :32], kc[..., :16], small)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_attention_update: RoPE + the in-place cache write + attention
+# ---------------------------------------------------------------------------------------------
+def np_rope_halves(x, cos, sin):
+    """float64 rotate-half RoPE of ``x [..., hd]`` with ``cos/sin [..., hd/2]`` (broadcast)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _update_inputs(seed, b, h, kvh, hd, s, dtype=jnp.bfloat16):
+    rng = np.random.default_rng(seed)
+    qkv = jnp.asarray(rng.standard_normal((b, h + 2 * kvh, hd)) * 2, dtype)
+    _, kc, vc, valid = _inputs(seed + 1, b, h, kvh, hd, s, dtype=dtype)
+    pos = rng.integers(0, 3000, size=b)  # each row's token position (left padding: they differ)
+    inv = 1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd))
+    ang = pos[:, None] * inv[None, :]
+    return qkv, kc, vc, valid, jnp.asarray(np.cos(ang), dtype), jnp.asarray(np.sin(ang), dtype)
+
+
+def _check_update(out, qkv, kc, vc, valid, index, cos, sin, tol=2e-2):
+    """The kernel's (o, k_cache, v_cache) vs float64: RoPE on the rounded inputs, the write, attention."""
+    o, k_new, v_new = out
+    b, rows, hd = qkv.shape
+    kvh = kc.shape[2]
+    h = rows - 2 * kvh
+    f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)  # noqa: E731
+    x, c, sn = f64(qkv), f64(cos)[:, None, :], f64(sin)[:, None, :]
+    q, k = np_rope_halves(x[:, :h], c, sn), np_rope_halves(x[:, h:h + kvh], c, sn)
+    want_k, want_v = f64(kc).copy(), f64(vc).copy()
+    want_k[:, index], want_v[:, index] = k, x[:, h + kvh:]
+    # the written slot: the rotated key rounded once per product/sum in the compute dtype
+    np.testing.assert_allclose(f64(k_new)[:, index], want_k[:, index], atol=4e-2 * np.abs(k).max(), rtol=0)
+    np.testing.assert_array_equal(f64(v_new)[:, index], want_v[:, index])
+    others = np.arange(kc.shape[1]) != index  # every other slot is untouched, bit for bit
+    np.testing.assert_array_equal(np.asarray(k_new)[:, others], np.asarray(kc)[:, others])
+    np.testing.assert_array_equal(np.asarray(v_new)[:, others], np.asarray(vc)[:, others])
+    want_o = np_attention(q, want_k, want_v, np.asarray(valid), index)
+    got = f64(o)
+    assert got.shape == (b, h, hd) and np.isfinite(got).all()
+    err = np.abs(got - want_o).max() / max(np.abs(want_o).max(), 1e-6)
+    assert err < tol, err
+
+
+@pytest.mark.parametrize("b,h,kvh,hd,s,index,cfg", [
+    (2, 9, 3, 64, 64, 40, da.DecodeAttentionConfig(block_s=16)),               # SmolLM2 heads (G = 3)
+    (1, 9, 3, 64, 96, 95, da.DecodeAttentionConfig(block_s=16, splits=3)),     # last slot, splits
+    (3, 4, 4, 32, 64, 0, da.DecodeAttentionConfig(block_s=16, splits=2)),      # MHA, slot 0
+    (2, 16, 2, 64, 128, 77, None),                                             # G = 8, default tiles
+    (1, 6, 2, 128, 48, 20, da.DecodeAttentionConfig(block_s=16, splits=3)),    # hd = 128, mid split
+])
+def test_update_matches_float64_reference(b, h, kvh, hd, s, index, cfg):
+    qkv, kc, vc, valid, cos, sin = _update_inputs(b * 100 + index, b, h, kvh, hd, s)
+    valid = valid.at[:, index].set(True)
+    out = da.decode_attention_update(qkv, kc, vc, valid, index, cos, sin, config=cfg, interpret=True)
+    assert [a.dtype for a in out] == [qkv.dtype] * 3 and out[1].shape == kc.shape
+    _check_update(out, qkv, kc, vc, valid, index, cos, sin)
+    ref = da.reference_update(qkv, kc, vc, valid, index, cos, sin)
+    for got, want in zip(out, ref):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
+
+
+def test_update_float16_jit_donated_and_rows_without_slots():
+    qkv, kc, vc, valid, cos, sin = _update_inputs(5, 3, 9, 3, 64, 64, dtype=jnp.float16)
+    valid = valid.at[:, 30].set(True).at[1].set(False)  # row 1 has nothing to attend to
+    kc0, vc0 = np.asarray(kc), np.asarray(vc)
+    f = jax.jit(lambda *a: da.decode_attention_update(*a, interpret=True), donate_argnums=(1, 2))
+    o, k_new, v_new = f(qkv, kc, vc, valid, jnp.int32(30), cos, sin)
+    assert o.dtype == jnp.float16 and (np.asarray(o)[1] == 0).all()
+    _check_update((o, k_new, v_new), qkv, jnp.asarray(kc0), jnp.asarray(vc0), valid, 30, cos, sin)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(rows=7), "no query heads"),
+    (dict(hd=16), "head_dim >= 32"),
+    (dict(cos_shape=(2, 64)), "cos and sin must be"),
+    (dict(cos_dtype=jnp.float32), "cos / sin"),
+    (dict(cache_dtype=jnp.float16), "in q's dtype"),
+    (dict(cfg=da.DecodeAttentionConfig(block_s=16, splits=3)), "splits=3"),
+])
+def test_update_bad_input_is_rejected(kw, match):
+    hd = kw.get("hd", 64)
+    qkv, kc, vc, valid, cos, sin = _update_inputs(0, 2, 4, 2, hd, 64)
+    if "rows" in kw:
+        qkv = qkv[:, :kw["rows"] - 3]
+    if "cos_shape" in kw:
+        cos = jnp.ones(kw["cos_shape"], cos.dtype)
+    if "cos_dtype" in kw:
+        sin = sin.astype(kw["cos_dtype"])
+    if "cache_dtype" in kw:
+        kc = kc.astype(kw["cache_dtype"])
+    with pytest.raises(ValueError, match=match):
+        da.decode_attention_update(qkv, kc, vc, valid, 3, cos, sin, config=kw.get("cfg"), interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("b,h,kvh,hd,s,index", [(1, 32, 32, 128, 256, 100), (16, 32, 32, 128, 256, 255),
+                                                (1, 32, 32, 128, 4096, 3000), (4, 32, 8, 128, 2048, 1500),
+                                                (2, 9, 3, 64, 512, 300)])
+def test_update_compiled_on_gpu(b, h, kvh, hd, s, index):
+    qkv, kc, vc, valid, cos, sin = _update_inputs(13, b, h, kvh, hd, s)
+    valid = valid.at[:, index].set(True)
+    kc0, vc0 = jnp.array(kc, copy=True), jnp.array(vc, copy=True)
+    out = jax.jit(da.decode_attention_update)(qkv, kc, vc, valid, jnp.int32(index), cos, sin)
+    _check_update(out, qkv, kc0, vc0, valid, index, cos, sin)
