@@ -209,11 +209,17 @@ def _decode_step_fused(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, 
     and the caches with the new key/value written at ``index`` (RoPE and the write in the kernel)."""
     b = x.shape[0]
     c = config
+    rows = c.num_heads + 2 * c.num_kv_heads
     if "qkv_proj" in attn:  # the fused matmul's output is already [q | k | v] per row
-        y = attn["qkv_proj"].concatenated(x)
+        lin = attn["qkv_proj"]
+        if lin.has_bias:
+            qkv = lin.concatenated(x).reshape(b, rows, c.head_dim)
+        else:  # its split-K partials: the kernel adds them (no XLA sum between the two kernels)
+            y = lin.parts(x)
+            qkv = y.reshape(y.shape[0], b, rows, c.head_dim)
     else:
         y = jnp.concatenate([linear(attn[n], x) for n in ("q_proj", "k_proj", "v_proj")], axis=-1)
-    qkv = y.reshape(b, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
+        qkv = y.reshape(b, rows, c.head_dim)
     freqs = q_pos[:, 0].astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(c))  # [B, hd/2]
     cos, sin = jnp.cos(freqs).astype(x.dtype), jnp.sin(freqs).astype(x.dtype)
     o, kc, vc = _decode_attn.decode_attention_update(qkv, kc, vc, k_valid, index, cos, sin,

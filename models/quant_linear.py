@@ -210,6 +210,16 @@ class QuantLinear(nnx.Module):
             y = jnp.matmul(x, dequantize(self._lin(), x.dtype))
         return _add_bias(y, None if self.bias is None else self.bias[...])
 
+    def parts(self, x: jax.Array) -> jax.Array:
+        """``x[..., in]`` -> ``[P, ..., out]`` addends of ``x @ W`` without the bias: their fp32 sum
+        over axis 0, rounded to ``x.dtype``, is the product (the split-K partials of the GPU
+        kernel where it has them, for a consumer kernel that adds them itself; else ``P = 1``)."""
+        if self.prepared is not None:
+            from jgptq.pallas_kernels import dispatch
+
+            return dispatch.matmul_parts(x, self.prepared.get_value())
+        return jnp.matmul(x, dequantize(self._lin(), x.dtype))[None]
+
     def to_params(self) -> dict[str, jax.Array]:
         d = self._lin()
         if self.bias is not None:
@@ -280,6 +290,14 @@ class FusedQuantLinear(nnx.Module):
     def concatenated(self, x: jax.Array) -> jax.Array:
         """``x[..., in]`` -> the parts' outputs side by side, ``[..., sum(out_i)]`` (no split)."""
         return self.inner(x)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.inner.bias is not None
+
+    def parts(self, x: jax.Array) -> jax.Array:
+        """:meth:`QuantLinear.parts` of the fused matmul: ``[P, ..., sum(out_i)]`` addends, no bias."""
+        return self.inner.parts(x)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         """``x[..., in]`` -> one ``[..., out_i]`` per part, in ``x.dtype``."""

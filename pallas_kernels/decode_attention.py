@@ -267,7 +267,9 @@ def decode_attention_update(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     """One decode step's attention with RoPE and the KV-cache write fused in.
 
     The new token's projections arrive as they leave the (fused) qkv matmul: rows ``0..H-1`` of
-    ``qkv`` are its query heads, ``H..H+KV-1`` its keys, the last ``KV`` its values, all before RoPE.
+    ``qkv`` are its query heads, ``H..H+KV-1`` its keys, the last ``KV`` its values, all before RoPE;
+    or as that matmul's split-K partials (``[P, B, H + 2 KV, hd]``, fp32), which the kernel adds and
+    rounds to the compute dtype itself (no separate XLA sum).
     The kernel rotates q and k (rotate-half RoPE, each product and sum rounded to the compute
     dtype as :func:`jgptq.models.llama._rope` does), writes the rotated key and the value at slot
     ``index`` of the caches *in place* (the caches are aliased to the outputs: under ``jit`` with
@@ -275,29 +277,40 @@ def decode_attention_update(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     with the new slot included, as :func:`decode_attention` does.
 
     Args:
-      qkv: ``[B, H + 2 KV, hd]`` bfloat16 / float16.
-      k_cache, v_cache: ``[B, S, KV, hd]`` in qkv's dtype; slot ``index`` is overwritten.
+      qkv: ``[B, H + 2 KV, hd]`` in the cache's dtype, or ``[P, B, H + 2 KV, hd]`` addends (float32
+        or the cache's dtype) whose sum, rounded to the cache's dtype, is that.
+      k_cache, v_cache: ``[B, S, KV, hd]`` bfloat16 / float16 (the compute dtype); slot ``index`` is
+        overwritten.
       k_valid: ``[B, S]`` bool (or int): slots that hold a real token, the new one included.
       index: int32 scalar, the new token's slot.
-      cos, sin: ``[B, hd / 2]`` in qkv's dtype, ``cos/sin(position * inv_freq)`` of each row's token.
+      cos, sin: ``[B, hd / 2]`` in the cache's dtype, ``cos/sin(position * inv_freq)`` of each row's token.
       config: tiles; default :func:`default_config`.
       interpret: run through the Pallas interpreter (CPU tests).
     Returns:
       ``(o [B, H, hd], k_cache, v_cache)``; ``o`` is zeros for a row with no allowed slot.
     """
     b, s, kvh, hd = k_cache.shape
-    why = supported_update(tuple(qkv.shape), tuple(k_cache.shape), qkv.dtype)
+    if qkv.ndim not in (3, 4):
+        raise ValueError(f"decode_attention_update: qkv must be [B, H + 2 KV, hd] or [P, B, H + 2 KV, hd]; got "
+                         f"shape {tuple(qkv.shape)}.")
+    dt = k_cache.dtype
+    why = supported_update(tuple(qkv.shape[-3:]), tuple(k_cache.shape), dt)
     if why:
         raise ValueError(f"decode_attention_update: unsupported input: {why}.")
+    if qkv.ndim == 3 and qkv.dtype != dt:
+        raise ValueError(f"decode_attention_update: qkv ({qkv.dtype}) must be in the cache's dtype {dt}.")
+    if qkv.ndim == 4 and (qkv.dtype not in (dt, jnp.dtype(jnp.float32)) or qkv.shape[0] < 1):
+        raise ValueError(f"decode_attention_update: qkv addends {tuple(qkv.shape)} {qkv.dtype} must be float32 or "
+                         f"the cache's dtype {dt}, at least one of them.")
     if tuple(cos.shape) != (b, hd // 2) or tuple(sin.shape) != (b, hd // 2):
         raise ValueError(f"decode_attention_update: cos and sin must be [B, hd/2] = {(b, hd // 2)}; got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}.")
-    if cos.dtype != qkv.dtype or sin.dtype != qkv.dtype:
-        raise ValueError(f"decode_attention_update: cos / sin ({cos.dtype}, {sin.dtype}) must be in qkv's dtype "
-                         f"{qkv.dtype}.")
-    h = qkv.shape[1] - 2 * kvh
+    if cos.dtype != dt or sin.dtype != dt:
+        raise ValueError(f"decode_attention_update: cos / sin ({cos.dtype}, {sin.dtype}) must be in the cache's "
+                         f"dtype {dt}.")
+    h = qkv.shape[-2] - 2 * kvh
     cfg = config or default_config(b, kvh, s)
-    _validate(jax.ShapeDtypeStruct((b, h, hd), qkv.dtype), k_cache, v_cache, k_valid, cfg)
+    _validate(jax.ShapeDtypeStruct((b, h, hd), dt), k_cache, v_cache, k_valid, cfg)
     return _forward_update(qkv, k_cache, v_cache, k_valid, jnp.asarray(index, jnp.int32), cos, sin, cfg,
                            interpret)
 
@@ -315,62 +328,90 @@ def _rotate(x1, x2, c, s, dt):
 
 
 def _update_kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, *out_refs, h: int, g: int,
-                   gp: int, block_s: int, split_len: int, scale: float, normalize: bool):
+                   gp: int, n_parts: int, block_s: int, split_len: int, scale: float, normalize: bool):
     from jax.experimental.pallas import triton as plt
 
     *o_refs, k_out, v_out = out_refs
     n = pl.program_id(1)
     j = pl.program_id(2)
-    kvh = (qkv_ref.shape[0] - h) // 2
-    hd = qkv_ref.shape[1]
+    kvh = (qkv_ref.shape[-2] - h) // 2
+    hd = qkv_ref.shape[-1]
     half = hd // 2
-    dt = qkv_ref.dtype
+    dt = k_ref.dtype
     index = idx_ref[0]
     lo = j * split_len
     c = cos_ref[...]
     s = sin_ref[...]
     # the G query heads of key/value head n (rows n*G ..), padded to Gp rows by masked loads
     qmask = jnp.broadcast_to((jnp.arange(gp) < g)[:, None], (gp, half))
-    q1 = plt.load(qkv_ref.at[pl.ds(n * g, gp), pl.ds(0, half)], mask=qmask, other=0)
-    q2 = plt.load(qkv_ref.at[pl.ds(n * g, gp), pl.ds(half, half)], mask=qmask, other=0)
-    q1, q2 = _rotate(q1, q2, c[None, :], s[None, :], dt)
-    k1, k2 = _rotate(qkv_ref[h + n, pl.ds(0, half)], qkv_ref[h + n, pl.ds(half, half)], c, s, dt)
-    vn = qkv_ref[h + kvh + n, :]
+    if n_parts:  # the q/k/v matmul's split-K partials [P, rows, hd]: add them here, round once
+        pp = 1 << (n_parts - 1).bit_length()
+        pmask = jnp.arange(pp) < n_parts
 
-    @pl.when((index >= lo) & (index < lo + split_len))
-    def _write():  # only the split that holds the new slot writes it
+        def rows(r0, cols):
+            m3 = pmask[:, None, None] & qmask[None, :, :1]
+            x = plt.load(qkv_ref.at[pl.ds(0, pp), pl.ds(r0, gp), cols],
+                         mask=jnp.broadcast_to(m3, (pp, gp, cols.size)), other=0)
+            return jnp.sum(x.astype(jnp.float32), axis=0).astype(dt)
+
+        def row(r, cols):
+            x = plt.load(qkv_ref.at[pl.ds(0, pp), r, cols], mask=jnp.broadcast_to(pmask[:, None], (pp, cols.size)),
+                         other=0)
+            return jnp.sum(x.astype(jnp.float32), axis=0).astype(dt)
+    else:
+        def rows(r0, cols):
+            return plt.load(qkv_ref.at[pl.ds(r0, gp), cols], mask=jnp.broadcast_to(qmask[:, :1], (gp, cols.size)),
+                            other=0)
+
+        def row(r, cols):
+            return qkv_ref[r, cols]
+
+    lo_half, hi_half = pl.ds(0, half), pl.ds(half, half)
+    q1, q2 = _rotate(rows(n * g, lo_half), rows(n * g, hi_half), c[None, :], s[None, :], dt)
+    k1, k2 = _rotate(row(h + n, lo_half), row(h + n, hi_half), c, s, dt)
+    vn = row(h + kvh + n, pl.ds(0, hd))
+
+    here = (index >= lo) & (index < lo + split_len)  # this split holds the new slot
+
+    @pl.when(here)
+    def _write():
         k_out[index - lo, pl.ds(0, half)] = k1
         k_out[index - lo, pl.ds(half, half)] = k2
         v_out[index - lo, :] = vn
 
-    hi = jnp.minimum(lo + split_len, index + 1)
+    # The new slot's score comes from registers and seeds the online softmax; the loop covers the
+    # slots before it, reading the cache straight into the dots (slot ``index`` itself, being
+    # written, is never read there). A step whose row is padding (invalid slot) adds nothing.
+    f32 = jnp.float32
+    new_ok = here & (valid_ref[jnp.clip(index - lo, 0, split_len - 1)] != 0)
+    s_new = (jnp.sum(q1.astype(f32) * k1.astype(f32)[None, :], axis=1)
+             + jnp.sum(q2.astype(f32) * k2.astype(f32)[None, :], axis=1)) * scale  # [Gp]
+    m0 = jnp.where(new_ok, s_new, -jnp.inf)
+    l0 = jnp.where(new_ok, jnp.ones((gp,), f32), 0.0)
+    o0 = jnp.where(new_ok, jnp.broadcast_to(vn.astype(f32)[None, :], (gp, hd)), 0.0)
+    hi = jnp.minimum(lo + split_len, index)
     n_steps = jnp.maximum(hi - lo + block_s - 1, 0) // block_s
 
     def body(i, carry):
         o, m, l = carry
         start = pl.multiple_of(i * block_s, block_s)
         pos = lo + start + jnp.arange(block_s, dtype=jnp.int32)
-        new = (pos == index)[:, None]  # the slot being written: its values come from registers
-        kb1 = jnp.where(new, k1[None, :], k_ref[pl.ds(start, block_s), pl.ds(0, half)])
-        kb2 = jnp.where(new, k2[None, :], k_ref[pl.ds(start, block_s), pl.ds(half, half)])
-        vb = jnp.where(new, vn[None, :], v_ref[pl.ds(start, block_s), :])
         dims = (((1,), (1,)), ((), ()))
-        sc = (jax.lax.dot_general(q1, kb1, dims, preferred_element_type=jnp.float32)
-              + jax.lax.dot_general(q2, kb2, dims, preferred_element_type=jnp.float32)) * scale
-        ok = (valid_ref[pl.ds(start, block_s)] != 0) & (pos <= index)
+        sc = (jax.lax.dot_general(q1, k_ref[pl.ds(start, block_s), pl.ds(0, half)], dims, preferred_element_type=f32)
+              + jax.lax.dot_general(q2, k_ref[pl.ds(start, block_s), pl.ds(half, half)], dims,
+                                    preferred_element_type=f32)) * scale
+        ok = (valid_ref[pl.ds(start, block_s)] != 0) & (pos < index)
         sc = jnp.where(ok[None, :], sc, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
         m_base = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         corr = jnp.exp(m - m_base)
         p = jnp.exp(sc - m_base[:, None])
         l = corr * l + jnp.sum(p, axis=1)
-        o = corr[:, None] * o + jax.lax.dot_general(p.astype(dt), vb, (((1,), (0,)), ((), ())),
-                                                    preferred_element_type=jnp.float32)
+        o = corr[:, None] * o + jax.lax.dot_general(p.astype(dt), v_ref[pl.ds(start, block_s), :],
+                                                    (((1,), (0,)), ((), ())), preferred_element_type=f32)
         return o, m_new, l
 
-    init = (jnp.zeros((gp, hd), jnp.float32), jnp.full((gp,), -jnp.inf, jnp.float32),
-            jnp.zeros((gp,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(0, n_steps, body, init)
+    o, m, l = jax.lax.fori_loop(0, n_steps, body, (o0, m0, l0))
     if normalize:  # straight into [H, hd]: rows n*G .. n*G+G-1 (masked store of the Gp-row tile)
         o = jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0).astype(dt)
         plt.store(o_refs[0].at[pl.ds(n * g, gp), :], o, mask=jnp.broadcast_to((jnp.arange(gp) < g)[:, None],
@@ -383,7 +424,8 @@ def _update_kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
 def _forward_update(qkv, k_cache, v_cache, k_valid, index, cos, sin, cfg: DecodeAttentionConfig, interpret: bool):
-    b, rows, hd = qkv.shape
+    n_parts = qkv.shape[0] if qkv.ndim == 4 else 0
+    b, rows, hd = qkv.shape[-3:]
     s, kvh = k_cache.shape[1], k_cache.shape[2]
     h = rows - 2 * kvh
     g = h // kvh
@@ -395,7 +437,8 @@ def _forward_update(qkv, k_cache, v_cache, k_valid, index, cos, sin, cfg: Decode
     cache_spec = pl.BlockSpec((None, split_len, None, hd), lambda i, n, j: (i, j, n, 0))
     in_specs = [
         pl.BlockSpec((1,), lambda i, n, j: (0,)),
-        pl.BlockSpec((None, rows, hd), lambda i, n, j: (i, 0, 0)),
+        (pl.BlockSpec((n_parts, None, rows, hd), lambda i, n, j: (0, i, 0, 0)) if n_parts else
+         pl.BlockSpec((None, rows, hd), lambda i, n, j: (i, 0, 0))),
         pl.BlockSpec((None, hd // 2), lambda i, n, j: (i, 0)),
         pl.BlockSpec((None, hd // 2), lambda i, n, j: (i, 0)),
         cache_spec,
@@ -406,7 +449,7 @@ def _forward_update(qkv, k_cache, v_cache, k_valid, index, cos, sin, cfg: Decode
     cache_shapes = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                     jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
     if normalize:
-        o_shapes = (jax.ShapeDtypeStruct((b, h, hd), qkv.dtype),)
+        o_shapes = (jax.ShapeDtypeStruct((b, h, hd), k_cache.dtype),)
         o_specs = (pl.BlockSpec((None, h, hd), lambda i, n, j: (i, 0, 0)),)
     else:
         o_shapes = (jax.ShapeDtypeStruct((b, kvh, sp, gp, hd), jnp.float32),
@@ -416,7 +459,8 @@ def _forward_update(qkv, k_cache, v_cache, k_valid, index, cos, sin, cfg: Decode
                    pl.BlockSpec((None, None, None, gp), lambda i, n, j: (i, n, j, 0)),
                    pl.BlockSpec((None, None, None, gp), lambda i, n, j: (i, n, j, 0)))
     n_o = len(o_shapes)
-    kernel = functools.partial(_update_kernel, h=h, g=g, gp=gp, block_s=cfg.block_s, split_len=split_len,
+    kernel = functools.partial(_update_kernel, h=h, g=g, gp=gp, n_parts=n_parts, block_s=cfg.block_s,
+                               split_len=split_len,
                                scale=1.0 / math.sqrt(hd), normalize=normalize)
     params = {}
     if not interpret:
@@ -432,7 +476,7 @@ def _forward_update(qkv, k_cache, v_cache, k_valid, index, cos, sin, cfg: Decode
     *o_out, k_new, v_new = out
     if normalize:
         return o_out[0], k_new, v_new
-    return _combine(*o_out, g, qkv.dtype).reshape(b, h, hd), k_new, v_new
+    return _combine(*o_out, g, k_cache.dtype).reshape(b, h, hd), k_new, v_new
 
 
 def _combine(o_p, m_p, l_p, g: int, dtype):
@@ -452,6 +496,8 @@ def reference_update(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_v
     """Plain-jnp :func:`decode_attention_update`: RoPE (rounded as the kernel does), the cache write
     with ``dynamic_update_slice``, then :func:`reference`."""
     kvh, hd = k_cache.shape[2], k_cache.shape[3]
+    if qkv.ndim == 4:
+        qkv = jnp.sum(qkv.astype(jnp.float32), axis=0).astype(k_cache.dtype)
     h = qkv.shape[1] - 2 * kvh
     half = hd // 2
     c, s = cos[:, None, :], sin[:, None, :]

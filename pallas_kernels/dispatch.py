@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from .repack import PackedGPTQ, SUPPORTED_BITS, dequantize_packed, pack_gptq_linear
 
-__all__ = ["Prepared", "prepare", "matmul", "xla_matmul", "gptq_qweight", "LARGE_M_GPU", "LARGE_M_MGPU",
+__all__ = ["Prepared", "prepare", "matmul", "matmul_parts", "xla_matmul", "gptq_qweight", "LARGE_M_GPU", "LARGE_M_MGPU",
            "DEFAULT_GPU_KERNEL", "GPU_KERNELS", "cuda_major"]
 
 # Above this many tokens the GPU path dequantizes once and calls XLA's dot (cuBLAS), which was
@@ -263,3 +263,20 @@ def matmul(x: jax.Array, prepared: Prepared) -> jax.Array:
 
         return gptq_matmul_tpu(x, packed, interpret=prepared.interpret)
     raise ValueError(f"unknown backend {prepared.backend!r} in Prepared; expected 'gpu' or 'tpu'.")
+
+
+def matmul_parts(x: jax.Array, prepared: Prepared) -> jax.Array:
+    """:func:`matmul` as ``[P, ..., N]`` addends: their fp32 sum over axis 0, rounded to ``x.dtype``,
+    is ``matmul(x, prepared)`` (up to the fp32 order of that sum).
+
+    Where the Mosaic kernel runs a split-K grid (decode) these are its fp32 partials, for a
+    consumer that adds them itself (``pallas_kernels.decode_attention_update``); elsewhere ``P = 1``
+    and the addend is :func:`matmul`'s result.
+    """
+    if (isinstance(prepared, Prepared) and prepared.backend == "gpu" and prepared.kernel == "mgpu"
+            and x.dtype in (jnp.bfloat16, jnp.float16) and x.shape[-1] == prepared.packed.k
+            and 0 < math.prod(x.shape[:-1]) < prepared.large_m):
+        from .gptq_matmul_mgpu import gptq_matmul_mgpu_parts
+
+        return gptq_matmul_mgpu_parts(x, prepared.packed, interpret=prepared.interpret)
+    return matmul(x, prepared)[None]

@@ -109,7 +109,8 @@ from jax.experimental import pallas as pl
 from .repack import analyze_g_idx, check_gptq_tensors, unpack_gptq_qweight
 
 __all__ = [
-    "MgpuConfig", "MgpuPacked", "pack_mgpu", "default_config", "gptq_matmul_mgpu", "reference",
+    "MgpuConfig", "MgpuPacked", "pack_mgpu", "default_config", "gptq_matmul_mgpu", "gptq_matmul_mgpu_parts",
+    "reference",
     "random_inputs", "main", "SUPPORTED_BITS", "JAX_VERSION",
 ]
 
@@ -1444,8 +1445,37 @@ def gptq_matmul_mgpu(
     return y.reshape(*lead, packed.n)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool) -> jax.Array:
+def gptq_matmul_mgpu_parts(
+    x: jax.Array,
+    packed: MgpuPacked,
+    *,
+    config: MgpuConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """:func:`gptq_matmul_mgpu` before its split-K sum: ``[P, ..., N]`` addends whose sum over axis 0
+    in fp32, rounded to ``x.dtype``, is the product (up to the fp32 order of that sum).
+
+    With a split-K grid that stores token-major partials (the decode configs) these are the
+    kernel's fp32 partials as written, so a consumer kernel can add them itself instead of XLA
+    running a separate sum; otherwise ``P = 1`` and the one addend is the finished product.
+    """
+    lead = x.shape[:-1]
+    m = math.prod(lead)
+    if not isinstance(packed, MgpuPacked):
+        _validate(x, packed, MgpuConfig())
+    cfg = config or default_config(max(m, 1), packed)
+    _validate(x, packed, cfg)
+    if m == 0:
+        return jnp.zeros((1, *lead, packed.n), x.dtype)
+    if cfg.schedule != "grid" or not cfg.writes_y:
+        return _forward(x.reshape(m, packed.k), packed, cfg, interpret).reshape(1, *lead, packed.n)
+    parts = _forward(x.reshape(m, packed.k), packed, cfg, interpret, parts=True)
+    return parts.reshape(parts.shape[0], *lead, packed.n)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "parts"))
+def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool, parts: bool = False
+             ) -> jax.Array:
     m = x2.shape[0]
     cdt = x2.dtype
     bm = cfg.block_m
@@ -1469,6 +1499,8 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
         args += (_x_block_sums(x2, cfg),)
     if cfg.schedule == "grid":
         out = _build(mp, packed, cfg, cdt, interpret, rows if cfg.writes_y else mp)(*args)  # [split, rows, Np]
+        if parts:  # token-major (writes_y): the partials as they are, [split, m, N]
+            return out[:, :m, : packed.n]
         y = out.sum(0) if out.shape[0] > 1 else out[0]  # one slot: no split, or split_reduce="tma"
         if cfg.writes_y:
             return y[:m, : packed.n].astype(cdt)

@@ -227,9 +227,10 @@ def test_decode_attention_kernel_matches_xla_path(tiny_hf_model):
 @pytest.mark.parametrize("quantized", [False, True])
 def test_fused_decode_step_matches_xla_path(tiny_hf_model, quantized):
     """attention="fused" (RoPE, the cache write and attention in one kernel, interpreted on the
-    CPU; with the GPTQ model it reads the fused q/k/v matmul's output directly) gives the XLA
-    path's logits and KV caches step after step on left-padded bf16 rows of SmolLM2's head layout,
-    and generate() the same greedy tokens."""
+    CPU; with the GPTQ model it reads the fused q/k/v matmul's output directly) on left-padded
+    bf16 rows of SmolLM2's head layout, step after step: logits as close to the float32 model's
+    as the bf16 XLA path's are, KV caches equal to the XLA path's up to bf16 rounding, and
+    generate() the same greedy tokens."""
     from test_quant_linear import quantize_params
 
     from jgptq.models.llama import forward_step
@@ -238,32 +239,38 @@ def test_fused_decode_step_matches_xla_path(tiny_hf_model, quantized):
     assert (cfg.head_dim, cfg.num_heads // cfg.num_kv_heads) == (64, 3)
     if quantized:
         params, _ = quantize_params(params, np.random.default_rng(8), shared_perm=True)
-    model = LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16)
-    tree = model.tree()
-    assert ("qkv_proj" in tree["layers"][0]["self_attn"]) == quantized
+    models = {"f32": LlamaForCausalLM.from_params(cfg, params),
+              "xla": LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16)}
+    models["fused"] = models["xla"]
+    assert ("qkv_proj" in models["xla"].tree()["layers"][0]["self_attn"]) == quantized
     rng = np.random.default_rng(6)
     ids = jnp.asarray(rng.integers(3, 256, size=(3, 5)), jnp.int32)
     mask = jnp.asarray([[False, False, True, True, True], [True] * 5, [False, True, True, True, True]])
-    step = jax.jit(lambda ids, mask, cache, attention: forward_step(tree, ids, mask, cache, cfg, True, attention),
-                   static_argnums=3)
-    caches = {a: model.init_cache(3, 32) for a in ("xla", "fused")}
-    for a in caches:
-        _, caches[a] = step(ids, mask, caches[a], a)
+    steps = {}
+    for name, m in models.items():
+        tree = m.tree()
+        steps[name] = jax.jit(lambda ids, mask, cache, attention, tree=tree:
+                              forward_step(tree, ids, mask, cache, cfg, True, attention), static_argnums=3)
+    attn = {"f32": "xla", "xla": "xla", "fused": "fused"}
+    caches = {n: m.init_cache(3, 32) for n, m in models.items()}
+    for n in caches:
+        _, caches[n] = steps[n](ids, mask, caches[n], attn[n])
     for t in range(4):
         tok = jnp.asarray(rng.integers(3, 256, size=(3, 1)), jnp.int32)
         one = jnp.asarray([[True], [t != 1], [True]])  # row 1 skips a step (a hole in its cache)
         out = {}
-        for a in caches:
-            out[a], caches[a] = step(tok, one, caches[a], a)
-        ref = np.asarray(out["xla"], np.float32)
-        err = np.abs(np.asarray(out["fused"], np.float32) - ref).max() / np.abs(ref).max()
-        assert err < 3e-2, (t, err)
+        for n in caches:
+            out[n], caches[n] = steps[n](tok, one, caches[n], attn[n])
+        ref = np.asarray(out["f32"])
+        err = {n: np.abs(np.asarray(out[n], np.float32) - ref).max() / np.abs(ref).max() for n in ("xla", "fused")}
+        assert err["fused"] <= 1.5 * err["xla"] + 0.01, (t, err)
         for name in ("k", "v"):
             for layer, (x, f) in enumerate(zip(caches["xla"][name], caches["fused"][name])):
                 x, f = np.asarray(x, np.float32), np.asarray(f, np.float32)
                 assert np.abs(x - f).max() <= 3e-2 * np.abs(x).max(), (t, name, layer)
     assert int(caches["fused"]["index"]) == int(caches["xla"]["index"]) == 9
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    model = models["xla"]
     assert generate(model, None, prompts, 6, attention="fused") == generate(model, None, prompts, 6, attention="xla")
 
 

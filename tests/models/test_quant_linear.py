@@ -133,6 +133,37 @@ def test_kernel_hook_is_used_when_prepare_returns_a_value(monkeypatch):
     np.testing.assert_allclose(np.asarray(xla(jnp.asarray(x))), x @ w + lin["bias"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", [None, "mgpu"])
+def test_parts_add_up_to_the_layer_without_bias(monkeypatch, kernel):
+    """QuantLinear.parts / FusedQuantLinear.parts: addends whose fp32 sum, rounded, is the product
+    without the bias (the XLA path: one addend; the Mosaic kernel interpreted with a split-K
+    decode grid: its partials)."""
+    from jgptq.models.quant_linear import FusedQuantLinear
+    from jgptq.pallas_kernels import dispatch
+
+    if kernel:
+        real_prepare = dispatch.prepare
+        monkeypatch.setattr(dispatch, "prepare", lambda l, *, bits, backend=None: real_prepare(
+            l, bits=bits, backend="gpu", interpret=True, gpu_kernel=kernel))
+    rng = np.random.default_rng(9)
+    lin, w = make_lin(rng, 1024, 128, 4, 128, True, bias=True)
+    layer = QuantLinear(lin)
+    assert (layer.prepared is not None) == bool(kernel)
+    x = jnp.asarray(rng.normal(size=(2, 1, 1024)), jnp.bfloat16)
+    parts = layer.parts(x)
+    assert parts.ndim == 4 and parts.shape[1:] == (2, 1, 128) and (parts.shape[0] > 1) == bool(kernel)
+    total = np.asarray(jnp.sum(parts.astype(jnp.float32), 0).astype(jnp.bfloat16), np.float64)
+    ref = np.asarray(x, np.float64) @ w
+    np.testing.assert_allclose(total, ref, rtol=0, atol=1e-2 * np.abs(ref).max())
+    with_bias = np.asarray(layer(x), np.float64)
+    np.testing.assert_allclose(with_bias - total, np.broadcast_to(lin["bias"], ref.shape), rtol=0,
+                               atol=2e-2 * np.abs(with_bias).max())
+    lin2, _ = make_lin(rng, 1024, 64, 4, 128, True, bias=False)
+    lin2["g_idx"] = lin["g_idx"]
+    fused = FusedQuantLinear([{k: v for k, v in lin.items() if k != "bias"}, lin2])
+    assert not fused.has_bias and fused.parts(x).shape[1:] == (2, 1, 192)
+
+
 def test_real_pallas_kernel_through_the_interpreter(monkeypatch):
     """The kernels colleague's GPU kernel, run by the Pallas interpreter, plugs in behind QuantLinear."""
     from jgptq.pallas_kernels import dispatch

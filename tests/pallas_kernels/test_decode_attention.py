@@ -234,13 +234,20 @@ def _check_update(out, qkv, kc, vc, valid, index, cos, sin, tol=2e-2):
     (2, 16, 2, 64, 128, 77, None),                                             # G = 8, default tiles
     (1, 6, 2, 128, 48, 20, da.DecodeAttentionConfig(block_s=16, splits=3)),    # hd = 128, mid split
 ])
-def test_update_matches_float64_reference(b, h, kvh, hd, s, index, cfg):
+@pytest.mark.parametrize("n_parts", [0, 3])
+def test_update_matches_float64_reference(b, h, kvh, hd, s, index, cfg, n_parts):
+    """Also with q/k/v as 3 fp32 split-K addends (the kernel adds them and rounds once)."""
     qkv, kc, vc, valid, cos, sin = _update_inputs(b * 100 + index, b, h, kvh, hd, s)
     valid = valid.at[:, index].set(True)
-    out = da.decode_attention_update(qkv, kc, vc, valid, index, cos, sin, config=cfg, interpret=True)
+    arg = qkv
+    if n_parts:
+        noise = np.random.default_rng(index).standard_normal((n_parts - 1, *qkv.shape)).astype(np.float32)
+        arg = jnp.concatenate([jnp.asarray(qkv, jnp.float32)[None] - noise.sum(0), jnp.asarray(noise)])
+        qkv = jnp.sum(arg, axis=0).astype(qkv.dtype)  # what the kernel rounds its sum to
+    out = da.decode_attention_update(arg, kc, vc, valid, index, cos, sin, config=cfg, interpret=True)
     assert [a.dtype for a in out] == [qkv.dtype] * 3 and out[1].shape == kc.shape
     _check_update(out, qkv, kc, vc, valid, index, cos, sin)
-    ref = da.reference_update(qkv, kc, vc, valid, index, cos, sin)
+    ref = da.reference_update(arg, kc, vc, valid, index, cos, sin)
     for got, want in zip(out, ref):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
 
@@ -260,7 +267,9 @@ def test_update_float16_jit_donated_and_rows_without_slots():
     (dict(hd=16), "head_dim >= 32"),
     (dict(cos_shape=(2, 64)), "cos and sin must be"),
     (dict(cos_dtype=jnp.float32), "cos / sin"),
-    (dict(cache_dtype=jnp.float16), "in q's dtype"),
+    (dict(cache_dtype=jnp.float16), "must be in the cache's dtype"),
+    (dict(parts_dtype=jnp.int32), "float32 or the cache's dtype"),
+    (dict(rank=5), "qkv must be"),
     (dict(cfg=da.DecodeAttentionConfig(block_s=16, splits=3)), "splits=3"),
 ])
 def test_update_bad_input_is_rejected(kw, match):
@@ -273,7 +282,11 @@ def test_update_bad_input_is_rejected(kw, match):
     if "cos_dtype" in kw:
         sin = sin.astype(kw["cos_dtype"])
     if "cache_dtype" in kw:
-        kc = kc.astype(kw["cache_dtype"])
+        kc, vc = kc.astype(kw["cache_dtype"]), vc.astype(kw["cache_dtype"])
+    if "parts_dtype" in kw:
+        qkv = qkv[None].astype(kw["parts_dtype"])
+    if "rank" in kw:
+        qkv = qkv.reshape((1,) * (kw["rank"] - 3) + qkv.shape)
     with pytest.raises(ValueError, match=match):
         da.decode_attention_update(qkv, kc, vc, valid, 3, cos, sin, config=kw.get("cfg"), interpret=True)
 
@@ -289,3 +302,10 @@ def test_update_compiled_on_gpu(b, h, kvh, hd, s, index):
     kc0, vc0 = jnp.array(kc, copy=True), jnp.array(vc, copy=True)
     out = jax.jit(da.decode_attention_update)(qkv, kc, vc, valid, jnp.int32(index), cos, sin)
     _check_update(out, qkv, kc0, vc0, valid, index, cos, sin)
+    # the same from 5 fp32 split-K addends, the caches donated (written in place)
+    noise = jax.random.normal(jax.random.key(index), (4, *qkv.shape), jnp.float32)
+    parts = jnp.concatenate([qkv.astype(jnp.float32)[None] - noise.sum(0), noise])
+    rounded = jnp.sum(parts, axis=0).astype(qkv.dtype)
+    f = jax.jit(da.decode_attention_update, donate_argnums=(1, 2))
+    out = f(parts, jnp.array(kc0, copy=True), jnp.array(vc0, copy=True), valid, jnp.int32(index), cos, sin)
+    _check_update(out, rounded, kc0, vc0, valid, index, cos, sin)

@@ -234,6 +234,34 @@ def test_weight_layouts_and_output_options(layout, tiles, new, monkeypatch):
         mg.pack_mgpu_linear(lin, bits=4, layout="kn")
 
 
+def test_parts_add_up_to_the_product(monkeypatch):
+    """gptq_matmul_mgpu_parts: a token-major split-K grid hands out its fp32 partials (their sum,
+    rounded, is gptq_matmul_mgpu's output), other configs one addend, the product; dispatch's
+    matmul_parts the same for Mosaic-prepared layers and one addend for the others."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 2)
+    lin, w64, p = make(81, 512, 256, 4, 128, True)
+    x = jax.random.normal(jax.random.key(82), (2, 1, 512), jnp.float32).astype(jnp.bfloat16)
+    split = mg.MgpuConfig(block_m=8, block_n=64, block_k=128, split_k=4, num_stages=2, scale_mode="acc",
+                          transpose_out=True)
+    for cfg, n_parts in ((split, 4), (dataclasses.replace(split, transpose_out=False), 1),
+                         (dataclasses.replace(split, split_k=1), 1)):
+        parts = mg.gptq_matmul_mgpu_parts(x, p, config=cfg, interpret=True)
+        y = mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=True)
+        assert parts.shape == (n_parts, 2, 1, 256), cfg
+        assert parts.dtype == (jnp.float32 if n_parts > 1 else jnp.bfloat16)
+        total = jnp.sum(parts.astype(jnp.float32), axis=0).astype(jnp.bfloat16)
+        np.testing.assert_allclose(np.asarray(total, np.float32), np.asarray(y, np.float32), rtol=1e-2, atol=1e-2)
+        assert rel_err(total, np.asarray(x, np.float64) @ w64) < 8e-3, cfg
+    prep = dispatch.prepare(lin, bits=4, backend="gpu", interpret=True, gpu_kernel="mgpu")
+    got = dispatch.matmul_parts(x, prep)
+    assert got.ndim == 4 and got.shape[1:] == (2, 1, 256)
+    assert rel_err(jnp.sum(got.astype(jnp.float32), 0).astype(jnp.bfloat16), np.asarray(x, np.float64) @ w64) < 8e-3
+    tri = dispatch.prepare(lin, bits=4, backend="gpu", interpret=True, gpu_kernel="triton")
+    one = dispatch.matmul_parts(x, tri)
+    assert one.shape == (1, 2, 1, 256)
+    np.testing.assert_array_equal(np.asarray(one[0]), np.asarray(dispatch.matmul(x, tri)))
+
+
 def test_tma_bounds_pads_only_what_tiled_views_need():
     """With ``tma_bounds`` the hardware path hands x over unpadded below 8 rows, padded to a
     multiple of 8 above (Mosaic's tiled GMEM views need it), and K unpadded when it is a whole
