@@ -343,13 +343,13 @@ def _update_kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, 
     c = cos_ref[...]
     s = sin_ref[...]
     # the G query heads of key/value head n (rows n*G ..), padded to Gp rows by masked loads
-    qmask = jnp.broadcast_to((jnp.arange(gp) < g)[:, None], (gp, half))
+    rmask = (jnp.arange(gp) < g)[:, None]  # [Gp, 1]
     if n_parts:  # the q/k/v matmul's split-K partials [P, rows, hd]: add them here, round once
         pp = 1 << (n_parts - 1).bit_length()
         pmask = jnp.arange(pp) < n_parts
 
         def rows(r0, cols):
-            m3 = pmask[:, None, None] & qmask[None, :, :1]
+            m3 = pmask[:, None, None] & rmask[None, :, :]
             x = plt.load(qkv_ref.at[pl.ds(0, pp), pl.ds(r0, gp), cols],
                          mask=jnp.broadcast_to(m3, (pp, gp, cols.size)), other=0)
             return jnp.sum(x.astype(jnp.float32), axis=0).astype(dt)
@@ -360,7 +360,7 @@ def _update_kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, 
             return jnp.sum(x.astype(jnp.float32), axis=0).astype(dt)
     else:
         def rows(r0, cols):
-            return plt.load(qkv_ref.at[pl.ds(r0, gp), cols], mask=jnp.broadcast_to(qmask[:, :1], (gp, cols.size)),
+            return plt.load(qkv_ref.at[pl.ds(r0, gp), cols], mask=jnp.broadcast_to(rmask, (gp, cols.size)),
                             other=0)
 
         def row(r, cols):
