@@ -203,8 +203,11 @@ def _update_inputs(seed, b, h, kvh, hd, s, dtype=jnp.bfloat16):
     return qkv, kc, vc, valid, jnp.asarray(np.cos(ang), dtype), jnp.asarray(np.sin(ang), dtype)
 
 
-def _check_update(out, qkv, kc, vc, valid, index, cos, sin, tol=2e-2):
-    """The kernel's (o, k_cache, v_cache) vs float64: RoPE on the rounded inputs, the write, attention."""
+def _check_update(out, qkv, kc, vc, valid, index, cos, sin, tol=2e-2, exact_v=True):
+    """The kernel's (o, k_cache, v_cache) vs float64: RoPE on the rounded inputs, the write, attention.
+
+    ``exact_v=False`` where ``qkv`` is an XLA sum of the addends the kernel added itself: the two
+    fp32 sums may round to neighbouring bf16 values."""
     o, k_new, v_new = out
     b, rows, hd = qkv.shape
     kvh = kc.shape[2]
@@ -216,7 +219,10 @@ def _check_update(out, qkv, kc, vc, valid, index, cos, sin, tol=2e-2):
     want_k[:, index], want_v[:, index] = k, x[:, h + kvh:]
     # the written slot: the rotated key rounded once per product/sum in the compute dtype
     np.testing.assert_allclose(f64(k_new)[:, index], want_k[:, index], atol=4e-2 * np.abs(k).max(), rtol=0)
-    np.testing.assert_array_equal(f64(v_new)[:, index], want_v[:, index])
+    if exact_v:
+        np.testing.assert_array_equal(f64(v_new)[:, index], want_v[:, index])
+    else:  # at most one bf16 ulp apart
+        np.testing.assert_allclose(f64(v_new)[:, index], want_v[:, index], rtol=2.0**-7, atol=1e-6)
     others = np.arange(kc.shape[1]) != index  # every other slot is untouched, bit for bit
     np.testing.assert_array_equal(np.asarray(k_new)[:, others], np.asarray(kc)[:, others])
     np.testing.assert_array_equal(np.asarray(v_new)[:, others], np.asarray(vc)[:, others])
@@ -246,7 +252,7 @@ def test_update_matches_float64_reference(b, h, kvh, hd, s, index, cfg, n_parts)
         qkv = jnp.sum(arg, axis=0).astype(qkv.dtype)  # what the kernel rounds its sum to
     out = da.decode_attention_update(arg, kc, vc, valid, index, cos, sin, config=cfg, interpret=True)
     assert [a.dtype for a in out] == [qkv.dtype] * 3 and out[1].shape == kc.shape
-    _check_update(out, qkv, kc, vc, valid, index, cos, sin)
+    _check_update(out, qkv, kc, vc, valid, index, cos, sin, exact_v=not n_parts)
     ref = da.reference_update(arg, kc, vc, valid, index, cos, sin)
     for got, want in zip(out, ref):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
@@ -323,4 +329,4 @@ def test_update_compiled_on_gpu(b, h, kvh, hd, s, index):
     rounded = jnp.sum(parts, axis=0).astype(qkv.dtype)
     f = jax.jit(da.decode_attention_update, donate_argnums=(1, 2))
     out = f(parts, jnp.array(kc0, copy=True), jnp.array(vc0, copy=True), valid, jnp.int32(index), cos, sin)
-    _check_update(out, rounded, kc0, vc0, valid, index, cos, sin)
+    _check_update(out, rounded, kc0, vc0, valid, index, cos, sin, exact_v=False)
