@@ -215,24 +215,11 @@ def _forward(q, k_cache, v_cache, k_valid, index, cfg: DecodeAttentionConfig, in
         out_shape = jax.ShapeDtypeStruct((b, kvh, gp, hd), q.dtype)
         out_specs = pl.BlockSpec((None, None, gp, hd), lambda i, n, j: (i, n, 0, 0))
     else:
-        out_shape = (jax.ShapeDtypeStruct((b, kvh, sp, gp, hd), jnp.float32),
-                     jax.ShapeDtypeStruct((b, kvh, sp, gp), jnp.float32),
-                     jax.ShapeDtypeStruct((b, kvh, sp, gp), jnp.float32))
-        out_specs = (pl.BlockSpec((None, None, None, gp, hd), lambda i, n, j: (i, n, j, 0, 0)),
-                     pl.BlockSpec((None, None, None, gp), lambda i, n, j: (i, n, j, 0)),
-                     pl.BlockSpec((None, None, None, gp), lambda i, n, j: (i, n, j, 0)))
+        out_shape, out_specs = _split_outputs(b, kvh, sp, gp, hd)
     kernel = functools.partial(_kernel, block_s=cfg.block_s, split_len=split_len, scale=1.0 / math.sqrt(hd),
                                normalize=normalize)
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        params["compiler_params"] = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the Triton lowering is deprecated upstream
-        out = pl.pallas_call(kernel, out_shape=out_shape, grid=(b, kvh, sp), in_specs=in_specs,
-                             out_specs=out_specs, interpret=interpret, name="decode_attention",
-                             **params)(idx, qg, k_cache, v_cache, valid)
+    out = _pallas_call(kernel, cfg, interpret, "decode_attention", out_shape=out_shape, grid=(b, kvh, sp),
+                       in_specs=in_specs, out_specs=out_specs)(idx, qg, k_cache, v_cache, valid)
     if normalize:
         o = out[:, :, :g]
     else:
@@ -452,31 +439,44 @@ def _forward_update(qkv, k_cache, v_cache, k_valid, index, cos, sin, cfg: Decode
         o_shapes = (jax.ShapeDtypeStruct((b, h, hd), k_cache.dtype),)
         o_specs = (pl.BlockSpec((None, h, hd), lambda i, n, j: (i, 0, 0)),)
     else:
-        o_shapes = (jax.ShapeDtypeStruct((b, kvh, sp, gp, hd), jnp.float32),
-                    jax.ShapeDtypeStruct((b, kvh, sp, gp), jnp.float32),
-                    jax.ShapeDtypeStruct((b, kvh, sp, gp), jnp.float32))
-        o_specs = (pl.BlockSpec((None, None, None, gp, hd), lambda i, n, j: (i, n, j, 0, 0)),
-                   pl.BlockSpec((None, None, None, gp), lambda i, n, j: (i, n, j, 0)),
-                   pl.BlockSpec((None, None, None, gp), lambda i, n, j: (i, n, j, 0)))
+        o_shapes, o_specs = _split_outputs(b, kvh, sp, gp, hd)
     n_o = len(o_shapes)
     kernel = functools.partial(_update_kernel, h=h, g=g, gp=gp, n_parts=n_parts, block_s=cfg.block_s,
-                               split_len=split_len,
-                               scale=1.0 / math.sqrt(hd), normalize=normalize)
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        params["compiler_params"] = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        out = pl.pallas_call(kernel, out_shape=(*o_shapes, *cache_shapes), grid=(b, kvh, sp), in_specs=in_specs,
-                             out_specs=(*o_specs, cache_spec, cache_spec),
-                             input_output_aliases={4: n_o, 5: n_o + 1}, interpret=interpret,
-                             name="decode_attention_update", **params)(idx, qkv, cos, sin, k_cache, v_cache, valid)
+                               split_len=split_len, scale=1.0 / math.sqrt(hd), normalize=normalize)
+    out = _pallas_call(kernel, cfg, interpret, "decode_attention_update", out_shape=(*o_shapes, *cache_shapes),
+                       grid=(b, kvh, sp), in_specs=in_specs, out_specs=(*o_specs, cache_spec, cache_spec),
+                       input_output_aliases={4: n_o, 5: n_o + 1})(idx, qkv, cos, sin, k_cache, v_cache, valid)
     *o_out, k_new, v_new = out
     if normalize:
         return o_out[0], k_new, v_new
     return _combine(*o_out, g, k_cache.dtype).reshape(b, h, hd), k_new, v_new
+
+
+def _split_outputs(b: int, kvh: int, sp: int, gp: int, hd: int):
+    """Shapes and specs of the fp32 per-split partials ``(o, max, sum)`` over grid ``(B, KV, splits)``."""
+    shapes = (jax.ShapeDtypeStruct((b, kvh, sp, gp, hd), jnp.float32),
+              jax.ShapeDtypeStruct((b, kvh, sp, gp), jnp.float32),
+              jax.ShapeDtypeStruct((b, kvh, sp, gp), jnp.float32))
+    specs = (pl.BlockSpec((None, None, None, gp, hd), lambda i, n, j: (i, n, j, 0, 0)),
+             pl.BlockSpec((None, None, None, gp), lambda i, n, j: (i, n, j, 0)),
+             pl.BlockSpec((None, None, None, gp), lambda i, n, j: (i, n, j, 0)))
+    return shapes, specs
+
+
+def _pallas_call(kernel, cfg: DecodeAttentionConfig, interpret: bool, name: str, **kw):
+    """``pl.pallas_call`` with the config's Triton launch parameters (none in the interpreter)."""
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        kw["compiler_params"] = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    call = pl.pallas_call(kernel, interpret=interpret, name=name, **kw)
+
+    def run(*args):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the Triton lowering is deprecated upstream
+            return call(*args)
+
+    return run
 
 
 def _combine(o_p, m_p, l_p, g: int, dtype):

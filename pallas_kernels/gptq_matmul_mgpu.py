@@ -1414,6 +1414,17 @@ def _stream_sum(parts: jax.Array, counts: np.ndarray, mp: int, packed: MgpuPacke
 # ------------------------------------------------------------------------------------------ public
 
 
+def _resolve(x: jax.Array, packed: MgpuPacked, config: MgpuConfig | None) -> tuple[tuple[int, ...], int, MgpuConfig]:
+    """Validated ``(leading dims, token count, config)`` of a call (default config for that M)."""
+    lead = x.shape[:-1]
+    m = math.prod(lead)
+    if not isinstance(packed, MgpuPacked):
+        _validate(x, packed, MgpuConfig())
+    cfg = config or default_config(max(m, 1), packed)
+    _validate(x, packed, cfg)
+    return lead, m, cfg
+
+
 def gptq_matmul_mgpu(
     x: jax.Array,
     packed: MgpuPacked,
@@ -1433,12 +1444,7 @@ def gptq_matmul_mgpu(
       ValueError: wrong dtype / shape, or a config that does not fit the layer (see
         :class:`MgpuConfig`).
     """
-    lead = x.shape[:-1]
-    m = math.prod(lead)
-    if not isinstance(packed, MgpuPacked):
-        _validate(x, packed, MgpuConfig())
-    cfg = config or default_config(max(m, 1), packed)
-    _validate(x, packed, cfg)
+    lead, m, cfg = _resolve(x, packed, config)
     if m == 0:
         return jnp.zeros((*lead, packed.n), x.dtype)
     y = _forward(x.reshape(m, packed.k), packed, cfg, interpret)
@@ -1459,12 +1465,7 @@ def gptq_matmul_mgpu_parts(
     kernel's fp32 partials as written, so a consumer kernel can add them itself instead of XLA
     running a separate sum; otherwise ``P = 1`` and the one addend is the finished product.
     """
-    lead = x.shape[:-1]
-    m = math.prod(lead)
-    if not isinstance(packed, MgpuPacked):
-        _validate(x, packed, MgpuConfig())
-    cfg = config or default_config(max(m, 1), packed)
-    _validate(x, packed, cfg)
+    lead, m, cfg = _resolve(x, packed, config)
     if m == 0:
         return jnp.zeros((1, *lead, packed.n), x.dtype)
     if cfg.schedule != "grid" or not cfg.writes_y:
