@@ -1500,7 +1500,7 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
         args += (_x_block_sums(x2, cfg),)
     if cfg.schedule == "grid":
         out = _build(mp, packed, cfg, cdt, interpret, rows if cfg.writes_y else mp)(*args)  # [split, rows, Np]
-        if parts:  # token-major (writes_y): the partials as they are, [split, m, N]
+        if parts and cfg.writes_y:  # token-major: the partials as they are, [split, m, N]
             return out[:, :m, : packed.n]
         y = out.sum(0) if out.shape[0] > 1 else out[0]  # one slot: no split, or split_reduce="tma"
         if cfg.writes_y:
