@@ -471,6 +471,8 @@ E2E_CONFIGS = {
     "cta32": ({}, _grid_variant(ctas_per_sm=32, min_steps=2)),
     "split32": ({}, _grid_variant(max_split=32)),
     "tma-split32": ({}, lambda default, m, p: _tma_reduce(_grid_variant(max_split=32)(default, m, p))),
+    # session 11's default: the split-K partials summed in XLA (or by the consumer kernel)
+    "xla-reduce": ({}, lambda default, m, p: dataclasses.replace(default(m, p), split_reduce="xla")),
 }
 
 
@@ -538,10 +540,148 @@ def bench_decode_attention(args) -> list[dict]:
     return rows
 
 
+def update_sweep_configs(b: int, kvh: int, s: int, index: int) -> list:
+    """``--decode-attn-update`` configs: the default, then block_s x warps x stages around it,
+    then more splits (each valid for ``s`` slots)."""
+    from jgptq.pallas_kernels import decode_attention as da
+
+    d = da.default_config(b, kvh, s)
+    out = [d]
+    for bs, nw, ns in itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3)):
+        c = dataclasses.replace(d, block_s=bs, num_warps=nw, num_stages=ns)
+        if (s // d.splits) % bs == 0 and c not in out:
+            out.append(c)
+    for sp in (2, 4, 8):
+        c = dataclasses.replace(d, splits=sp)
+        if s % (sp * d.block_s) == 0 and sp * d.block_s <= max(index, 1) * 2 and c not in out:
+            out.append(c)
+    return out
+
+
+def bench_decode_update(args) -> list[dict]:
+    """Device-timed ``decode_attention_update`` (RoPE + cache write + attention) over configs, from
+    ``--decode-attn-parts`` fp32 split-K addends of the q/k/v matmul as in the 7B step (0: one bf16
+    input). The caches are donated and carried from call to call (written in place, as in the
+    decode loop), rotated over copies larger than L2. Times are the profiler's GPU kernel
+    durations (median over every call of a config): the configs of a point run one after another
+    in one trace, so their kernels are told apart by order."""
+    import glob
+    import gzip
+
+    from jgptq.pallas_kernels import decode_attention as da
+
+    interp = jax.default_backend() != "gpu"
+    rows = []
+    for spec in args.decode_attn_shapes.split(","):
+        b, h, kvh, hd, s = (int(v) for v in spec.split("x"))
+        if interp:
+            b, h, kvh, hd, s = min(b, 2), 4, 2, 64, min(s, 128)
+        n = 2 if interp else _copies(2 * b * s * kvh * hd * 2)
+        p = args.decode_attn_parts
+        key = jax.random.key(b * s + h)
+        shape = (p, b, h + 2 * kvh, hd) if p else (b, h + 2 * kvh, hd)
+        qkv = jax.random.normal(key, shape, jnp.float32 if p else jnp.bfloat16)
+        ang = jax.random.uniform(jax.random.fold_in(key, 1), (b, hd // 2)) * 6.0
+        cos, sin = jnp.cos(ang).astype(jnp.bfloat16), jnp.sin(ang).astype(jnp.bfloat16)
+        valid = jnp.ones((b, s), bool)
+
+        def fresh():
+            return ([jax.random.normal(jax.random.fold_in(key, 2 * i + 2), (b, s, kvh, hd), jnp.bfloat16)
+                     for i in range(n)],
+                    [jax.random.normal(jax.random.fold_in(key, 2 * i + 3), (b, s, kvh, hd), jnp.bfloat16)
+                     for i in range(n)])
+
+        for index in (s // 2, s - 1):
+            if over_budget():
+                break
+            cfgs = update_sweep_configs(b, kvh, s, index)[: args.decode_attn_max_cfgs]
+            runs = []  # (cfg, name, jitted fn, [kcs, vcs], err)
+            for cfg in cfgs:
+                if over_budget():
+                    break
+
+                def fn(qkv, kcs, vcs, index, cfg=cfg):
+                    outs = [da.decode_attention_update(qkv, kc, vc, valid, index, cos, sin, config=cfg,
+                                                       interpret=interp) for kc, vc in zip(kcs, vcs)]
+                    return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
+
+                f = jax.jit(fn, donate_argnums=(1, 2))
+                name = f"bs{cfg.block_s},sp{cfg.splits},w{cfg.num_warps},st{cfg.num_stages}"
+                try:
+                    kcs, vcs = fresh()
+                    ref = da.reference_update(qkv, kcs[0], vcs[0], valid, index, cos, sin)[0]
+                    o, kcs, vcs = f(qkv, kcs, vcs, jnp.int32(index))
+                    err = float(jnp.max(jnp.abs(o[0].astype(jnp.float32) - ref.astype(jnp.float32))))
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    print(report_failure(f"decode update {spec} {name}", e), flush=True)
+                    continue
+                runs.append([cfg, name, f, [kcs, vcs], err])
+            reps = 2 if interp else 10
+            tdir = os.path.join(args.out, f"trace_update_{spec}_{index}")
+            with jax.profiler.trace(tdir, create_perfetto_trace=True):
+                for run in runs:
+                    kcs, vcs = run[3]
+                    for _ in range(reps):
+                        o, kcs, vcs = run[2](qkv, kcs, vcs, jnp.int32(index))
+                    jax.block_until_ready(o)
+                    run[3] = [kcs, vcs]
+            files = glob.glob(os.path.join(tdir, "**", "*perfetto_trace.json.gz"), recursive=True)
+            spans = []
+            if files:
+                with gzip.open(files[0]) as fh:
+                    tr = json.load(fh)
+                events = tr["traceEvents"] if isinstance(tr, dict) else tr
+                spans = sorted((e["ts"], e["dur"]) for e in events
+                               if e.get("ph") == "X" and "decode_attention_update" in e.get("name", "") and "dur" in e)
+            per = reps * n
+            if len(spans) != per * len(runs):
+                print(f"decode update {spec} index {index}: {len(spans)} kernel spans in the trace, expected "
+                      f"{per} x {len(runs)}; no device times", flush=True)
+                continue
+            for i, (cfg, name, _, _, err) in enumerate(runs):
+                t = statistics.median(d for _, d in spans[i * per:(i + 1) * per]) * 1e-6
+                read = 2 * b * kvh * hd * 2 * (index + 1)
+                row = dict(decode_update=spec, B=b, H=h, KV=kvh, hd=hd, S=s, index=index, parts=p, cfg=name,
+                           default=i == 0 and cfg == cfgs[0], us=t * 1e6, GBps=read / t / 1e9, max_abs_err=err)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del runs
+    print(f"\ndecode_attention_update, {args.decode_attn_parts} fp32 q/k/v addends (device us; best 3 + default):")
+    for key in dict.fromkeys((r["decode_update"], r["index"]) for r in rows):
+        pts = sorted((r for r in rows if (r["decode_update"], r["index"]) == key), key=lambda r: r["us"])
+        dflt = next((r for r in pts if r["default"]), None)
+        best = ", ".join(f"{r['cfg']} {r['us']:.1f}" for r in pts[:3])
+        print(f"  {key[0]:>18} index {key[1]:5d}: default {dflt['us'] if dflt else float('nan'):6.1f} | best {best}"
+              f" | err {max(r['max_abs_err'] for r in pts):.1e}")
+    return rows
+
 def e2e_base(rows: list[dict], r: dict) -> dict:
-    """The bf16 row that ``r`` is compared with: same batch, same decode attention."""
-    return next(b for b in rows if b["e2e"].split(",attn-")[0] == "bf16" and b["batch"] == r["batch"]
-                and b.get("attention") == r.get("attention"))
+    """The bf16 row that ``r`` is compared with: same batch, same decode attention and norm."""
+    return next(b for b in rows if b["model"] == "bf16" and b["batch"] == r["batch"]
+                and b.get("attention") == r.get("attention") and b.get("norm") == r.get("norm"))
+
+
+@contextlib.contextmanager
+def e2e_norm(variant: str):
+    """``--e2e-norm`` variant -> the ``norm=`` of ``forward_step``, with ``pallas`` variants'
+    suffixes applied while tracing: ``-pN`` the kernel adds at most N split-K addends itself
+    (``jgptq.models.llama.NORM_MAX_PARTS``), ``-wN`` it runs N warps (``add_rms_norm.default_config``)."""
+    from jgptq.models import llama
+    from jgptq.pallas_kernels import add_rms_norm as arn
+
+    old_parts, old_cfg = llama.NORM_MAX_PARTS, arn.default_config
+    name, *opts = variant.split("-")
+    for o in opts:
+        if o[:1] == "p" and o[1:].isdigit():
+            llama.NORM_MAX_PARTS = int(o[1:])
+        elif o[:1] == "w" and o[1:].isdigit():
+            arn.default_config = lambda m, d, n, w=int(o[1:]): dataclasses.replace(old_cfg(m, d, n), num_warps=w)
+        else:
+            raise SystemExit(f"--e2e-norm: unknown suffix {o!r} in {variant!r} (-pN, -wN)")
+    try:
+        yield name
+    finally:
+        llama.NORM_MAX_PARTS, arn.default_config = old_parts, old_cfg
 
 
 def e2e_cache(model, batch: int, slots: int, context: int) -> dict:
@@ -657,20 +797,25 @@ def bench_e2e(args) -> list[dict]:
         leaves, treedef = jax.tree.flatten(model)
 
         attns = args.e2e_attention.split(",")
-        for attn in attns:  # the same weights, one jitted step per decode-attention implementation
-            name = label if len(attns) == 1 else f"{label},attn-{attn}"
+        norms = args.e2e_norm.split(",")
+        for attn, nvar in itertools.product(attns, norms):  # the same weights, one jitted step per variant
+            name = label + (f",attn-{attn}" if len(attns) > 1 else "") + (f",norm-{nvar}" if len(norms) > 1 else "")
+            nrm = nvar.split("-")[0]
+            if nrm not in ("auto", "xla", "pallas"):
+                raise SystemExit(f"--e2e-norm: unknown implementation {nvar!r}")
 
-            def run(leaves, ids, mask, cache, treedef=treedef, attn=attn):
-                return jax.tree.unflatten(treedef, leaves).step(ids, mask, cache, last_only=True, attention=attn)
+            def run(leaves, ids, mask, cache, treedef=treedef, attn=attn, nrm=nrm):
+                return jax.tree.unflatten(treedef, leaves).step(ids, mask, cache, last_only=True, attention=attn,
+                                                                 norm=nrm)
 
-            def run_scan(leaves, ids, mask, cache, treedef=treedef, attn=attn):
+            def run_scan(leaves, ids, mask, cache, treedef=treedef, attn=attn, nrm=nrm):
                 # --e2e-scan: that many greedy decode steps in one jitted lax.scan (one host call for
                 # all of them: the per-call host work of dispatching ~600 arguments, and any CUDA graph
                 # update, is paid once per scan)
                 def body(carry, _):
                     ids, cache = carry
                     logits, cache = jax.tree.unflatten(treedef, leaves).step(ids, mask, cache, last_only=True,
-                                                                              attention=attn)
+                                                                              attention=attn, norm=nrm)
                     return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None], cache), None
 
                 (ids, cache), _ = jax.lax.scan(body, (ids, cache), None, length=args.e2e_scan)
@@ -683,15 +828,17 @@ def bench_e2e(args) -> list[dict]:
                 cache = e2e_cache(model, batch, args.e2e_slots, args.e2e_context)
                 ids = jnp.ones((batch, 1), jnp.int32)
                 mask = jnp.ones((batch, 1), bool)
-                logits, cache = step(leaves, ids, mask, cache)  # compile (under this model's patch)
-                jax.block_until_ready(logits)
-                if scan is not None:
-                    _, cache = scan(leaves, ids, mask, cache)
-                    jax.block_until_ready(cache)
+                with e2e_norm(nvar):
+                    logits, cache = step(leaves, ids, mask, cache)  # compile (under this model's patch)
+                    jax.block_until_ready(logits)
+                    if scan is not None:
+                        _, cache = scan(leaves, ids, mask, cache)
+                        jax.block_until_ready(cache)
                 state[batch] = [ids, mask, cache]
             built.append((name, (step, scan), leaves, state, dict(device_bytes_all_state=total_bytes,
                                                                   kernel_arrays=kernels, kernel_bytes=wbytes,
-                                                                  attention=attn, context=args.e2e_context)))
+                                                                  attention=attn, norm=nvar, model=label,
+                                                                  context=args.e2e_context)))
         if args.e2e_generate:  # models.generate.generate() flattens the module itself
             gen_models[label] = model
         del model
@@ -741,17 +888,22 @@ def bench_e2e(args) -> list[dict]:
     if args.e2e_generate:  # the user path: jgptq.models.generate.generate, batch 1, greedy
         from jgptq.models.generate import generate
 
+        gen_mod = sys.modules["jgptq.models.generate"]
+
         n_new = args.e2e_generate
-        for row in (r for r in rows if r["batch"] == 1 and r["e2e"].split(",attn-")[0] in gen_models):
-            model = gen_models[row["e2e"].split(",attn-")[0]]
+        for row in (r for r in rows if r["batch"] == 1 and r["model"] in gen_models):
+            model = gen_models[row["model"]]
+            gen_mod._COMPILED.clear()  # its cache key has norm="pallas", not the pallas-pN patch
             for chunk in (1, 16):
-                kw = dict(eos_token_id=[], decode_chunk=chunk, attention=row["attention"])
-                generate(model, None, [[1] * 8], n_new, **kw)  # compile
                 rates = []
-                for _ in range(2):
-                    stamps = []
-                    generate(model, None, [[1] * 8], n_new, stream=lambda _s: stamps.append(time.perf_counter()), **kw)
-                    rates.append((n_new - 1) / (time.perf_counter() - stamps[0]))
+                with e2e_norm(row["norm"]) as nrm:
+                    kw = dict(eos_token_id=[], decode_chunk=chunk, attention=row["attention"], norm=nrm)
+                    generate(model, None, [[1] * 8], n_new, **kw)  # compile
+                    for _ in range(2):
+                        stamps = []
+                        generate(model, None, [[1] * 8], n_new, stream=lambda _s: stamps.append(time.perf_counter()),
+                                 **kw)
+                        rates.append((n_new - 1) / (time.perf_counter() - stamps[0]))
                 row[f"generate_tok_s_chunk{chunk}"] = max(rates)
         gen_models.clear()
     q_w = layers * sum(k * n for k, n in shapes.values())
@@ -925,12 +1077,23 @@ def main() -> None:
     ap.add_argument("--decode-attn", action="store_true",
                     help="only the decode-attention benchmark: pallas_kernels.decode_attention vs the models' "
                          "XLA attention (one new token per row over a KV cache)")
+    ap.add_argument("--decode-attn-update", action="store_true",
+                    help="only the fused decode step's kernel (decode_attention_update) over a config sweep, "
+                         "on --decode-attn-shapes")
+    ap.add_argument("--decode-attn-parts", type=int, default=8,
+                    help="--decode-attn-update: fp32 split-K addends of q/k/v (the 7B step at batch 1 has 8; 0: bf16)")
+    ap.add_argument("--decode-attn-max-cfgs", type=int, default=40,
+                    help="--decode-attn-update: configs per point at most (the default first)")
     ap.add_argument("--decode-attn-shapes", default="1x32x32x128x256,16x32x32x128x256,1x32x32x128x4096,"
                     "16x32x8x128x4096,1x32x8x128x32768",
                     help="comma list of BxHxKVxhdxS")
     ap.add_argument("--e2e-attention", default="auto",
                     help="comma list of decode-attention implementations (auto, xla, pallas; "
                          "jgptq.models.llama.DECODE_ATTENTION), each timed on every model")
+    ap.add_argument("--e2e-norm", default="auto",
+                    help="comma list of decode residual-add + RMSNorm implementations (auto, xla, pallas, "
+                         "pallas-pN: the kernel adding at most N split-K addends itself, pallas-wN: with N warps; "
+                         "jgptq.models.llama.DECODE_NORM), each timed with every attention variant")
     ap.add_argument("--e2e-batches", default="1,16",
                     help="comma list of batch sizes (every model keeps a KV cache per batch size and "
                          "attention variant on the device: 16 GB per batch-16 cache at 4096 slots)")
@@ -940,6 +1103,14 @@ def main() -> None:
                     help="also time the quantized model with q/k/v and gate/up as separate kernels")
     args = ap.parse_args()
     print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
+    if args.decode_attn_update:
+        if args.budget_s:
+            globals()["DEADLINE"] = time.monotonic() + args.budget_s
+        rows = bench_decode_update(args)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_decode_update.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        return
     if args.decode_attn:
         rows = bench_decode_attention(args)
         os.makedirs(args.out, exist_ok=True)

@@ -12,7 +12,8 @@
 #    E2E_ARGS replaces its extra flags (default --e2e-nofuse; --e2e-variants adds nk-layout / session-4 models;
 #    models are timed in 3 interleaved rounds, --e2e-rounds; --e2e-trace adds GPU busy / idle per step).
 # Time boxes (seconds): DUMP_S (default 0: part 0, Mosaic dumps, skipped), TESTS_S (default 130), BIG_S (250), REST_S (120),
-# DA_S (0: the decode-attention benchmark, bench_kernels.py --decode-attn), E2E_S (0); 0 skips that part.
+# DA_S (0: the decode-attention benchmark, bench_kernels.py --decode-attn), DU_S (0: the fused decode step kernel's
+# config sweep, --decode-attn-update on DU_SHAPES), E2E_S (0); 0 skips that part.
 # PERSIST=0 skips the persistent-schedule tests of part 1.
 # TESTS_PATH narrows part 1 (one or more space-separated paths, e.g. tests/pallas_kernels/test_gptq_matmul_mgpu.py);
 # TESTS_MARK replaces its marker expression (default gpu; "gpu or not gpu" runs every test of those paths),
@@ -88,6 +89,15 @@ if [ "${DA_S:-0}" != 0 ]; then
     | tee "$OUT/bench_decode_attention.log" | grep -v '^{' | tail -24
   echo "decode-attn exit: ${PIPESTATUS[0]}"
   mv "$OUT/da/bench_decode_attention.json" "$OUT/" 2>/dev/null; rmdir "$OUT/da" 2>/dev/null
+fi
+if [ "${DU_S:-0}" != 0 ]; then
+  echo "=== fused decode step kernel: config sweep (bench_kernels.py --decode-attn-update) ==="
+  mkdir -p "$OUT/du"
+  timeout $((DU_S + 30)) "$PY" "$REPO/benchmarks/bench_kernels.py" --decode-attn-update --budget-s "$DU_S" \
+    --decode-attn-shapes "${DU_SHAPES:-1x32x32x128x256,16x32x32x128x256,1x32x32x128x4096}" --out "$OUT/du" 2>&1 \
+    | tee "$OUT/bench_decode_update.log" | grep -v '^{' | tail -12
+  echo "decode-update exit: ${PIPESTATUS[0]}"
+  mv "$OUT/du/bench_decode_update.json" "$OUT/" 2>/dev/null; rmdir "$OUT/du" 2>/dev/null
 fi
 if [ "$E2E_S" != 0 ]; then
   echo "=== 4/4 end to end: 7B-shape decode ==="

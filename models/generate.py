@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgptq.models.config import LlamaConfig
-from jgptq.models.llama import DECODE_ATTENTION, LlamaForCausalLM, forward_step, init_cache
+from jgptq.models.llama import DECODE_ATTENTION, DECODE_NORM, LlamaForCausalLM, forward_step, init_cache
 
 __all__ = ["generate", "sample_logits", "bucket_length"]
 
@@ -58,15 +58,16 @@ _COMPILED: dict[Any, tuple[Callable, Callable]] = {}
 
 
 def _step_fns(treedef: Any, config: LlamaConfig, greedy: bool, use_top_p: bool,
-              chunk: int, attention: str = "auto") -> tuple[Callable, Callable]:
-    key = (treedef, config, greedy, use_top_p, chunk, attention)
+              chunk: int, attention: str = "auto", norm: str = "auto") -> tuple[Callable, Callable]:
+    key = (treedef, config, greedy, use_top_p, chunk, attention, norm)
     if key in _COMPILED:
         return _COMPILED[key]
 
     def run(leaves, ids, mask, cache):
         model = jax.tree.unflatten(treedef, leaves)
         tree = model.tree() if isinstance(model, LlamaForCausalLM) else model
-        logits, cache = forward_step(tree, ids, mask, cache, config, last_only=True, attention=attention)
+        logits, cache = forward_step(tree, ids, mask, cache, config, last_only=True, attention=attention,
+                                     norm=norm)
         return logits[:, 0], cache
 
     def prefill(leaves, ids, mask, cache, rng, temperature, top_p, eos):
@@ -101,7 +102,7 @@ def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: Llam
              prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
              stream: StreamFn | None = None, dtype: Any | None = None, decode_chunk: int = 8,
-             attention: str = "auto") -> list[list[int]]:
+             attention: str = "auto", norm: str = "auto") -> list[list[int]]:
     """Generate continuations of a batch of token-id prompts.
 
     Args:
@@ -126,6 +127,9 @@ def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: Llam
         kernel ``pallas_kernels.decode_attention_update``, RoPE and the cache write fused in, or
         ``decode_attention`` where only that applies; else XLA), ``"xla"``, ``"pallas"`` or
         ``"fused"`` (see ``jgptq.models.llama.DECODE_ATTENTION``).
+      norm: how decode steps run their residual adds + RMSNorms: ``"auto"`` (on CUDA GPUs the
+        one-pass kernel ``pallas_kernels.add_rms_norm``; else XLA), ``"xla"`` or ``"pallas"``
+        (see ``jgptq.models.llama.DECODE_NORM``).
     Returns:
       For each prompt, the generated ids (ending with the EOS id when one was produced).
     """
@@ -148,6 +152,8 @@ def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: Llam
         raise ValueError(f"decode_chunk must be an integer >= 1, got {decode_chunk!r}")
     if attention not in DECODE_ATTENTION:
         raise ValueError(f"attention must be one of {DECODE_ATTENTION}, got {attention!r}")
+    if norm not in DECODE_NORM:
+        raise ValueError(f"norm must be one of {DECODE_NORM}, got {norm!r}")
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt")
@@ -177,7 +183,7 @@ def generate(model_or_params: LlamaForCausalLM | Mapping[str, Any], config: Llam
 
     leaves, treedef = jax.tree.flatten(model)
     greedy = temperature == 0
-    prefill, decode = _step_fns(treedef, config, greedy, top_p < 1, chunk, attention)
+    prefill, decode = _step_fns(treedef, config, greedy, top_p < 1, chunk, attention, norm)
     cache = init_cache(config, b, slots, model.dtype)
     temp = jnp.float32(temperature if not greedy else 1.0)
     tp = jnp.float32(top_p)

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jgptq.models.config import LlamaConfig
+from jgptq.pallas_kernels import add_rms_norm as _add_rms_norm
 from jgptq.pallas_kernels import decode_attention as _decode_attn
 from jgptq.pallas_kernels import dispatch as _dispatch
 from jgptq.models.quant_linear import Linear, QuantLinear, fuse_quantized, linear, linear_from_params
@@ -35,7 +36,7 @@ __all__ = [
     "forward", "forward_step", "init_cache", "positions_from_mask", "rms_norm", "rope_inv_freq",
     "LlamaForCausalLM", "DecoderLayer", "Attention", "MLP", "RMSNorm", "check_params",
     "attention_input", "attention_output", "attention_residual", "mlp_input", "mlp_hidden",
-    "block_output", "ATTENTION_IMPLS", "DECODE_ATTENTION",
+    "block_output", "ATTENTION_IMPLS", "DECODE_ATTENTION", "DECODE_NORM",
 ]
 
 # GPTQ's true-sequential order: each inner list shares one input (and one Hessian).
@@ -193,6 +194,51 @@ def _decode_path(attention: str, x: jax.Array, kc: jax.Array, config: LlamaConfi
     return "fused" if why_fused is None else "pallas" if why is None else "xla"
 
 
+# How a one-token decode step runs each "residual add + RMSNorm" (after o_proj with
+# post_attention_layernorm, after down_proj with the next block's input_layernorm or the final
+# norm): "xla" as jnp ops (three XLA fusions each), "pallas" through the one-pass kernel
+# pallas_kernels.add_rms_norm (which also adds the linear's split-K partials), "auto" the kernel
+# on NVIDIA GPUs (compute capability >= 8.0) where it applies, else XLA.
+DECODE_NORM = ("auto", "xla", "pallas")
+
+# The kernel adds at most this many split-K addends of a linear itself; a linear with more (7B
+# down_proj at batch 1: 22 partials, 360 KB per token) has them summed by XLA first.
+NORM_MAX_PARTS = 8
+
+
+def _norm_path(norm: str, h: jax.Array, config: LlamaConfig) -> str:
+    """``"xla"`` or ``"pallas"``: how this one-token step's residual adds + RMSNorms run."""
+    if norm == "xla":
+        return "xla"
+    why = _add_rms_norm.supported(tuple(h.shape), tuple(h.shape), h.dtype)
+    if norm == "pallas":
+        if why:
+            raise ValueError(f"norm='pallas' cannot run this decode step: {why}; use 'xla' or 'auto'.")
+        return "pallas"
+    return "pallas" if why is None and (_dispatch.cuda_major() or 0) >= 8 else "xla"
+
+
+def _linear_addends(lin: Any, x: jax.Array) -> jax.Array:
+    """``linear(lin, x)`` as ``[P, ..., N]`` addends (a quantized module's split-K partials, at
+    most :data:`NORM_MAX_PARTS` of them; else ``P = 1``, the output itself)."""
+    if callable(getattr(lin, "parts", None)) and getattr(lin, "bias", None) is None:
+        y = lin.parts(x)
+        if y.shape[0] <= NORM_MAX_PARTS:
+            return y
+        return jnp.sum(y.astype(jnp.float32), axis=0).astype(x.dtype)[None]
+    return linear(lin, x)[None]
+
+
+def _add_norm(lin: Any, x: jax.Array, h: jax.Array, scale: jax.Array, config: LlamaConfig
+              ) -> tuple[jax.Array, jax.Array]:
+    """``h + linear(lin, x)`` and its RMSNorm by ``scale``, in one kernel."""
+    y = _linear_addends(lin, x)
+    if y.shape[0] == 1:
+        y = y[0]
+    return _add_rms_norm.add_rms_norm(y, h, jnp.asarray(scale), config.rms_norm_eps,
+                                      interpret=jax.default_backend() != "gpu")
+
+
 def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, k_valid: jax.Array, index: jax.Array
                       ) -> jax.Array:
     """The Pallas decode-attention kernel for ``q [B, 1, H, hd]`` -> ``[B, 1, H * hd]``."""
@@ -238,15 +284,20 @@ def _mlp_act(mlp: Mapping[str, Any], x2: jax.Array) -> jax.Array:
 def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Array, config: LlamaConfig,
            *, kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
            k_valid: jax.Array | None = None, k_pos: jax.Array | None = None, capture: bool = False,
-           attention: str = "xla"):
+           attention: str = "xla", x_in: jax.Array | None = None, next_scale: jax.Array | None = None):
     """One decoder block; with ``kv`` the new keys/values are written at slot ``index`` first
     (``attention``: see :data:`DECODE_ATTENTION`; it applies to one new token per row).
 
-    Returns ``(h, new_kv_or_None, captured_or_None)``.
+    With ``next_scale`` (the norm weight of whatever reads the block's output: the next block's
+    ``input_layernorm`` or the final norm) both residual adds run through the add + RMSNorm
+    kernel, ``x_in`` is this block's normalised input (the previous block's, or None to compute
+    it) and the block also returns its output normalised by ``next_scale``.
+
+    Returns ``(h, new_kv_or_None, captured_or_None)``, plus ``x_next`` with ``next_scale``.
     """
     b, t, _ = h.shape
     attn, mlp = lp["self_attn"], lp["mlp"]
-    x = attention_input(lp, h, config)
+    x = x_in if x_in is not None else attention_input(lp, h, config)
     path = "xla" if kv is None or t != 1 else _decode_path(attention, x, kv[0], config)
     if path == "fused":
         o, kc, vc = _decode_step_fused(attn, x, q_pos, kv[0], kv[1], k_valid, index, config)
@@ -268,11 +319,17 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
             q_slot = index + jnp.arange(t)
             o = _attention(q, kq, vq, q_slot, k_valid, q_pos, k_pos, config)
         new_kv = (kc, vc)
-    h = attention_residual(lp, h, o)
-    x2 = mlp_input(lp, h, config)
+    if next_scale is not None:
+        h, x2 = _add_norm(attn["o_proj"], o, h, lp["post_attention_layernorm"]["scale"], config)
+    else:
+        h = attention_residual(lp, h, o)
+        x2 = mlp_input(lp, h, config)
     act = _mlp_act(mlp, x2)
-    h = h + linear(mlp["down_proj"], act)
     captured = {"attn_in": x, "o_in": o, "mlp_in": x2, "down_in": act} if capture else None
+    if next_scale is not None:
+        h, x_next = _add_norm(mlp["down_proj"], act, h, next_scale, config)
+        return h, new_kv, captured, x_next
+    h = h + linear(mlp["down_proj"], act)
     return h, new_kv, captured
 
 
@@ -352,7 +409,11 @@ def decoder_block(layer_params: Mapping[str, Any], h: jax.Array, positions: jax.
 
 def final_logits(params: Mapping[str, Any], h: jax.Array, config: LlamaConfig) -> jax.Array:
     """Final RMSNorm and LM head: ``h [B, T, D]`` -> logits ``[B, T, V]`` float32."""
-    x = rms_norm(params["norm"]["scale"], h, config.rms_norm_eps)
+    return _lm_head(params, rms_norm(params["norm"]["scale"], h, config.rms_norm_eps), config)
+
+
+def _lm_head(params: Mapping[str, Any], x: jax.Array, config: LlamaConfig) -> jax.Array:
+    """The LM head on final-normed hidden states ``x [B, T, D]`` -> logits float32."""
     if config.tie_word_embeddings:
         e = jnp.asarray(params["embed_tokens"]["embedding"]).astype(x.dtype)
         return jnp.einsum("btd,vd->btv", x, e, preferred_element_type=jnp.float32)
@@ -390,7 +451,7 @@ def init_cache(config: LlamaConfig, batch: int, slots: int, dtype: Any = jnp.flo
 
 
 def forward_step(params: Mapping[str, Any], ids: jax.Array, mask: jax.Array, cache: Mapping[str, Any],
-                 config: LlamaConfig, last_only: bool = False, attention: str = "auto"
+                 config: LlamaConfig, last_only: bool = False, attention: str = "auto", norm: str = "auto"
                  ) -> tuple[jax.Array, dict[str, Any]]:
     """Append ``ids [B, T]`` (validity ``mask [B, T]``) at slot ``cache["index"]`` and run the model.
 
@@ -399,25 +460,39 @@ def forward_step(params: Mapping[str, Any], ids: jax.Array, mask: jax.Array, cac
     rows write the same slots, so batches should be left-padded for decoding. ``attention``
     chooses how a one-token step attends to the cache (:data:`DECODE_ATTENTION`: ``"auto"``,
     ``"xla"``, ``"pallas"`` or ``"fused"``); a row with no valid slot at all gets zeros from the kernel and
-    a uniform average from ``"xla"`` (callers mask such rows out).
+    a uniform average from ``"xla"`` (callers mask such rows out). ``norm`` chooses how a one-token
+    step runs its residual adds + RMSNorms (:data:`DECODE_NORM`: ``"auto"``, ``"xla"`` or
+    ``"pallas"``, the one-pass kernel that also adds the linears' split-K partials).
     """
     if attention not in DECODE_ATTENTION:
         raise ValueError(f"attention must be one of {DECODE_ATTENTION}, got {attention!r}")
+    if norm not in DECODE_NORM:
+        raise ValueError(f"norm must be one of {DECODE_NORM}, got {norm!r}")
     index = cache["index"]
     b, t = ids.shape
     valid = jax.lax.dynamic_update_slice(cache["valid"], mask.astype(bool), (0, index))
     k_pos = positions_from_mask(valid)
     q_pos = jax.lax.dynamic_slice(k_pos, (0, index), (b, t))
     h = embed(params, ids)
+    layers = list(params["layers"])
+    fused_norm = t == 1 and bool(layers) and _norm_path(norm, h, config) == "pallas"
+    x = attention_input(layers[0], h, config) if fused_norm else None
     new_k, new_v = [], []
-    for lp, kc, vc in zip(params["layers"], cache["k"], cache["v"]):
-        h, (kc, vc), _ = _block(lp, h, q_pos, mask, config, kv=(kc, vc), index=index, k_valid=valid, k_pos=k_pos,
-                                attention=attention)
+    for i, (lp, kc, vc) in enumerate(zip(layers, cache["k"], cache["v"])):
+        kw = dict(kv=(kc, vc), index=index, k_valid=valid, k_pos=k_pos, attention=attention)
+        if fused_norm:  # the block hands the next one its normalised input
+            nxt = layers[i + 1]["input_layernorm"]["scale"] if i + 1 < len(layers) else params["norm"]["scale"]
+            h, (kc, vc), _, x = _block(lp, h, q_pos, mask, config, x_in=x, next_scale=nxt, **kw)
+        else:
+            h, (kc, vc), _ = _block(lp, h, q_pos, mask, config, **kw)
         new_k.append(kc)
         new_v.append(vc)
-    if last_only:
-        h = h[:, -1:]
-    logits = final_logits(params, h, config)
+    if fused_norm:  # x is the final norm of h (one token per row: last_only changes nothing)
+        logits = _lm_head(params, x, config)
+    else:
+        if last_only:
+            h = h[:, -1:]
+        logits = final_logits(params, h, config)
     return logits, {"k": new_k, "v": new_v, "valid": valid, "index": index + t}
 
 
@@ -677,9 +752,9 @@ class LlamaForCausalLM(nnx.Module):
         return forward(self.tree(), ids, mask, self.config)
 
     def step(self, ids: jax.Array, mask: jax.Array, cache: Mapping[str, Any], last_only: bool = False,
-             attention: str = "auto"):
+             attention: str = "auto", norm: str = "auto"):
         """:func:`forward_step` on this model: ``(logits, new_cache)``."""
-        return forward_step(self.tree(), ids, mask, cache, self.config, last_only, attention)
+        return forward_step(self.tree(), ids, mask, cache, self.config, last_only, attention, norm)
 
     def init_cache(self, batch: int, slots: int) -> dict[str, Any]:
         """An empty KV cache for ``batch`` rows and ``slots`` positions in the compute dtype."""

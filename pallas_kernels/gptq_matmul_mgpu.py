@@ -569,7 +569,8 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm:
 
     ``min_steps`` (K blocks per CTA at least, when K is split), ``ctas_per_sm`` (the CTA count
     split-K aims for, per SM; default 16 / 8 / 2 by M) and ``max_split`` (the largest split) are
-    the benchmark's tuning knobs. Up to 32 splits: K = 11008 (split-padded to 88 blocks) then
+    the benchmark's tuning knobs. A split K's partials are TMA-reduced in the kernel
+    (``split_reduce="tma"``; the interpreter adds them in XLA). Up to 32 splits: K = 11008 (split-padded to 88 blocks) then
     splits 22 ways of 4 blocks rather than 11 of 8 (the 7B down_proj at M = 1 in the decode step:
     13.3 -> 10.3 us on the H200, benchmarks/RESULTS.md session 10)."""
     if min_steps < 1:
@@ -602,8 +603,12 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm:
     mode = "acc" if packed.group_size % bk == 0 and bm * bn <= 64 * 128 else "weights"
     # token-major partials when the tile has rows past M: they are not written (M = 1: 53 vs 58 us
     # at 8192 x 28672 on the H200 with TMA bounds); a full tile stores faster [Np, Mp]-major
+    # split-K partials TMA-added into one fp32 buffer in the kernel: in the 7B decode step that
+    # took 1902 against 2032 us of GPU time per step (no per-split slots written and read back;
+    # the consumers read one fp32 row), benchmarks/RESULTS.md session 12
     return MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=stages, scale_mode=mode,
-                      w_layout="upcast" if m <= 16 else "auto", transpose_out=True if m < bm else None)
+                      w_layout="upcast" if m <= 16 else "auto", transpose_out=True if m < bm else None,
+                      split_reduce="tma" if split > 1 else "xla")
 
 
 def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:

@@ -230,7 +230,9 @@ def test_fused_decode_step_matches_xla_path(tiny_hf_model, quantized):
     CPU; with the GPTQ model it reads the fused q/k/v matmul's output directly) on left-padded
     bf16 rows of SmolLM2's head layout, step after step: logits as close to the float32 model's
     as the bf16 XLA path's are, KV caches equal to the XLA path's up to bf16 rounding, and
-    generate() the same greedy tokens."""
+    generate() the same greedy tokens. "norm" adds norm="pallas" (each residual add + RMSNorm,
+    the linear's split-K partials included, in one kernel; the next block gets its normalised
+    input from the previous one)."""
     from test_quant_linear import quantize_params
 
     from jgptq.models.llama import forward_step
@@ -241,7 +243,7 @@ def test_fused_decode_step_matches_xla_path(tiny_hf_model, quantized):
         params, _ = quantize_params(params, np.random.default_rng(8), shared_perm=True)
     models = {"f32": LlamaForCausalLM.from_params(cfg, params),
               "xla": LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16)}
-    models["fused"] = models["xla"]
+    models["fused"] = models["norm"] = models["xla"]
     assert ("qkv_proj" in models["xla"].tree()["layers"][0]["self_attn"]) == quantized
     rng = np.random.default_rng(6)
     ids = jnp.asarray(rng.integers(3, 256, size=(3, 5)), jnp.int32)
@@ -249,9 +251,9 @@ def test_fused_decode_step_matches_xla_path(tiny_hf_model, quantized):
     steps = {}
     for name, m in models.items():
         tree = m.tree()
-        steps[name] = jax.jit(lambda ids, mask, cache, attention, tree=tree:
-                              forward_step(tree, ids, mask, cache, cfg, True, attention), static_argnums=3)
-    attn = {"f32": "xla", "xla": "xla", "fused": "fused"}
+        steps[name] = jax.jit(lambda ids, mask, cache, attention, tree=tree, norm="pallas" if name == "norm" else "xla":
+                              forward_step(tree, ids, mask, cache, cfg, True, attention, norm), static_argnums=3)
+    attn = {"f32": "xla", "xla": "xla", "fused": "fused", "norm": "fused"}
     caches = {n: m.init_cache(3, 32) for n, m in models.items()}
     for n in caches:
         _, caches[n] = steps[n](ids, mask, caches[n], attn[n])
@@ -262,16 +264,21 @@ def test_fused_decode_step_matches_xla_path(tiny_hf_model, quantized):
         for n in caches:
             out[n], caches[n] = steps[n](tok, one, caches[n], attn[n])
         ref = np.asarray(out["f32"])
-        err = {n: np.abs(np.asarray(out[n], np.float32) - ref).max() / np.abs(ref).max() for n in ("xla", "fused")}
+        err = {n: np.abs(np.asarray(out[n], np.float32) - ref).max() / np.abs(ref).max()
+               for n in ("xla", "fused", "norm")}
         assert err["fused"] <= 1.5 * err["xla"] + 0.01, (t, err)
+        assert err["norm"] <= 1.5 * err["xla"] + 0.01, (t, err)
         for name in ("k", "v"):
-            for layer, (x, f) in enumerate(zip(caches["xla"][name], caches["fused"][name])):
-                x, f = np.asarray(x, np.float32), np.asarray(f, np.float32)
-                assert np.abs(x - f).max() <= 3e-2 * np.abs(x).max(), (t, name, layer)
-    assert int(caches["fused"]["index"]) == int(caches["xla"]["index"]) == 9
+            for n in ("fused", "norm"):
+                for layer, (x, f) in enumerate(zip(caches["xla"][name], caches[n][name])):
+                    x, f = np.asarray(x, np.float32), np.asarray(f, np.float32)
+                    assert np.abs(x - f).max() <= 3e-2 * np.abs(x).max(), (t, n, name, layer)
+    assert int(caches["fused"]["index"]) == int(caches["norm"]["index"]) == int(caches["xla"]["index"]) == 9
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
     model = models["xla"]
-    assert generate(model, None, prompts, 6, attention="fused") == generate(model, None, prompts, 6, attention="xla")
+    want = generate(model, None, prompts, 6, attention="xla", norm="xla")
+    assert generate(model, None, prompts, 6, attention="fused", norm="xla") == want
+    assert generate(model, None, prompts, 6, attention="fused", norm="pallas") == want
 
 
 def test_decode_attention_argument_errors(tiny_hf_model):
@@ -300,3 +307,28 @@ def test_decode_attention_argument_errors(tiny_hf_model):
     # "auto" falls back to the XLA path off the GPU and for unsupported shapes
     logits, _ = forward_step(model.tree(), ids, one, model.init_cache(1, 16), cfg, attention="auto")
     assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_decode_norm_argument_errors_and_float32(tiny_hf_model):
+    """norm= is checked by name; norm="pallas" on a float32 model (no rounding steps) gives the
+    XLA path's logits to fp32 accuracy, the GPTQ-free tiny SmolLM2 with tied embeddings."""
+    from jgptq.models.llama import forward_step
+
+    cfg, params, _ = load_hf(tiny_hf_model("smollm2").folder)
+    model = LlamaForCausalLM.from_params(cfg, params)
+    ids, one = jnp.ones((2, 1), jnp.int32), jnp.ones((2, 1), bool)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        forward_step(model.tree(), ids, one, model.init_cache(2, 16), cfg, norm="fused")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        generate(model, None, [[1]], 2, norm="rms")
+    tree = model.tree()
+    step = jax.jit(lambda ids, cache, norm: forward_step(tree, ids, one, cache, cfg, True, "xla", norm),
+                   static_argnums=2)
+    caches = {n: model.init_cache(2, 16) for n in ("xla", "pallas")}
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        tok = jnp.asarray(rng.integers(3, 256, size=(2, 1)), jnp.int32)
+        out = {}
+        for n in caches:
+            out[n], caches[n] = step(tok, caches[n], n)
+        np.testing.assert_allclose(np.asarray(out["pallas"]), np.asarray(out["xla"]), rtol=2e-4, atol=2e-4)

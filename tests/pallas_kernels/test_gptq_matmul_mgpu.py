@@ -75,6 +75,9 @@ def test_split_pad_widens_k_for_split_k(k, gs, want, monkeypatch):
     if k == 11008:  # the decode grid: 22 K splits of 4 blocks (704 CTAs at N = 4096), not 2 of 43 (64 CTAs)
         monkeypatch.setattr(mg, "_num_sms", lambda: 132)
         assert mg.default_config(1, p).split_k == 22 and mg.default_config(1, plain).split_k == 2
+        # decode grids TMA-reduce their partials on hardware (the interpreter adds them in XLA)
+        assert mg.default_config(1, p).split_reduce == "tma" and mg._tma_reduces(mg.default_config(1, p), False)
+        assert not mg._tma_reduces(mg.default_config(1, p), True)
         assert mg._grid_config(1, p, max_split=16).split_k == 11
 
 
