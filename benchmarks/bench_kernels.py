@@ -658,7 +658,8 @@ def bench_decode_update(args) -> list[dict]:
 def e2e_base(rows: list[dict], r: dict) -> dict:
     """The bf16 row that ``r`` is compared with: same batch, same decode attention and norm."""
     return next(b for b in rows if b["model"] == "bf16" and b["batch"] == r["batch"]
-                and b.get("attention") == r.get("attention") and b.get("norm") == r.get("norm"))
+                and b.get("attention") == r.get("attention") and b.get("norm") == r.get("norm")
+                and b.get("cmdbuf") == r.get("cmdbuf"))
 
 
 @contextlib.contextmanager
@@ -798,8 +799,12 @@ def bench_e2e(args) -> list[dict]:
 
         attns = args.e2e_attention.split(",")
         norms = args.e2e_norm.split(",")
-        for attn, nvar in itertools.product(attns, norms):  # the same weights, one jitted step per variant
+        cbufs = ("on", "off") if args.e2e_cmdbuf_off else ("on",)
+        for attn, nvar, cbuf in itertools.product(attns, norms, cbufs):  # the same weights, one jitted step each
             name = label + (f",attn-{attn}" if len(attns) > 1 else "") + (f",norm-{nvar}" if len(norms) > 1 else "")
+            name += ",cmdbuf-off" if cbuf == "off" else ""
+            # "off": XLA launches the step's kernels one by one (no CUDA graph to update and launch)
+            copts = {"xla_gpu_enable_command_buffer": ""} if cbuf == "off" else None
             nrm = nvar.split("-")[0]
             if nrm not in ("auto", "xla", "pallas"):
                 raise SystemExit(f"--e2e-norm: unknown implementation {nvar!r}")
@@ -821,8 +826,8 @@ def bench_e2e(args) -> list[dict]:
                 (ids, cache), _ = jax.lax.scan(body, (ids, cache), None, length=args.e2e_scan)
                 return ids, cache
 
-            step = jax.jit(run, donate_argnums=(3,))
-            scan = jax.jit(run_scan, donate_argnums=(3,)) if args.e2e_scan > 0 else None
+            step = jax.jit(run, donate_argnums=(3,), compiler_options=copts)
+            scan = jax.jit(run_scan, donate_argnums=(3,), compiler_options=copts) if args.e2e_scan > 0 else None
             state = {}
             for batch in batches:
                 cache = e2e_cache(model, batch, args.e2e_slots, args.e2e_context)
@@ -837,7 +842,7 @@ def bench_e2e(args) -> list[dict]:
                 state[batch] = [ids, mask, cache]
             built.append((name, (step, scan), leaves, state, dict(device_bytes_all_state=total_bytes,
                                                                   kernel_arrays=kernels, kernel_bytes=wbytes,
-                                                                  attention=attn, norm=nvar, model=label,
+                                                                  attention=attn, norm=nvar, model=label, cmdbuf=cbuf,
                                                                   context=args.e2e_context)))
         if args.e2e_generate:  # models.generate.generate() flattens the module itself
             gen_models[label] = model
@@ -891,7 +896,7 @@ def bench_e2e(args) -> list[dict]:
         gen_mod = sys.modules["jgptq.models.generate"]
 
         n_new = args.e2e_generate
-        for row in (r for r in rows if r["batch"] == 1 and r["model"] in gen_models):
+        for row in (r for r in rows if r["batch"] == 1 and r["model"] in gen_models and r["cmdbuf"] == "on"):
             model = gen_models[row["model"]]
             gen_mod._COMPILED.clear()  # its cache key has norm="pallas", not the pallas-pN patch
             for chunk in (1, 16):
@@ -1094,6 +1099,8 @@ def main() -> None:
                     help="comma list of decode residual-add + RMSNorm implementations (auto, xla, pallas, "
                          "pallas-pN: the kernel adding at most N split-K addends itself, pallas-wN: with N warps; "
                          "jgptq.models.llama.DECODE_NORM), each timed with every attention variant")
+    ap.add_argument("--e2e-cmdbuf-off", action="store_true",
+                    help="also time every variant compiled without XLA command buffers (CUDA graphs)")
     ap.add_argument("--e2e-batches", default="1,16",
                     help="comma list of batch sizes (every model keeps a KV cache per batch size and "
                          "attention variant on the device: 16 GB per batch-16 cache at 4096 slots)")

@@ -511,7 +511,8 @@ class MgpuConfig:
         at M = 16 with 16-row tiles the token-major store timed ~2 us slower on the H200).
         ``"stream"`` always writes ``[slots, Np, Mp]`` partials.
       split_reduce: how the partial sums of split K (``"grid"`` with ``split_k > 1``) and of
-        stream-K (``"stream"``) are added: ``"xla"`` (default): each partial goes to its own
+        stream-K (``"stream"``) are added (:func:`default_config` takes ``"tma"`` for the split
+        decode grids, ``"xla"`` elsewhere): ``"xla"`` (the field's default): each partial goes to its own
         fp32 slot in GMEM and an XLA reduction adds the slots; ``"tma"``: every CTA adds its fp32
         partial into one zero-initialised fp32 ``y`` in GMEM with a TMA reduce-add
         (``cp.reduce.async.bulk ... .add``, performed in L2), so the slots are neither written to
