@@ -662,6 +662,24 @@ def e2e_base(rows: list[dict], r: dict) -> dict:
                 and b.get("cmdbuf") == r.get("cmdbuf"))
 
 
+def e2e_compile_variants(args) -> list[tuple[str, dict | None, int]]:
+    """``(name, XLA compiler options, scan unroll)`` of each compiled form of every e2e variant:
+    the default (``"on"``), and per flag: ``--e2e-cmdbuf-off`` (XLA launches the step's kernels one
+    by one, no CUDA graph), ``--e2e-unroll N`` (the decode scan unrolled N steps per loop
+    iteration), ``--e2e-xla-option KEY=VALUE`` (that XLA debug option for this compile only)."""
+    out = [("on", None, 1)]
+    if args.e2e_cmdbuf_off:
+        out.append(("cmdbuf-off", {"xla_gpu_enable_command_buffer": ""}, 1))
+    for n in args.e2e_unroll:
+        out.append((f"unroll{n}", None, n))
+    for opt in args.e2e_xla_option:
+        k, sep, v = opt.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"--e2e-xla-option must be KEY=VALUE; got {opt!r}")
+        out.append((f"xla[{opt}]", {k: v}, 1))
+    return out
+
+
 @contextlib.contextmanager
 def e2e_norm(variant: str):
     """``--e2e-norm`` variant -> the ``norm=`` of ``forward_step``, with ``pallas`` variants'
@@ -799,12 +817,9 @@ def bench_e2e(args) -> list[dict]:
 
         attns = args.e2e_attention.split(",")
         norms = args.e2e_norm.split(",")
-        cbufs = ("on", "off") if args.e2e_cmdbuf_off else ("on",)
-        for attn, nvar, cbuf in itertools.product(attns, norms, cbufs):  # the same weights, one jitted step each
+        for attn, nvar, (cbuf, copts, unroll) in itertools.product(attns, norms, e2e_compile_variants(args)):
             name = label + (f",attn-{attn}" if len(attns) > 1 else "") + (f",norm-{nvar}" if len(norms) > 1 else "")
-            name += ",cmdbuf-off" if cbuf == "off" else ""
-            # "off": XLA launches the step's kernels one by one (no CUDA graph to update and launch)
-            copts = {"xla_gpu_enable_command_buffer": ""} if cbuf == "off" else None
+            name += f",{cbuf}" if cbuf != "on" else ""
             nrm = nvar.split("-")[0]
             if nrm not in ("auto", "xla", "pallas"):
                 raise SystemExit(f"--e2e-norm: unknown implementation {nvar!r}")
@@ -813,7 +828,7 @@ def bench_e2e(args) -> list[dict]:
                 return jax.tree.unflatten(treedef, leaves).step(ids, mask, cache, last_only=True, attention=attn,
                                                                  norm=nrm)
 
-            def run_scan(leaves, ids, mask, cache, treedef=treedef, attn=attn, nrm=nrm):
+            def run_scan(leaves, ids, mask, cache, treedef=treedef, attn=attn, nrm=nrm, unroll=unroll):
                 # --e2e-scan: that many greedy decode steps in one jitted lax.scan (one host call for
                 # all of them: the per-call host work of dispatching ~600 arguments, and any CUDA graph
                 # update, is paid once per scan)
@@ -823,7 +838,7 @@ def bench_e2e(args) -> list[dict]:
                                                                               attention=attn, norm=nrm)
                     return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None], cache), None
 
-                (ids, cache), _ = jax.lax.scan(body, (ids, cache), None, length=args.e2e_scan)
+                (ids, cache), _ = jax.lax.scan(body, (ids, cache), None, length=args.e2e_scan, unroll=unroll)
                 return ids, cache
 
             step = jax.jit(run, donate_argnums=(3,), compiler_options=copts)
@@ -887,6 +902,14 @@ def bench_e2e(args) -> list[dict]:
                 ids, mask, cache = state[1]
                 state[1][2], row["gpu_time"] = trace_steps(lambda c: step(leaves, ids, mask, c), cache, 5,
                                                            os.path.join(args.out, f"trace_{len(rows)}"))
+                if scan is not None:  # the same inside one scan call (its fields are per call of scan_steps)
+                    ids, mask, cache = state[1]
+                    state[1][2], tr = trace_steps(lambda c: scan(leaves, ids, mask, c), cache, 2,
+                                                  os.path.join(args.out, f"trace_scan_{len(rows)}"))
+                    row["gpu_time_scan_call"] = tr
+                    if "gpu_busy_us_per_step" in tr:
+                        row["scan_busy_us_per_step"] = tr["gpu_busy_us_per_step"] / args.e2e_scan
+                        row["scan_idle_us_per_step"] = tr["gpu_idle_us_per_step"] / args.e2e_scan
             rows.append(row)
             print(json.dumps(row), flush=True)
     del built
@@ -940,7 +963,9 @@ def bench_e2e(args) -> list[dict]:
             print(f"  {r['e2e']:>18} batch {r['batch']:3d}: {r['ms_per_step_scan']:8.2f} ms/step "
                   f"({min(r['ms_rounds_scan']):.2f}-{max(r['ms_rounds_scan']):.2f}) "
                   f"{r['batch'] / r['ms_per_step_scan'] * 1e3:9.1f} tok/s "
-                  f"({base['ms_per_step_scan'] / r['ms_per_step_scan']:.2f}x vs bf16)")
+                  f"({base['ms_per_step_scan'] / r['ms_per_step_scan']:.2f}x vs bf16)"
+                  + (f"; GPU busy {r['scan_busy_us_per_step']:.0f} us, idle {r['scan_idle_us_per_step']:.0f} us per step"
+                     if "scan_busy_us_per_step" in r else ""))
     return rows
 
 
@@ -1101,6 +1126,10 @@ def main() -> None:
                          "jgptq.models.llama.DECODE_NORM), each timed with every attention variant")
     ap.add_argument("--e2e-cmdbuf-off", action="store_true",
                     help="also time every variant compiled without XLA command buffers (CUDA graphs)")
+    ap.add_argument("--e2e-unroll", type=int, action="append", default=[],
+                    help="also time every variant with its decode scan unrolled N steps (repeatable)")
+    ap.add_argument("--e2e-xla-option", action="append", default=[],
+                    help="KEY=VALUE: also time every variant compiled with that XLA debug option (repeatable)")
     ap.add_argument("--e2e-batches", default="1,16",
                     help="comma list of batch sizes (every model keeps a KV cache per batch size and "
                          "attention variant on the device: 16 GB per batch-16 cache at 4096 slots)")

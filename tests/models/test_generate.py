@@ -332,3 +332,42 @@ def test_decode_norm_argument_errors_and_float32(tiny_hf_model):
         for n in caches:
             out[n], caches[n] = step(tok, caches[n], n)
         np.testing.assert_allclose(np.asarray(out["pallas"]), np.asarray(out["xla"]), rtol=2e-4, atol=2e-4)
+
+
+def test_norm_kernel_takes_few_partials_and_sums_many():
+    """_linear_addends: a linear's split-K partials go to the add + RMSNorm kernel as they are when
+    there are at most NORM_MAX_PARTS of them, else summed in fp32 and rounded first (one addend);
+    a linear with a bias, or without parts, gives its output. Both give the same normalised rows."""
+    from jgptq.models import llama
+
+    rng = np.random.default_rng(21)
+    x = jnp.asarray(rng.standard_normal((2, 1, 64)), jnp.bfloat16)
+
+    class Split:  # a quantized linear's interface: __call__ and parts (no bias)
+        bias = None
+
+        def __init__(self, n):
+            self.p = jnp.asarray(rng.standard_normal((n, 2, 1, 96)), jnp.float32)
+
+        def parts(self, x):
+            return self.p
+
+        def __call__(self, x):
+            return jnp.sum(self.p, axis=0).astype(x.dtype)
+
+    few, many = Split(llama.NORM_MAX_PARTS), Split(llama.NORM_MAX_PARTS + 5)
+    assert llama._linear_addends(few, x).shape == (llama.NORM_MAX_PARTS, 2, 1, 96)
+    summed = llama._linear_addends(many, x)
+    assert summed.shape == (1, 2, 1, 96) and summed.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(summed[0]), np.asarray(many(x)))
+    dense = {"kernel": jnp.asarray(rng.standard_normal((64, 96)), jnp.float32)}
+    assert llama._linear_addends(dense, x).shape == (1, 2, 1, 96)
+    cfg = type("C", (), {"rms_norm_eps": 1e-5})()
+    h = jnp.asarray(rng.standard_normal((2, 1, 96)), jnp.bfloat16)
+    scale = jnp.asarray(1 + 0.1 * rng.standard_normal(96), jnp.bfloat16)
+    for lin in (few, many):
+        got_h, got_x = llama._add_norm(lin, x, h, scale, cfg)
+        want_h = h + lin(x)
+        np.testing.assert_allclose(np.asarray(got_h, np.float32), np.asarray(want_h, np.float32), rtol=8e-3)
+        np.testing.assert_allclose(np.asarray(got_x, np.float32),
+                                   np.asarray(llama.rms_norm(scale, want_h, 1e-5), np.float32), rtol=2e-2, atol=2e-2)
