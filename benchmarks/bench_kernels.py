@@ -476,6 +476,15 @@ E2E_CONFIGS = {
 }
 
 
+def decode_attn_points(args, interp: bool) -> list[tuple[str, tuple[int, int, int, int, int]]]:
+    """``--decode-attn-shapes`` as ``(spec, (B, H, KV, hd, S))``; tiny stand-ins in the interpreter."""
+    out = []
+    for spec in args.decode_attn_shapes.split(","):
+        b, h, kvh, hd, s = (int(v) for v in spec.split("x"))
+        out.append((spec, (min(b, 2), 4, 2, 64, min(s, 128)) if interp else (b, h, kvh, hd, s)))
+    return out
+
+
 def bench_decode_attention(args) -> list[dict]:
     """Device-timed decode attention (one token per row over a ``[B, S, KV, hd]`` bf16 cache, all
     slots valid, the query at slot ``index``): the Pallas kernel (default tiles, and one split)
@@ -488,10 +497,7 @@ def bench_decode_attention(args) -> list[dict]:
 
     interp = jax.default_backend() != "gpu"
     rows = []
-    for spec in args.decode_attn_shapes.split(","):
-        b, h, kvh, hd, s = (int(v) for v in spec.split("x"))
-        if interp:
-            b, h, kvh, hd, s = min(b, 2), 4, 2, 64, min(s, 128)
+    for spec, (b, h, kvh, hd, s) in decode_attn_points(args, interp):
         cfg = LlamaConfig(model_type="llama", vocab_size=8, hidden_size=h * hd, intermediate_size=8, num_layers=1,
                           num_heads=h, num_kv_heads=kvh, head_dim=hd)
         cache_bytes = 2 * b * s * kvh * hd * 2
@@ -572,10 +578,7 @@ def bench_decode_update(args) -> list[dict]:
 
     interp = jax.default_backend() != "gpu"
     rows = []
-    for spec in args.decode_attn_shapes.split(","):
-        b, h, kvh, hd, s = (int(v) for v in spec.split("x"))
-        if interp:
-            b, h, kvh, hd, s = min(b, 2), 4, 2, 64, min(s, 128)
+    for spec, (b, h, kvh, hd, s) in decode_attn_points(args, interp):
         n = 2 if interp else _copies(2 * b * s * kvh * hd * 2)
         p = args.decode_attn_parts
         key = jax.random.key(b * s + h)
