@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import random
 
 import numpy as np
 import pytest
@@ -118,3 +119,21 @@ def test_e2e_cache_fills_the_context_and_the_config_variants(bench_kernels):
     assert bench_kernels.E2E_CONFIGS["steps8"][1](default, 1, p).split_k == 11
     assert bench_kernels.E2E_CONFIGS["tma-split32"][1](default, 1, p).split_reduce == "tma"
     assert bench_kernels.E2E_CONFIGS["kblocks"][0] == {"layout": "kblocks"}
+
+
+def test_l2_residency_busy_time_and_op_kinds():
+    """bench_l2_residency: busy time is the union of overlapping spans; ops are told apart by name."""
+    spec = importlib.util.spec_from_file_location("bench_l2_residency", ROOT / "benchmarks" / "bench_l2_residency.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = random.Random(13)
+    spans, covered = [], set()
+    for _ in range(40):
+        a = rng.randrange(0, 500)
+        b = a + rng.randrange(1, 30)
+        spans.append((float(a), float(b), "op"))
+        covered.update(range(a, b))
+    assert mod.busy_us(sorted(spans)) == pytest.approx(len(covered))
+    assert mod.kind("add_rms_norm__1") == "norm"
+    assert mod.kind("scoped_mosaic_gpu_kernel") == "matmul"
+    assert mod.kind("loop_broadcast_fusion") == "other"
