@@ -218,25 +218,43 @@ def _norm_path(norm: str, h: jax.Array, config: LlamaConfig) -> str:
     return "pallas" if why is None and (_dispatch.cuda_major() or 0) >= 8 else "xla"
 
 
-def _linear_addends(lin: Any, x: jax.Array) -> jax.Array:
+def _linear_addends(lin: Any, x: jax.Array, acc: jax.Array | None = None) -> jax.Array:
     """``linear(lin, x)`` as ``[P, ..., N]`` addends (a quantized module's split-K partials, at
-    most :data:`NORM_MAX_PARTS` of them; else ``P = 1``, the output itself)."""
+    most :data:`NORM_MAX_PARTS` of them; else ``P = 1``, the output itself). ``acc``: the zeros
+    its kernel adds into (:func:`_acc_shape`)."""
     if callable(getattr(lin, "parts", None)) and getattr(lin, "bias", None) is None:
-        y = lin.parts(x)
+        y = lin.parts(x) if acc is None else lin.parts(x, acc=acc)
         if y.shape[0] <= NORM_MAX_PARTS:
             return y
         return jnp.sum(y.astype(jnp.float32), axis=0).astype(x.dtype)[None]
     return linear(lin, x)[None]
 
 
-def _add_norm(lin: Any, x: jax.Array, h: jax.Array, scale: jax.Array, config: LlamaConfig
-              ) -> tuple[jax.Array, jax.Array]:
-    """``h + linear(lin, x)`` and its RMSNorm by ``scale``, in one kernel."""
-    y = _linear_addends(lin, x)
+def _acc_shape(lin: Any, x_shape: tuple[int, ...], dtype: Any) -> tuple[int, ...] | None:
+    """The float32 accumulator shape ``lin.parts`` takes for an input of ``x_shape`` (a Mosaic
+    decode grid that TMA-adds its split-K partials into one zeroed buffer), or None."""
+    f = getattr(lin, "parts_accumulator", None)
+    if not callable(f) or getattr(lin, "bias", None) is not None or getattr(lin, "has_bias", False):
+        return None
+    return f(tuple(x_shape), dtype)
+
+
+def _add_norm(lin: Any, x: jax.Array, h: jax.Array, scale: jax.Array, config: LlamaConfig, *,
+              acc: jax.Array | None = None, zeros: Sequence[tuple[int, ...] | None] = ()):
+    """``h + linear(lin, x)`` and its RMSNorm by ``scale``, in one kernel. ``acc``: zeros for the
+    linear's kernel to add into; ``zeros``: shapes (or None) of the zero accumulators the kernel
+    also writes for the next linears. Returns ``(h, x)``, plus the list of those zero arrays
+    (None where the shape is None) when ``zeros`` is given."""
+    y = _linear_addends(lin, x, acc)
     if y.shape[0] == 1:
         y = y[0]
-    return _add_rms_norm.add_rms_norm(y, h, jnp.asarray(scale), config.rms_norm_eps,
-                                      interpret=jax.default_backend() != "gpu")
+    want = [z for z in zeros if z is not None]
+    out = _add_rms_norm.add_rms_norm(y, h, jnp.asarray(scale), config.rms_norm_eps, zeros=want,
+                                     interpret=jax.default_backend() != "gpu")
+    if not zeros:
+        return out
+    made = iter(out[2] if want else ())
+    return out[0], out[1], [None if z is None else next(made) for z in zeros]
 
 
 def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, k_valid: jax.Array, index: jax.Array
@@ -249,7 +267,7 @@ def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, k_valid: jax.A
 
 
 def _decode_step_fused(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, kc: jax.Array, vc: jax.Array,
-                       k_valid: jax.Array, index: jax.Array, config: LlamaConfig
+                       k_valid: jax.Array, index: jax.Array, config: LlamaConfig, acc: jax.Array | None = None
                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One-token attention through ``decode_attention_update``: ``x [B, 1, D]`` -> ``o [B, 1, H*hd]``
     and the caches with the new key/value written at ``index`` (RoPE and the write in the kernel)."""
@@ -261,7 +279,7 @@ def _decode_step_fused(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, 
         if lin.has_bias:
             qkv = lin.concatenated(x).reshape(b, rows, c.head_dim)
         else:  # its split-K partials: the kernel adds them (no XLA sum between the two kernels)
-            y = lin.parts(x)
+            y = lin.parts(x) if acc is None else lin.parts(x, acc=acc)
             qkv = y.reshape(y.shape[0], b, rows, c.head_dim)
     else:
         y = jnp.concatenate([linear(attn[n], x) for n in ("q_proj", "k_proj", "v_proj")], axis=-1)
@@ -273,8 +291,13 @@ def _decode_step_fused(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, 
     return o.reshape(b, 1, c.num_heads * c.head_dim), kc, vc
 
 
-def _mlp_act(mlp: Mapping[str, Any], x2: jax.Array) -> jax.Array:
-    if "gate_up_proj" in mlp:  # a FusedQuantLinear: one matmul for gate and up
+def _mlp_act(mlp: Mapping[str, Any], x2: jax.Array, acc: jax.Array | None = None) -> jax.Array:
+    if "gate_up_proj" in mlp and acc is not None:  # its kernel adds into acc: one fp32 addend
+        fused = mlp["gate_up_proj"]
+        y = fused.parts(x2, acc=acc)
+        y = (jnp.sum(y.astype(jnp.float32), axis=0) if y.shape[0] > 1 else y[0]).astype(x2.dtype)
+        gate, up = jnp.split(y, np.cumsum(fused.sizes)[:-1].tolist(), axis=-1)
+    elif "gate_up_proj" in mlp:  # a FusedQuantLinear: one matmul for gate and up
         gate, up = mlp["gate_up_proj"](x2)
     else:
         gate, up = linear(mlp["gate_proj"], x2), linear(mlp["up_proj"], x2)
@@ -284,23 +307,30 @@ def _mlp_act(mlp: Mapping[str, Any], x2: jax.Array) -> jax.Array:
 def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Array, config: LlamaConfig,
            *, kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
            k_valid: jax.Array | None = None, k_pos: jax.Array | None = None, capture: bool = False,
-           attention: str = "xla", x_in: jax.Array | None = None, next_scale: jax.Array | None = None):
+           attention: str = "xla", x_in: jax.Array | None = None, next_scale: jax.Array | None = None,
+           accs: Mapping[str, jax.Array] | None = None, next_accs: Sequence[tuple[int, ...] | None] = ()):
     """One decoder block; with ``kv`` the new keys/values are written at slot ``index`` first
     (``attention``: see :data:`DECODE_ATTENTION`; it applies to one new token per row).
 
     With ``next_scale`` (the norm weight of whatever reads the block's output: the next block's
     ``input_layernorm`` or the final norm) both residual adds run through the add + RMSNorm
     kernel, ``x_in`` is this block's normalised input (the previous block's, or None to compute
-    it) and the block also returns its output normalised by ``next_scale``.
+    it) and the block also returns its output normalised by ``next_scale``. Then ``accs`` holds
+    zero accumulators for this block's q/k/v (``"qkv"``) and ``o_proj`` (``"o"``) kernels (made by
+    the previous block's norm kernel; see :func:`_acc_shape`), the post-attention norm kernel
+    makes gate/up's and down's, and the last norm kernel also writes zeros of the ``next_accs``
+    shapes, returned for the next block.
 
-    Returns ``(h, new_kv_or_None, captured_or_None)``, plus ``x_next`` with ``next_scale``.
+    Returns ``(h, new_kv_or_None, captured_or_None)``, plus ``x_next`` and the list of
+    ``next_accs`` zero arrays with ``next_scale``.
     """
+    accs = accs or {}
     b, t, _ = h.shape
     attn, mlp = lp["self_attn"], lp["mlp"]
     x = x_in if x_in is not None else attention_input(lp, h, config)
     path = "xla" if kv is None or t != 1 else _decode_path(attention, x, kv[0], config)
     if path == "fused":
-        o, kc, vc = _decode_step_fused(attn, x, q_pos, kv[0], kv[1], k_valid, index, config)
+        o, kc, vc = _decode_step_fused(attn, x, q_pos, kv[0], kv[1], k_valid, index, config, accs.get("qkv"))
         new_kv = (kc, vc)
     elif kv is None:
         q, k, v = _qkv(attn, x, q_pos, config)
@@ -319,16 +349,22 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
             q_slot = index + jnp.arange(t)
             o = _attention(q, kq, vq, q_slot, k_valid, q_pos, k_pos, config)
         new_kv = (kc, vc)
+    z_gu = z_down = None
     if next_scale is not None:
-        h, x2 = _add_norm(attn["o_proj"], o, h, lp["post_attention_layernorm"]["scale"], config)
+        gu = mlp["gate_up_proj"] if "gate_up_proj" in mlp else None
+        shapes = [_acc_shape(gu, x.shape, x.dtype) if gu is not None else None,
+                  _acc_shape(mlp["down_proj"], (*x.shape[:-1], config.intermediate_size), x.dtype)]
+        h, x2, (z_gu, z_down) = _add_norm(attn["o_proj"], o, h, lp["post_attention_layernorm"]["scale"], config,
+                                          acc=accs.get("o"), zeros=shapes)
     else:
         h = attention_residual(lp, h, o)
         x2 = mlp_input(lp, h, config)
-    act = _mlp_act(mlp, x2)
+    act = _mlp_act(mlp, x2, z_gu)
     captured = {"attn_in": x, "o_in": o, "mlp_in": x2, "down_in": act} if capture else None
     if next_scale is not None:
-        h, x_next = _add_norm(mlp["down_proj"], act, h, next_scale, config)
-        return h, new_kv, captured, x_next
+        h, x_next, made = _add_norm(mlp["down_proj"], act, h, next_scale, config, acc=z_down,
+                                    zeros=list(next_accs) or [None])
+        return h, new_kv, captured, x_next, (made if next_accs else [])
     h = h + linear(mlp["down_proj"], act)
     return h, new_kv, captured
 
@@ -477,12 +513,26 @@ def forward_step(params: Mapping[str, Any], ids: jax.Array, mask: jax.Array, cac
     layers = list(params["layers"])
     fused_norm = t == 1 and bool(layers) and _norm_path(norm, h, config) == "pallas"
     x = attention_input(layers[0], h, config) if fused_norm else None
+    fused_attn = fused_norm and _decode_path(attention, x, cache["k"][0], config) == "fused"
     new_k, new_v = [], []
+    accs: dict[str, jax.Array] = {}
     for i, (lp, kc, vc) in enumerate(zip(layers, cache["k"], cache["v"])):
         kw = dict(kv=(kc, vc), index=index, k_valid=valid, k_pos=k_pos, attention=attention)
-        if fused_norm:  # the block hands the next one its normalised input
-            nxt = layers[i + 1]["input_layernorm"]["scale"] if i + 1 < len(layers) else params["norm"]["scale"]
-            h, (kc, vc), _, x = _block(lp, h, q_pos, mask, config, x_in=x, next_scale=nxt, **kw)
+        if fused_norm:  # the block hands the next one its normalised input (and its zero accumulators)
+            last = i + 1 == len(layers)
+            nxt = params["norm"]["scale"] if last else layers[i + 1]["input_layernorm"]["scale"]
+            names, shapes = [], []
+            if not last:
+                attn_n = layers[i + 1]["self_attn"]
+                if fused_attn and "qkv_proj" in attn_n:
+                    names.append("qkv")
+                    shapes.append(_acc_shape(attn_n["qkv_proj"], x.shape, x.dtype))
+                names.append("o")
+                shapes.append(_acc_shape(attn_n["o_proj"], (*x.shape[:-1], config.num_heads * config.head_dim),
+                                         x.dtype))
+            h, (kc, vc), _, x, made = _block(lp, h, q_pos, mask, config, x_in=x, next_scale=nxt, accs=accs,
+                                             next_accs=shapes, **kw)
+            accs = {n: z for n, z in zip(names, made) if z is not None}
         else:
             h, (kc, vc), _ = _block(lp, h, q_pos, mask, config, **kw)
         new_k.append(kc)

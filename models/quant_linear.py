@@ -210,15 +210,26 @@ class QuantLinear(nnx.Module):
             y = jnp.matmul(x, dequantize(self._lin(), x.dtype))
         return _add_bias(y, None if self.bias is None else self.bias[...])
 
-    def parts(self, x: jax.Array) -> jax.Array:
+    def parts(self, x: jax.Array, acc: jax.Array | None = None) -> jax.Array:
         """``x[..., in]`` -> ``[P, ..., out]`` addends of ``x @ W`` without the bias: their fp32 sum
         over axis 0, rounded to ``x.dtype``, is the product (the split-K partials of the GPU
-        kernel where it has them, for a consumer kernel that adds them itself; else ``P = 1``)."""
+        kernel where it has them, for a consumer kernel that adds them itself; else ``P = 1``).
+        ``acc``: zeros of :meth:`parts_accumulator`'s shape for the kernel to add into."""
         if self.prepared is not None:
             from jgptq.pallas_kernels import dispatch
 
-            return dispatch.matmul_parts(x, self.prepared.get_value())
+            return dispatch.matmul_parts(x, self.prepared.get_value(), acc=acc)
+        if acc is not None:
+            raise ValueError("QuantLinear.parts: acc given, but this layer has no GPU kernel to take it.")
         return jnp.matmul(x, dequantize(self._lin(), x.dtype))[None]
+
+    def parts_accumulator(self, x_shape: tuple[int, ...], dtype: Any) -> tuple[int, ...] | None:
+        """The float32 ``acc`` shape :meth:`parts` takes for that input, or None (it takes none)."""
+        if self.prepared is None:
+            return None
+        from jgptq.pallas_kernels import dispatch
+
+        return dispatch.parts_accumulator(tuple(x_shape), dtype, self.prepared.get_value())
 
     def to_params(self) -> dict[str, jax.Array]:
         d = self._lin()
@@ -295,9 +306,13 @@ class FusedQuantLinear(nnx.Module):
     def has_bias(self) -> bool:
         return self.inner.bias is not None
 
-    def parts(self, x: jax.Array) -> jax.Array:
+    def parts(self, x: jax.Array, acc: jax.Array | None = None) -> jax.Array:
         """:meth:`QuantLinear.parts` of the fused matmul: ``[P, ..., sum(out_i)]`` addends, no bias."""
-        return self.inner.parts(x)
+        return self.inner.parts(x, acc=acc)
+
+    def parts_accumulator(self, x_shape: tuple[int, ...], dtype: Any) -> tuple[int, ...] | None:
+        """:meth:`QuantLinear.parts_accumulator` of the fused matmul."""
+        return self.inner.parts_accumulator(x_shape, dtype)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         """``x[..., in]`` -> one ``[..., out_i]`` per part, in ``x.dtype``."""

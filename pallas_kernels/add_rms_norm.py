@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import math
 import warnings
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,8 +78,8 @@ def supported(y_shape: tuple[int, ...], residual_shape: tuple[int, ...], dtype) 
 
 
 def add_rms_norm(y: jax.Array, residual: jax.Array, scale: jax.Array, eps: float, *,
-                 config: AddRmsNormConfig | None = None, interpret: bool = False
-                 ) -> tuple[jax.Array, jax.Array]:
+                 zeros: Sequence[tuple[int, ...]] = (), config: AddRmsNormConfig | None = None,
+                 interpret: bool = False) -> tuple[jax.Array, ...]:
     """``h = residual + y`` and ``rms_norm(scale, h)`` in one kernel.
 
     Args:
@@ -87,10 +88,14 @@ def add_rms_norm(y: jax.Array, residual: jax.Array, scale: jax.Array, eps: float
       residual: ``[..., D]`` in the compute dtype (bfloat16 / float16 / float32).
       scale: ``[D]`` RMSNorm weight (cast to the compute dtype, as ``rms_norm`` does).
       eps: RMSNorm epsilon (> 0).
+      zeros: shapes of float32 arrays of zeros the kernel also writes (the accumulators that
+        the next matmuls' TMA reductions add into, ``gptq_matmul_mgpu.accumulator_shape``: made
+        here they cost a few stores instead of an XLA zero fill, or a copy per matmul inside a loop).
       config: launch parameters; default :func:`default_config`.
       interpret: run through the Pallas interpreter (CPU tests).
     Returns:
-      ``(h, x)``, both ``[..., D]`` in the residual's dtype.
+      ``(h, x)``, both ``[..., D]`` in the residual's dtype; with ``zeros``, ``(h, x, zs)`` with
+      ``zs`` the tuple of those zero arrays.
     """
     dt = residual.dtype
     why = supported(tuple(y.shape), tuple(residual.shape), dt)
@@ -110,11 +115,25 @@ def add_rms_norm(y: jax.Array, residual: jax.Array, scale: jax.Array, eps: float
     rp, nw = cfg.rows_per_program, cfg.num_warps
     if rp < 1 or rp & (rp - 1) or nw < 1 or nw & (nw - 1):
         raise ValueError(f"add_rms_norm: rows_per_program={rp} and num_warps={nw} must be powers of two.")
+    zshapes = []
+    for zs in zeros:
+        try:
+            shape = tuple(int(v) for v in zs)
+        except TypeError:
+            raise ValueError(f"add_rms_norm: zeros must be a sequence of shapes; got {zs!r}.") from None
+        if not shape or min(shape) < 1:
+            raise ValueError(f"add_rms_norm: zeros shape {shape} must have every dimension >= 1.")
+        zshapes.append(shape)
     if m == 0:
-        return residual, residual
+        zs = tuple(jnp.zeros(z, jnp.float32) for z in zshapes)
+        return (residual, residual, zs) if zshapes else (residual, residual)
     y2 = y.reshape(n_parts, m, d) if n_parts else y.reshape(m, d)
-    h, x = _forward(y2, residual.reshape(m, d), scale.astype(dt), float(eps), cfg, interpret)
-    return h.reshape(residual.shape), x.reshape(residual.shape)
+    sizes = tuple(math.prod(z) for z in zshapes)
+    h, x, *zs = _forward(y2, residual.reshape(m, d), scale.astype(dt), float(eps), cfg, interpret, sizes)
+    h, x = h.reshape(residual.shape), x.reshape(residual.shape)
+    if not zshapes:
+        return h, x
+    return h, x, tuple(z.reshape(shape) for z, shape in zip(zs, zshapes))
 
 
 def _groups(n: int, cap: int) -> list[tuple[int, int]]:
@@ -139,9 +158,38 @@ def _round(x: jax.Array, dt, interpret: bool) -> jax.Array:
     return x.astype(dt).astype(jnp.float32)
 
 
-def _kernel(y_ref, r_ref, s_ref, h_ref, x_ref, *, n_parts: int, m: int, d: int, rp: int, eps: float,
-            interpret: bool):
+ZERO_BLOCK = 2048  # float32 zeros per store of the zeros outputs
+
+
+def _zero_fill(z_refs, sizes: tuple[int, ...], programs: int) -> None:
+    """Program ``i`` of ``programs`` writes its contiguous share of each flat float32 output."""
     from jax.experimental.pallas import triton as plt
+
+    i = pl.program_id(0)
+    for ref, size in zip(z_refs, sizes):
+        per = -(-size // programs)
+        nb = -(-per // ZERO_BLOCK)
+        start = i * (nb * ZERO_BLOCK)
+        zero = jnp.zeros((ZERO_BLOCK,), jnp.float32)
+
+        def store(j, carry, ref=ref, size=size, start=start, zero=zero):
+            idx = start + j * ZERO_BLOCK + jnp.arange(ZERO_BLOCK)
+            plt.store(ref.at[pl.ds(start + j * ZERO_BLOCK, ZERO_BLOCK)], zero, mask=idx < size)
+            return carry
+
+        if nb <= 16:
+            for j in range(nb):
+                store(j, None)
+        else:
+            jax.lax.fori_loop(0, nb, store, None)
+
+
+def _kernel(y_ref, r_ref, s_ref, h_ref, x_ref, *z_refs, n_parts: int, m: int, d: int, rp: int, eps: float,
+            interpret: bool, zero_sizes: tuple[int, ...] = ()):
+    from jax.experimental.pallas import triton as plt
+
+    if zero_sizes:  # each program also writes its share of the zeros outputs
+        _zero_fill(z_refs, zero_sizes, -(-m // rp))
 
     f32 = jnp.float32
     dt = r_ref.dtype
@@ -170,13 +218,15 @@ def _kernel(y_ref, r_ref, s_ref, h_ref, x_ref, *, n_parts: int, m: int, d: int, 
     plt.store(x_ref.at[pl.ds(row0, rp), pl.ds(0, dp)], x, mask=mask)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "cfg", "interpret"))
-def _forward(y, residual, scale, eps: float, cfg: AddRmsNormConfig, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("eps", "cfg", "interpret", "zero_sizes"))
+def _forward(y, residual, scale, eps: float, cfg: AddRmsNormConfig, interpret: bool,
+             zero_sizes: tuple[int, ...] = ()):
     m, d = residual.shape
     n_parts = y.shape[0] if y.ndim == 3 else 0
     rp = cfg.rows_per_program
     whole = lambda *shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
-    kernel = functools.partial(_kernel, n_parts=n_parts, m=m, d=d, rp=rp, eps=eps, interpret=interpret)
+    kernel = functools.partial(_kernel, n_parts=n_parts, m=m, d=d, rp=rp, eps=eps, interpret=interpret,
+                               zero_sizes=zero_sizes)
     kw = {}
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
@@ -184,7 +234,9 @@ def _forward(y, residual, scale, eps: float, cfg: AddRmsNormConfig, interpret: b
         kw["compiler_params"] = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
     out = jax.ShapeDtypeStruct((m, d), residual.dtype)
     call = pl.pallas_call(kernel, grid=(-(-m // rp),), in_specs=[whole(*y.shape), whole(m, d), whole(d)],
-                          out_specs=(whole(m, d), whole(m, d)), out_shape=(out, out), interpret=interpret,
+                          out_specs=(whole(m, d), whole(m, d), *(whole(z) for z in zero_sizes)),
+                          out_shape=(out, out, *(jax.ShapeDtypeStruct((z,), jnp.float32) for z in zero_sizes)),
+                          interpret=interpret,
                           name="add_rms_norm", **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the Triton lowering is deprecated upstream

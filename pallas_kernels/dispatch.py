@@ -265,18 +265,38 @@ def matmul(x: jax.Array, prepared: Prepared) -> jax.Array:
     raise ValueError(f"unknown backend {prepared.backend!r} in Prepared; expected 'gpu' or 'tpu'.")
 
 
-def matmul_parts(x: jax.Array, prepared: Prepared) -> jax.Array:
+def _parts_on_mgpu(x_shape: tuple[int, ...], dtype: Any, prepared: Any) -> bool:
+    return (isinstance(prepared, Prepared) and prepared.backend == "gpu" and prepared.kernel == "mgpu"
+            and dtype in (jnp.bfloat16, jnp.float16) and x_shape[-1] == prepared.packed.k
+            and 0 < math.prod(x_shape[:-1]) < prepared.large_m)
+
+
+def parts_accumulator(x_shape: tuple[int, ...], dtype: Any, prepared: Any) -> tuple[int, ...] | None:
+    """The float32 ``acc`` shape :func:`matmul_parts` takes for an input of ``x_shape`` / ``dtype``
+    (a Mosaic decode grid that TMA-adds its partials into one buffer), or None where it takes none.
+    See :func:`jgptq.pallas_kernels.gptq_matmul_mgpu.accumulator_shape`."""
+    if not _parts_on_mgpu(tuple(x_shape), jnp.dtype(dtype), prepared):
+        return None
+    from .gptq_matmul_mgpu import accumulator_shape
+
+    return accumulator_shape(math.prod(x_shape[:-1]), prepared.packed, interpret=prepared.interpret)
+
+
+def matmul_parts(x: jax.Array, prepared: Prepared, acc: jax.Array | None = None) -> jax.Array:
     """:func:`matmul` as ``[P, ..., N]`` addends: their fp32 sum over axis 0, rounded to ``x.dtype``,
     is ``matmul(x, prepared)`` (up to the fp32 order of that sum).
 
     Where the Mosaic kernel runs a split-K grid (decode) these are its fp32 partials, for a
     consumer that adds them itself (``pallas_kernels.decode_attention_update``); elsewhere ``P = 1``
     and the addend is :func:`matmul`'s result.
+
+    ``acc``: a float32 buffer of zeros of :func:`parts_accumulator`'s shape (only where that is not
+    None) for the kernel to add its partials into instead of a zero fill of its own.
     """
-    if (isinstance(prepared, Prepared) and prepared.backend == "gpu" and prepared.kernel == "mgpu"
-            and x.dtype in (jnp.bfloat16, jnp.float16) and x.shape[-1] == prepared.packed.k
-            and 0 < math.prod(x.shape[:-1]) < prepared.large_m):
+    if acc is not None and parts_accumulator(tuple(x.shape), x.dtype, prepared) is None:
+        raise ValueError("matmul_parts: this call takes no acc (parts_accumulator is None).")
+    if _parts_on_mgpu(tuple(x.shape), x.dtype, prepared):
         from .gptq_matmul_mgpu import gptq_matmul_mgpu_parts
 
-        return gptq_matmul_mgpu_parts(x, prepared.packed, interpret=prepared.interpret)
+        return gptq_matmul_mgpu_parts(x, prepared.packed, interpret=prepared.interpret, acc=acc)
     return matmul(x, prepared)[None]

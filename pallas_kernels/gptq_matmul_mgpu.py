@@ -109,6 +109,7 @@ from jax.experimental import pallas as pl
 from .repack import analyze_g_idx, check_gptq_tensors, unpack_gptq_qweight
 
 __all__ = [
+    "accumulator_shape",
     "MgpuConfig", "MgpuPacked", "pack_mgpu", "default_config", "gptq_matmul_mgpu", "gptq_matmul_mgpu_parts",
     "reference",
     "random_inputs", "main", "SUPPORTED_BITS", "JAX_VERSION",
@@ -1050,10 +1051,14 @@ def _make_kernel(body, *, out_type, scratch_types, grid, grid_names, interpret: 
 
     run = pl.kernel(scoped, out_type=(), mesh=plgpu.Mesh(grid=grid, grid_names=grid_names, **mesh_kw), **params)
 
-    def call(*args):
-        acc = jax.new_ref(jnp.zeros(out_type.shape, jnp.float32))
-        run(*args, acc)
-        return acc[...]
+    def call(*args, acc=None):
+        if acc is None:
+            acc = jnp.zeros(out_type.shape, jnp.float32)
+        elif acc.shape != out_type.shape or acc.dtype != jnp.float32:
+            raise ValueError(f"acc must be float32 {out_type.shape}; got {acc.dtype} {acc.shape}")
+        ref = jax.new_ref(acc)
+        run(*args, ref)
+        return ref[...]
 
     return call
 
@@ -1463,6 +1468,7 @@ def gptq_matmul_mgpu_parts(
     *,
     config: MgpuConfig | None = None,
     interpret: bool = False,
+    acc: jax.Array | None = None,
 ) -> jax.Array:
     """:func:`gptq_matmul_mgpu` before its split-K sum: ``[P, ..., N]`` addends whose sum over axis 0
     in fp32, rounded to ``x.dtype``, is the product (up to the fp32 order of that sum).
@@ -1470,19 +1476,51 @@ def gptq_matmul_mgpu_parts(
     With a split-K grid that stores token-major partials (the decode configs) these are the
     kernel's fp32 partials as written, so a consumer kernel can add them itself instead of XLA
     running a separate sum; otherwise ``P = 1`` and the one addend is the finished product.
+
+    ``acc`` (float32, :func:`accumulator_shape`; only where that is not None): a buffer of zeros
+    made elsewhere for the kernel's TMA reduction to add into (see :func:`accumulator_shape`); the
+    addends then sum to ``acc[0, :M, :N] + x @ W`` (in the interpreter ``acc`` is the last addend).
     """
     lead, m, cfg = _resolve(x, packed, config)
+    want = accumulator_shape(m, packed, config=cfg, interpret=interpret)
+    if acc is not None and (want is None or tuple(acc.shape) != want or acc.dtype != jnp.float32):
+        raise ValueError(f"gptq_matmul_mgpu_parts: acc must be float32 {want} for this call "
+                         f"(accumulator_shape); got {acc.dtype} {tuple(acc.shape)}.")
     if m == 0:
         return jnp.zeros((1, *lead, packed.n), x.dtype)
     if cfg.schedule != "grid" or not cfg.writes_y:
         return _forward(x.reshape(m, packed.k), packed, cfg, interpret).reshape(1, *lead, packed.n)
-    parts = _forward(x.reshape(m, packed.k), packed, cfg, interpret, parts=True)
+    parts = _forward(x.reshape(m, packed.k), packed, cfg, interpret, parts=True, acc=acc)
     return parts.reshape(parts.shape[0], *lead, packed.n)
 
 
+def accumulator_shape(m: int, packed: MgpuPacked, *, config: MgpuConfig | None = None,
+                      interpret: bool = False) -> tuple[int, ...] | None:
+    """The fp32 buffer shape a :func:`gptq_matmul_mgpu_parts` call for ``m`` tokens can add its
+    split-K partials into (its ``acc``), or None where that call has no such buffer.
+
+    Decode grids (split K, token-major, ``split_reduce="tma"``) TMA-add their partials into one
+    zero-filled fp32 buffer. Made inside a jitted loop, XLA merges those zero fills and then copies
+    the merged buffer once per call (~1 us each on an H200, benchmarks/RESULTS.md session 13); a
+    caller that already runs a kernel before the matmul can have it write the zeros
+    (``pallas_kernels.add_rms_norm(..., zeros=...)``) and pass them as ``acc``. In the
+    interpreter (no TMA reduction) ``acc`` is one more addend of the result.
+    """
+    if m < 1:
+        return None
+    cfg = config or default_config(m, packed)
+    if not (cfg.schedule == "grid" and cfg.writes_y and cfg.split_k > 1 and cfg.split_reduce == "tma"):
+        return None
+    if cfg.tma_bounds and not interpret and cfg.zero_mode != "xsum":
+        rows = m if m < 8 else -(-m // 8) * 8
+    else:
+        rows = -(-m // cfg.block_m) * cfg.block_m
+    return (1, rows, packed.n_pad)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret", "parts"))
-def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool, parts: bool = False
-             ) -> jax.Array:
+def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool, parts: bool = False,
+             acc: jax.Array | None = None) -> jax.Array:
     m = x2.shape[0]
     cdt = x2.dtype
     bm = cfg.block_m
@@ -1505,7 +1543,13 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
     if cfg.zero_mode == "xsum":
         args += (_x_block_sums(x2, cfg),)
     if cfg.schedule == "grid":
-        out = _build(mp, packed, cfg, cdt, interpret, rows if cfg.writes_y else mp)(*args)  # [split, rows, Np]
+        kernel = _build(mp, packed, cfg, cdt, interpret, rows if cfg.writes_y else mp)
+        if acc is not None and _tma_reduces(cfg, interpret):
+            out = kernel(*args, acc=acc)  # [1, rows, Np]: acc + the product
+        else:
+            out = kernel(*args)  # [split, rows, Np]
+            if acc is not None:  # the interpreter: acc is one more addend
+                out = jnp.concatenate([out.astype(jnp.float32), acc[:, : out.shape[1]]], axis=0)
         if parts and cfg.writes_y:  # token-major: the partials as they are, [split, m, N]
             return out[:, :m, : packed.n]
         y = out.sum(0) if out.shape[0] > 1 else out[0]  # one slot: no split, or split_reduce="tma"

@@ -371,3 +371,58 @@ def test_norm_kernel_takes_few_partials_and_sums_many():
         np.testing.assert_allclose(np.asarray(got_h, np.float32), np.asarray(want_h, np.float32), rtol=8e-3)
         np.testing.assert_allclose(np.asarray(got_x, np.float32),
                                    np.asarray(llama.rms_norm(scale, want_h, 1e-5), np.float32), rtol=2e-2, atol=2e-2)
+
+
+def test_decode_zero_accumulators_come_from_the_norm_kernels(tiny_hf_model, monkeypatch):
+    """With norm="pallas" a one-token step hands each TMA-reduced matmul (the Mosaic decode grid,
+    here through the interpreter with K split) a zeroed fp32 accumulator that the add + RMSNorm
+    kernel before it wrote: q/k/v's and o_proj's from the previous block's last norm kernel,
+    gate/up's and down's from the post-attention one; only the first block's q/k/v and o_proj make
+    their own. The logits equal those of the same step with the kernels' own zero fills, and stay
+    close to the XLA path's."""
+    from test_quant_linear import quantize_params
+
+    from jgptq.models import llama
+    from jgptq.pallas_kernels import dispatch
+    from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
+
+    real_prepare, real_grid = dispatch.prepare, mg._grid_config
+    monkeypatch.setattr(dispatch, "prepare", lambda l, *, bits, backend=None: real_prepare(
+        l, bits=bits, backend="gpu", interpret=True, gpu_kernel="mgpu"))
+    monkeypatch.setattr(mg, "_grid_config", lambda m, p, **kw: real_grid(m, p, **{"min_steps": 1, **kw}))
+    cfg, params, _ = load_hf(tiny_hf_model("smollm2_hd64").folder)
+    qparams, _ = quantize_params(params, np.random.default_rng(9), shared_perm=True)
+    model = LlamaForCausalLM.from_params(cfg, qparams, dtype=jnp.bfloat16)
+    tree = model.tree()
+    d, f, hh = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim
+    want = 0  # matmuls that should get a norm kernel's zeros: all with a TMA accumulator but block 0's q/k/v, o
+    for i, lp in enumerate(tree["layers"]):
+        shapes = [llama._acc_shape(lp["self_attn"]["qkv_proj"], (2, 1, d), jnp.bfloat16),
+                  llama._acc_shape(lp["self_attn"]["o_proj"], (2, 1, hh), jnp.bfloat16),
+                  llama._acc_shape(lp["mlp"]["gate_up_proj"], (2, 1, d), jnp.bfloat16),
+                  llama._acc_shape(lp["mlp"]["down_proj"], (2, 1, f), jnp.bfloat16)]
+        assert shapes[0] is not None and shapes[2] is not None  # K = 192: split 2 ways here
+        want += sum(s is not None for s in (shapes if i else shapes[2:]))
+    assert llama._acc_shape(tree["layers"][0]["self_attn"]["qkv_proj"], (2, 1, d), jnp.float32) is None
+    calls = []
+    real_parts = mg.gptq_matmul_mgpu_parts
+    monkeypatch.setattr(mg, "gptq_matmul_mgpu_parts",
+                        lambda x, p, **kw: (calls.append(kw.get("acc") is not None), real_parts(x, p, **kw))[1])
+    rng = np.random.default_rng(10)
+    ids = jnp.asarray(rng.integers(3, 256, size=(2, 4)), jnp.int32)
+    mask = jnp.ones((2, 4), bool)
+    cache0 = model.init_cache(2, 16)
+    _, cache0 = llama.forward_step(tree, ids, mask, cache0, cfg, True, "xla", "xla")
+    tok = jnp.asarray(rng.integers(3, 256, size=(2, 1)), jnp.int32)
+    one = jnp.ones((2, 1), bool)
+    got, cache = llama.forward_step(tree, tok, one, cache0, cfg, True, "fused", "pallas")
+    assert sum(calls) == want >= 2 * len(tree["layers"]), (calls, want)
+    assert calls[:2] == [False, False]  # block 0's q/k/v and o_proj
+    calls.clear()
+    monkeypatch.setattr(llama, "_acc_shape", lambda *a: None)  # the kernels zero-fill their own
+    own, _ = llama.forward_step(tree, tok, one, cache0, cfg, True, "fused", "pallas")
+    assert not any(calls)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(own))
+    xla, _ = llama.forward_step(tree, tok, one, cache0, cfg, True, "xla", "xla")
+    err = np.abs(np.asarray(got) - np.asarray(xla)).max() / np.abs(np.asarray(xla)).max()
+    assert err < 0.02, err

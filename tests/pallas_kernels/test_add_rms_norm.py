@@ -123,3 +123,45 @@ def test_compiled_on_gpu(m, d, n_parts):
     y, res, scale = _inputs(m * d + n_parts, (m,), d, n_parts, jnp.bfloat16)
     got = jax.jit(lambda *a: arn.add_rms_norm(*a, 1e-5))(y, res, scale)
     _check(got, np_add_rms_norm(y, res, scale, 1e-5, jnp.bfloat16), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("m,shapes", [(1, [(1, 1, 4100), (1, 1, 40000)]), (5, [(1, 8, 96), (3,)]),
+                                      (300, [(1, 304, 4096)])])
+def test_zeros_outputs(m, shapes):
+    """zeros=: the kernel also writes float32 zero arrays of those shapes (the interpreter starts
+    outputs as NaN, so an unwritten element shows); h and x stay what they are without them."""
+    d = 96
+    y, res, scale = _inputs(m * 7 + len(shapes), (m,), d, 0, jnp.bfloat16)
+    h, x, zs = arn.add_rms_norm(y, res, scale, 1e-5, zeros=shapes, interpret=True)
+    h0, x0 = arn.add_rms_norm(y, res, scale, 1e-5, interpret=True)
+    np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(h0, np.float32))
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(x0, np.float32))
+    assert [z.shape for z in zs] == [tuple(s) for s in shapes] and all(z.dtype == jnp.float32 for z in zs)
+    for z in zs:
+        a = np.asarray(z)
+        assert np.isfinite(a).all() and not a.any()
+    with pytest.raises(ValueError, match="every dimension"):
+        arn.add_rms_norm(y, res, scale, 1e-5, zeros=[(4, 0)], interpret=True)
+    with pytest.raises(ValueError, match="sequence of shapes"):
+        arn.add_rms_norm(y, res, scale, 1e-5, zeros=[5], interpret=True)
+    sds = jax.ShapeDtypeStruct
+    low = jax.jit(lambda *a: arn.add_rms_norm(*a, 1e-5, zeros=shapes)).trace(
+        sds(y.shape, y.dtype), sds(res.shape, res.dtype), sds(scale.shape, scale.dtype)).lower(lowering_platforms=("cuda",))
+    assert "add_rms_norm" in low.as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_zeros_outputs_compiled_on_gpu():
+    """On the GPU the zero outputs are fresh (uninitialised) buffers: every element must be written.
+    Dirty the allocator first so that unwritten memory would show."""
+    junk = [jnp.full((1 << 20,), jnp.nan, jnp.float32) + i for i in range(8)]
+    jax.block_until_ready(junk)
+    del junk
+    for m, shapes in ((1, [(1, 1, 12288), (1, 1, 4096)]), (16, [(1, 16, 22016), (1, 16, 4096)])):
+        y, res, scale = _inputs(m + 3, (m,), 4096, 0, jnp.bfloat16)
+        h, x, zs = jax.jit(lambda *a: arn.add_rms_norm(*a, 1e-5, zeros=shapes))(y, res, scale)
+        _check((h, x), np_add_rms_norm(y, res, scale, 1e-5, jnp.bfloat16), jnp.bfloat16)
+        for z, s in zip(zs, shapes):
+            a = np.asarray(z)
+            assert a.shape == s and np.isfinite(a).all() and not a.any()

@@ -265,6 +265,49 @@ def test_parts_add_up_to_the_product(monkeypatch):
     np.testing.assert_array_equal(np.asarray(one[0]), np.asarray(dispatch.matmul(x, tri)))
 
 
+def test_parts_add_into_a_given_accumulator(monkeypatch):
+    """gptq_matmul_mgpu_parts(acc=): a TMA-reduced decode grid takes its fp32 accumulator from the
+    caller; the addends then sum to acc + x @ W (interpreter: acc is one more addend; here acc is
+    random, not zeros, so that it is seen to be added). accumulator_shape is None where a call has
+    no such buffer, and a wrong acc is refused; the hardware path lowers with the caller's buffer."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 2)
+    lin, w64, p = make(83, 1024, 256, 4, 128, False)
+    x = jax.random.normal(jax.random.key(84), (3, 1, 1024), jnp.float32).astype(jnp.bfloat16)
+    cfg = mg.default_config(3, p)
+    assert cfg.split_k > 1 and cfg.split_reduce == "tma", cfg
+    shape = mg.accumulator_shape(3, p, interpret=True)
+    assert shape == (1, -(-3 // cfg.block_m) * cfg.block_m, p.n_pad)
+    assert mg.accumulator_shape(3, p) == (1, 3, p.n_pad)  # hardware: TMA bounds, rows not padded
+    acc = jax.random.normal(jax.random.key(85), shape, jnp.float32)
+    parts = mg.gptq_matmul_mgpu_parts(x, p, interpret=True, acc=acc)
+    plain = mg.gptq_matmul_mgpu_parts(x, p, interpret=True)
+    assert parts.shape[0] == plain.shape[0] + 1
+    total = np.asarray(jnp.sum(parts, axis=0), np.float64)
+    want = np.asarray(x, np.float64) @ w64 + np.asarray(acc[0, :3, :256], np.float64)[:, None]
+    assert rel_err(total, want) < 8e-3
+    for bad in (acc[:, :1], acc.astype(jnp.bfloat16)):
+        with pytest.raises(ValueError, match="acc must be float32"):
+            mg.gptq_matmul_mgpu_parts(x, p, interpret=True, acc=bad)
+    for c in (dataclasses.replace(cfg, split_k=1, split_reduce="xla"), dataclasses.replace(cfg, split_reduce="xla"),
+              dataclasses.replace(cfg, transpose_out=False)):
+        assert mg.accumulator_shape(3, p, config=c) is None, c
+        with pytest.raises(ValueError, match="acc must be float32"):
+            mg.gptq_matmul_mgpu_parts(x, p, config=c, interpret=True, acc=acc)
+    hw = mg.accumulator_shape(3, p)
+    low = mg._forward.trace(x.reshape(3, 1024), p, cfg, False, True, jnp.zeros(hw, jnp.float32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in low
+    prep = dispatch.prepare(lin, bits=4, backend="gpu", interpret=True, gpu_kernel="mgpu")
+    assert dispatch.parts_accumulator(x.shape, x.dtype, prep) == shape
+    assert dispatch.parts_accumulator(x.shape, jnp.float32, prep) is None
+    got = dispatch.matmul_parts(x, prep, acc=acc)
+    assert rel_err(np.asarray(jnp.sum(got, axis=0), np.float64), want) < 8e-3
+    tri = dispatch.prepare(lin, bits=4, backend="gpu", interpret=True, gpu_kernel="triton")
+    assert dispatch.parts_accumulator(x.shape, x.dtype, tri) is None
+    with pytest.raises(ValueError, match="takes no acc"):
+        dispatch.matmul_parts(x, tri, acc=acc)
+
+
 def test_tma_bounds_pads_only_what_tiled_views_need():
     """With ``tma_bounds`` the hardware path hands x over unpadded below 8 rows, padded to a
     multiple of 8 above (Mosaic's tiled GMEM views need it), and K unpadded when it is a whole
@@ -658,3 +701,21 @@ def test_zero_point_through_x_sums(sched, wgs, split, gs, m, monkeypatch):
     assert "mosaic_gpu" in lowered.as_text()
     with pytest.raises(ValueError, match="zero_mode='xsum' needs scale_mode='acc'"):
         mg.gptq_matmul_mgpu(x, p, config=dataclasses.replace(cfg, scale_mode="weights"), interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 5])
+def test_parts_acc_compiled_on_gpu(m):
+    """The decode grid TMA-adds into the caller's (random, nonzero) fp32 buffer on the GPU (token
+    counts below the 8-token tile: token-major partials; at M = 16 the grid writes [Np, M] and
+    takes no acc)."""
+    lin, w64, p = make(86 + m, 4096, 4096, 4, 128, True)
+    x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.float32).astype(jnp.bfloat16)
+    shape = mg.accumulator_shape(m, p)
+    assert shape is not None and shape[1] >= m
+    acc = jax.random.normal(jax.random.key(7 + m), shape, jnp.float32)
+    parts = jax.jit(lambda x, a: mg.gptq_matmul_mgpu_parts(x, p, acc=a))(x, acc)
+    assert parts.shape == (1, m, 4096)
+    want = np.asarray(x, np.float64) @ w64 + np.asarray(acc[0, :m, :4096], np.float64)
+    assert rel_err(np.asarray(parts[0], np.float64), want) < 8e-3
