@@ -292,13 +292,8 @@ def _decode_step_fused(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, 
 
 
 def _mlp_act(mlp: Mapping[str, Any], x2: jax.Array, acc: jax.Array | None = None) -> jax.Array:
-    if "gate_up_proj" in mlp and acc is not None:  # its kernel adds into acc: one fp32 addend
-        fused = mlp["gate_up_proj"]
-        y = fused.parts(x2, acc=acc)
-        y = (jnp.sum(y.astype(jnp.float32), axis=0) if y.shape[0] > 1 else y[0]).astype(x2.dtype)
-        gate, up = jnp.split(y, np.cumsum(fused.sizes)[:-1].tolist(), axis=-1)
-    elif "gate_up_proj" in mlp:  # a FusedQuantLinear: one matmul for gate and up
-        gate, up = mlp["gate_up_proj"](x2)
+    if "gate_up_proj" in mlp:  # a FusedQuantLinear: one matmul for gate and up (acc: its zeros)
+        gate, up = mlp["gate_up_proj"](x2) if acc is None else mlp["gate_up_proj"](x2, acc=acc)
     else:
         gate, up = linear(mlp["gate_proj"], x2), linear(mlp["up_proj"], x2)
     return jax.nn.silu(gate) * up
@@ -362,9 +357,8 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
     act = _mlp_act(mlp, x2, z_gu)
     captured = {"attn_in": x, "o_in": o, "mlp_in": x2, "down_in": act} if capture else None
     if next_scale is not None:
-        h, x_next, made = _add_norm(mlp["down_proj"], act, h, next_scale, config, acc=z_down,
-                                    zeros=list(next_accs) or [None])
-        return h, new_kv, captured, x_next, (made if next_accs else [])
+        h, x_next, *made = _add_norm(mlp["down_proj"], act, h, next_scale, config, acc=z_down, zeros=next_accs)
+        return h, new_kv, captured, x_next, (made[0] if made else [])
     h = h + linear(mlp["down_proj"], act)
     return h, new_kv, captured
 

@@ -314,9 +314,15 @@ class FusedQuantLinear(nnx.Module):
         """:meth:`QuantLinear.parts_accumulator` of the fused matmul."""
         return self.inner.parts_accumulator(x_shape, dtype)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        """``x[..., in]`` -> one ``[..., out_i]`` per part, in ``x.dtype``."""
-        y = self.inner(x)
+    def __call__(self, x: jax.Array, acc: jax.Array | None = None) -> tuple[jax.Array, ...]:
+        """``x[..., in]`` -> one ``[..., out_i]`` per part, in ``x.dtype``. ``acc``: zeros of
+        :meth:`parts_accumulator`'s shape for the kernel to add into (then through :meth:`parts`)."""
+        if acc is None:
+            y = self.inner(x)
+        else:
+            p = self.inner.parts(x, acc=acc)
+            y = jnp.sum(p.astype(jnp.float32), axis=0).astype(x.dtype)
+            y = _add_bias(y, None if self.inner.bias is None else self.inner.bias[...])
         return tuple(jnp.split(y, np.cumsum(self.sizes)[:-1].tolist(), axis=-1))
 
     def to_params(self) -> list[dict[str, jax.Array]]:
