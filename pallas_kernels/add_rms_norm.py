@@ -15,7 +15,8 @@ does all of it in one pass over each row:
   product each rounded to the compute dtype (exactly :func:`jgptq.models.llama.rms_norm`).
 
 Grid: one program per ``rows_per_program`` rows; ``D`` is one masked tile (padded to a power of
-two). Up to the fp32 order of the two sums (a last-bit difference in rare cases) the outputs
+two); with ``zeros``, up to :data:`MAX_ZERO_PROGRAMS` more programs after those write only the
+zero arrays (a share each). Up to the fp32 order of the two sums (a last-bit difference in rare cases) the outputs
 equal :func:`reference`. The file also holds a benchmark :func:`main` against XLA.
 """
 
@@ -159,13 +160,22 @@ def _round(x: jax.Array, dt, interpret: bool) -> jax.Array:
 
 
 ZERO_BLOCK = 2048  # float32 zeros per store of the zeros outputs
+ZERO_PER_PROGRAM = 8192  # float32 zeros a zero-only program writes, at least (32 KB)
+MAX_ZERO_PROGRAMS = 64
 
 
-def _zero_fill(z_refs, sizes: tuple[int, ...], programs: int) -> None:
+def zero_programs(sizes: Sequence[int]) -> int:
+    """Programs that only write the zeros outputs (after the row programs): one per
+    ``ZERO_PER_PROGRAM`` values, at most ``MAX_ZERO_PROGRAMS``. A decode step has one row
+    program; left to it, ~100 KB of zeros made the kernel ~2x slower (H200, session 13)."""
+    total = sum(int(v) for v in sizes)
+    return min(MAX_ZERO_PROGRAMS, -(-total // ZERO_PER_PROGRAM)) if total else 0
+
+
+def _zero_fill(z_refs, sizes: tuple[int, ...], i, programs: int) -> None:
     """Program ``i`` of ``programs`` writes its contiguous share of each flat float32 output."""
     from jax.experimental.pallas import triton as plt
 
-    i = pl.program_id(0)
     for ref, size in zip(z_refs, sizes):
         per = -(-size // programs)
         nb = -(-per // ZERO_BLOCK)
@@ -186,15 +196,32 @@ def _zero_fill(z_refs, sizes: tuple[int, ...], programs: int) -> None:
 
 def _kernel(y_ref, r_ref, s_ref, h_ref, x_ref, *z_refs, n_parts: int, m: int, d: int, rp: int, eps: float,
             interpret: bool, zero_sizes: tuple[int, ...] = ()):
-    from jax.experimental.pallas import triton as plt
+    row_programs = -(-m // rp)
+    pid = pl.program_id(0)  # read here: the interpreter has no program_id inside a pl.when branch
+    if not zero_sizes:
+        _rows(y_ref, r_ref, s_ref, h_ref, x_ref, pid, n_parts=n_parts, m=m, d=d, rp=rp, eps=eps,
+              interpret=interpret)
+        return
+    zp = zero_programs(zero_sizes)
 
-    if zero_sizes:  # each program also writes its share of the zeros outputs
-        _zero_fill(z_refs, zero_sizes, -(-m // rp))
+    @pl.when(pid < row_programs)
+    def _():
+        _rows(y_ref, r_ref, s_ref, h_ref, x_ref, pid, n_parts=n_parts, m=m, d=d, rp=rp, eps=eps,
+              interpret=interpret)
+
+    @pl.when(pid >= row_programs)
+    def _():
+        _zero_fill(z_refs, zero_sizes, pid - row_programs, zp)
+
+
+def _rows(y_ref, r_ref, s_ref, h_ref, x_ref, pid, *, n_parts: int, m: int, d: int, rp: int, eps: float,
+          interpret: bool):
+    from jax.experimental.pallas import triton as plt
 
     f32 = jnp.float32
     dt = r_ref.dtype
     dp = 1 << max(d - 1, 1).bit_length()
-    row0 = pl.program_id(0) * rp
+    row0 = pid * rp
     rows = row0 + jnp.arange(rp)
     cmask = jnp.arange(dp) < d
     mask = (rows < m)[:, None] & cmask[None, :]  # [rp, dp]
@@ -233,7 +260,7 @@ def _forward(y, residual, scale, eps: float, cfg: AddRmsNormConfig, interpret: b
 
         kw["compiler_params"] = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
     out = jax.ShapeDtypeStruct((m, d), residual.dtype)
-    call = pl.pallas_call(kernel, grid=(-(-m // rp),), in_specs=[whole(*y.shape), whole(m, d), whole(d)],
+    call = pl.pallas_call(kernel, grid=(-(-m // rp) + zero_programs(zero_sizes),), in_specs=[whole(*y.shape), whole(m, d), whole(d)],
                           out_specs=(whole(m, d), whole(m, d), *(whole(z) for z in zero_sizes)),
                           out_shape=(out, out, *(jax.ShapeDtypeStruct((z,), jnp.float32) for z in zero_sizes)),
                           interpret=interpret,

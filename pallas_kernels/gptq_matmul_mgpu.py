@@ -1479,7 +1479,8 @@ def gptq_matmul_mgpu_parts(
 
     ``acc`` (float32, :func:`accumulator_shape`; only where that is not None): a buffer of zeros
     made elsewhere for the kernel's TMA reduction to add into (see :func:`accumulator_shape`); the
-    addends then sum to ``acc[0, :M, :N] + x @ W`` (in the interpreter ``acc`` is the last addend).
+    addends then sum to ``acc[0, :M, :N] + x @ W`` (``[Np, Mp]`` grids: ``acc[0, :N, :M].T + x @ W``,
+    one addend rounded to ``x.dtype``; in the interpreter a token-major ``acc`` is the last addend).
     """
     lead, m, cfg = _resolve(x, packed, config)
     want = accumulator_shape(m, packed, config=cfg, interpret=interpret)
@@ -1488,8 +1489,8 @@ def gptq_matmul_mgpu_parts(
                          f"(accumulator_shape); got {acc.dtype} {tuple(acc.shape)}.")
     if m == 0:
         return jnp.zeros((1, *lead, packed.n), x.dtype)
-    if cfg.schedule != "grid" or not cfg.writes_y:
-        return _forward(x.reshape(m, packed.k), packed, cfg, interpret).reshape(1, *lead, packed.n)
+    if cfg.schedule != "grid" or not cfg.writes_y:  # one addend: the product (plus acc, if given)
+        return _forward(x.reshape(m, packed.k), packed, cfg, interpret, acc=acc).reshape(1, *lead, packed.n)
     parts = _forward(x.reshape(m, packed.k), packed, cfg, interpret, parts=True, acc=acc)
     return parts.reshape(parts.shape[0], *lead, packed.n)
 
@@ -1499,8 +1500,10 @@ def accumulator_shape(m: int, packed: MgpuPacked, *, config: MgpuConfig | None =
     """The fp32 buffer shape a :func:`gptq_matmul_mgpu_parts` call for ``m`` tokens can add its
     split-K partials into (its ``acc``), or None where that call has no such buffer.
 
-    Decode grids (split K, token-major, ``split_reduce="tma"``) TMA-add their partials into one
-    zero-filled fp32 buffer. Made inside a jitted loop, XLA merges those zero fills and then copies
+    Decode grids (split K, ``split_reduce="tma"``) TMA-add their partials into one zero-filled
+    fp32 buffer: ``[1, rows, Np]`` when they store token-major (``transpose_out``, M below the
+    token tile), ``[1, Np, Mp]`` otherwise (M = 16 with 16-row tiles; the call then returns the
+    finished product, one addend). Made inside a jitted loop, XLA merges those zero fills and then copies
     the merged buffer once per call (~1 us each on an H200, benchmarks/RESULTS.md session 13); a
     caller that already runs a kernel before the matmul can have it write the zeros
     (``pallas_kernels.add_rms_norm(..., zeros=...)``) and pass them as ``acc``. In the
@@ -1509,8 +1512,10 @@ def accumulator_shape(m: int, packed: MgpuPacked, *, config: MgpuConfig | None =
     if m < 1:
         return None
     cfg = config or default_config(m, packed)
-    if not (cfg.schedule == "grid" and cfg.writes_y and cfg.split_k > 1 and cfg.split_reduce == "tma"):
+    if not (cfg.schedule == "grid" and cfg.split_k > 1 and cfg.split_reduce == "tma"):
         return None
+    if not cfg.writes_y:
+        return (1, packed.n_pad, -(-m // cfg.block_m) * cfg.block_m)
     if cfg.tma_bounds and not interpret and cfg.zero_mode != "xsum":
         rows = m if m < 8 else -(-m // 8) * 8
     else:
@@ -1549,7 +1554,7 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
         else:
             out = kernel(*args)  # [split, rows, Np]
             if acc is not None:  # the interpreter: acc is one more addend
-                out = jnp.concatenate([out.astype(jnp.float32), acc[:, : out.shape[1]]], axis=0)
+                out = jnp.concatenate([out.astype(jnp.float32), acc[:, : out.shape[1], : out.shape[2]]], axis=0)
         if parts and cfg.writes_y:  # token-major: the partials as they are, [split, m, N]
             return out[:, :m, : packed.n]
         y = out.sum(0) if out.shape[0] > 1 else out[0]  # one slot: no split, or split_reduce="tma"

@@ -22,6 +22,16 @@ import pytest
 # tests that call the CLI in-process must not turn on the on-disk XLA cache for the whole session
 os.environ.setdefault("JGPTQ_XLA_CACHE", "off")
 
+import jax  # noqa: E402
+
+# The Pallas interpreters (Mosaic GPU, Triton, TPU in interpret mode) run kernels through host
+# callbacks that themselves dispatch JAX ops. With the CPU client's asynchronous dispatch, an
+# eagerly run model step (op after op while an interpreted kernel's callback is still running)
+# can deadlock: both threads wait in dispatch with the CPU idle (seen on this 2-core machine in
+# test_decode_zero_accumulators_come_from_the_norm_kernels; jax-ml/jax#25861). Synchronous
+# dispatch on the CPU removes the overlap; GPU execution is unaffected.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
+
 
 @pytest.fixture(scope="session")
 def smollm2_gguf_path() -> Path:

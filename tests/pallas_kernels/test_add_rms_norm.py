@@ -116,6 +116,16 @@ def test_lowers_to_triton_for_cuda(n_parts):
         assert "add_rms_norm" in low.as_text()
 
 
+def test_zero_programs():
+    """The zero outputs get their own programs after the row programs: one per 8192 values, at
+    most 16 (a decode step's single row program would otherwise write all of them)."""
+    assert arn.zero_programs(()) == 0
+    assert arn.zero_programs((1,)) == 1
+    assert arn.zero_programs((8192,)) == 1 and arn.zero_programs((8192, 1)) == 2
+    assert arn.zero_programs((4100, 40000)) == 6
+    assert arn.zero_programs((304 * 4096,)) == arn.MAX_ZERO_PROGRAMS == 64
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m,d,n_parts", [(1, 4096, 0), (1, 4096, 8), (16, 4096, 22), (5, 576, 4), (300, 4096, 0)])

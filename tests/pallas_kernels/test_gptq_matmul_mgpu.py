@@ -288,8 +288,7 @@ def test_parts_add_into_a_given_accumulator(monkeypatch):
     for bad in (acc[:, :1], acc.astype(jnp.bfloat16)):
         with pytest.raises(ValueError, match="acc must be float32"):
             mg.gptq_matmul_mgpu_parts(x, p, interpret=True, acc=bad)
-    for c in (dataclasses.replace(cfg, split_k=1, split_reduce="xla"), dataclasses.replace(cfg, split_reduce="xla"),
-              dataclasses.replace(cfg, transpose_out=False)):
+    for c in (dataclasses.replace(cfg, split_k=1, split_reduce="xla"), dataclasses.replace(cfg, split_reduce="xla")):
         assert mg.accumulator_shape(3, p, config=c) is None, c
         with pytest.raises(ValueError, match="acc must be float32"):
             mg.gptq_matmul_mgpu_parts(x, p, config=c, interpret=True, acc=acc)
@@ -306,6 +305,35 @@ def test_parts_add_into_a_given_accumulator(monkeypatch):
     assert dispatch.parts_accumulator(x.shape, x.dtype, tri) is None
     with pytest.raises(ValueError, match="takes no acc"):
         dispatch.matmul_parts(x, tri, acc=acc)
+
+
+@pytest.mark.parametrize("m", [16, 11])
+def test_parts_acc_of_a_feature_major_grid(monkeypatch, m):
+    """A split grid that stores [Np, Mp] (batch 16's decode grid, or transpose_out=False) takes an
+    [1, Np, Mp] accumulator: the call returns one addend, acc[0, :N, :M].T + x @ W rounded to
+    x.dtype (random acc, so that it is seen to be added); the hardware path lowers with it."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 2)
+    lin, w64, p = make(86, 1024, 256, 4, 128, False)
+    x = jax.random.normal(jax.random.key(87), (m, 1024), jnp.float32).astype(jnp.bfloat16)
+    cfg = mg.default_config(m, p)
+    if m != 16:
+        cfg = dataclasses.replace(cfg, transpose_out=False)
+    assert cfg.split_k > 1 and cfg.split_reduce == "tma" and not cfg.writes_y, cfg
+    mp = -(-m // cfg.block_m) * cfg.block_m
+    shape = mg.accumulator_shape(m, p, config=cfg)
+    assert shape == mg.accumulator_shape(m, p, config=cfg, interpret=True) == (1, p.n_pad, mp)
+    acc = jax.random.normal(jax.random.key(88), shape, jnp.float32)
+    got = mg.gptq_matmul_mgpu_parts(x, p, config=cfg, interpret=True, acc=acc)
+    assert got.shape == (1, m, 256) and got.dtype == jnp.bfloat16
+    want = np.asarray(x, np.float64) @ w64 + np.asarray(acc[0, :256, :m], np.float64).T
+    assert rel_err(np.asarray(got[0], np.float64), want) < 8e-3
+    plain = mg.gptq_matmul_mgpu_parts(x, p, config=cfg, interpret=True)
+    assert rel_err(np.asarray(plain[0], np.float64), np.asarray(x, np.float64) @ w64) < 8e-3
+    with pytest.raises(ValueError, match="acc must be float32"):
+        mg.gptq_matmul_mgpu_parts(x, p, config=cfg, interpret=True, acc=acc[:, :, :1])
+    low = mg._forward.trace(x, p, cfg, False, False, jnp.zeros(shape, jnp.float32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in low
 
 
 def test_tma_bounds_pads_only_what_tiled_views_need():
@@ -705,17 +733,19 @@ def test_zero_point_through_x_sums(sched, wgs, split, gs, m, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 5, 16])
 def test_parts_acc_compiled_on_gpu(m):
     """The decode grid TMA-adds into the caller's (random, nonzero) fp32 buffer on the GPU (token
-    counts below the 8-token tile: token-major partials; at M = 16 the grid writes [Np, M] and
-    takes no acc)."""
+    counts below the 8-token tile: token-major partials, [1, rows, Np]; at M = 16 the grid writes
+    [Np, M], its acc is [1, Np, 16])."""
     lin, w64, p = make(86 + m, 4096, 4096, 4, 128, True)
     x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.float32).astype(jnp.bfloat16)
     shape = mg.accumulator_shape(m, p)
-    assert shape is not None and shape[1] >= m
+    major = mg.default_config(m, p).writes_y
+    assert shape is not None and shape[1 if major else 2] >= m
     acc = jax.random.normal(jax.random.key(7 + m), shape, jnp.float32)
     parts = jax.jit(lambda x, a: mg.gptq_matmul_mgpu_parts(x, p, acc=a))(x, acc)
     assert parts.shape == (1, m, 4096)
-    want = np.asarray(x, np.float64) @ w64 + np.asarray(acc[0, :m, :4096], np.float64)
+    a = acc[0, :m, :4096] if major else acc[0, :4096, :m].T
+    want = np.asarray(x, np.float64) @ w64 + np.asarray(a, np.float64)
     assert rel_err(np.asarray(parts[0], np.float64), want) < 8e-3
