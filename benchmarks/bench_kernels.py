@@ -461,6 +461,16 @@ def _grid_variant(**kw):
     return pick
 
 
+def _major16_variant(**kw):
+    """The decode grid storing token-major partials at every M <= 16 (the default stores [Np, M] at
+    M = 16, which XLA then transposes), with optional other grid knobs."""
+    def pick(default, m, p):
+        if m > 16:
+            return default(m, p)
+        return dataclasses.replace(mg._grid_config(m, p, **kw), transpose_out=True)
+    return pick
+
+
 # --e2e-configs: name -> (pack_mgpu keyword arguments, config(default_config, m, packed))
 E2E_CONFIGS = {
     "kblocks": (dict(layout="kblocks"), lambda default, m, p: default(m, p)),
@@ -473,6 +483,8 @@ E2E_CONFIGS = {
     "tma-split32": ({}, lambda default, m, p: _tma_reduce(_grid_variant(max_split=32)(default, m, p))),
     # session 11's default: the split-K partials summed in XLA (or by the consumer kernel)
     "xla-reduce": ({}, lambda default, m, p: dataclasses.replace(default(m, p), split_reduce="xla")),
+    "major16": ({}, _major16_variant()),
+    "major16-cta16": ({}, _major16_variant(ctas_per_sm=16)),
 }
 
 

@@ -508,8 +508,9 @@ class MgpuConfig:
         split-K: its fp32 partials ``[split, M, Np]``) itself, the accumulator stored through a
         transposed SMEM view, so no XLA transpose follows; False writes ``yᵀ [Np, Mp]``; None
         (default): True for ``"tiles"``, False for ``"grid"``; :func:`default_config` sets True
-        for the grid when M is below the token tile (M = 1 then writes 1 partial row, not 8;
-        at M = 16 with 16-row tiles the token-major store timed ~2 us slower on the H200).
+        for the decode grids, M <= 16 (M = 1 then writes 1 partial row, not 8; at M = 16 the
+        token-major store timed ~2 us slower alone on the H200, but spares the model an XLA
+        transpose per matmul).
         ``"stream"`` always writes ``[slots, Np, Mp]`` partials.
       split_reduce: how the partial sums of split K (``"grid"`` with ``split_k > 1``) and of
         stream-K (``"stream"``) are added (:func:`default_config` takes ``"tma"`` for the split
@@ -564,8 +565,10 @@ def _num_sms() -> int:
 def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm: int | None = None,
                  max_split: int = 32) -> MgpuConfig:
     """The ``"grid"`` schedule's tiles for ``m`` tokens (H100 / H200 sweeps, benchmarks/RESULTS.md):
-    many short CTAs (split-K up to ~16 CTAs per SM at M <= 8 with 8 pipeline stages, ~8 per SM
-    with 4 stages at M <= 16) and the explicit upcast layout for decode; M <= 64 one 64-wide N
+    many short CTAs (split-K up to ~16 CTAs per SM at M <= 16; 8 pipeline stages at M <= 8, 4 at
+    M <= 16), token-major partials and the explicit upcast layout for decode (at M = 16 token-major
+    partials and 16 rather than 8 CTAs per SM took the 7B decode step at batch 16 from 3.01 to
+    2.61 ms on the H200: no XLA transpose of [Np, M] outputs, benchmarks/RESULTS.md session 14); M <= 64 one 64-wide N
     tile per CTA; larger M dequantizes the weights in registers ("weights") under the widest token
     tile.
 
@@ -594,7 +597,7 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm:
         stages = min(2 * stages, 8)
     nk = packed.k_pad // bk
     ctas = -(-m // bm) * (packed.n_pad // bn)
-    target = (ctas_per_sm or (16 if m <= 8 else 8 if m <= 16 else 2)) * _num_sms()
+    target = (ctas_per_sm or (16 if m <= 16 else 2)) * _num_sms()
     split = 1
     if ctas < target:
         for d in range(1, min(nk, max_split) + 1):
@@ -603,13 +606,13 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm:
                 if ctas * d >= target:
                     break
     mode = "acc" if packed.group_size % bk == 0 and bm * bn <= 64 * 128 else "weights"
-    # token-major partials when the tile has rows past M: they are not written (M = 1: 53 vs 58 us
-    # at 8192 x 28672 on the H200 with TMA bounds); a full tile stores faster [Np, Mp]-major
-    # split-K partials TMA-added into one fp32 buffer in the kernel: in the 7B decode step that
+    # token-major partials at M <= 16: rows past M are not written (M = 1: 53 vs 58 us at
+    # 8192 x 28672 on the H200 with TMA bounds), and the consumers take [M, N] rows as they are
+    # (at M = 16 an [Np, Mp] store alone is ~2 us faster, but XLA then transposes it); split-K partials TMA-added into one fp32 buffer in the kernel: in the 7B decode step that
     # took 1902 against 2032 us of GPU time per step (no per-split slots written and read back;
     # the consumers read one fp32 row), benchmarks/RESULTS.md session 12
     return MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=stages, scale_mode=mode,
-                      w_layout="upcast" if m <= 16 else "auto", transpose_out=True if m < bm else None,
+                      w_layout="upcast" if m <= 16 else "auto", transpose_out=True if m <= 16 else None,
                       split_reduce="tma" if split > 1 else "xla")
 
 

@@ -309,15 +309,13 @@ def test_parts_add_into_a_given_accumulator(monkeypatch):
 
 @pytest.mark.parametrize("m", [16, 11])
 def test_parts_acc_of_a_feature_major_grid(monkeypatch, m):
-    """A split grid that stores [Np, Mp] (batch 16's decode grid, or transpose_out=False) takes an
+    """A split grid that stores [Np, Mp] (transpose_out=False; batch 16's decode grid until session 14) takes an
     [1, Np, Mp] accumulator: the call returns one addend, acc[0, :N, :M].T + x @ W rounded to
     x.dtype (random acc, so that it is seen to be added); the hardware path lowers with it."""
     monkeypatch.setattr(mg, "_num_sms", lambda: 2)
     lin, w64, p = make(86, 1024, 256, 4, 128, False)
     x = jax.random.normal(jax.random.key(87), (m, 1024), jnp.float32).astype(jnp.bfloat16)
-    cfg = mg.default_config(m, p)
-    if m != 16:
-        cfg = dataclasses.replace(cfg, transpose_out=False)
+    cfg = dataclasses.replace(mg.default_config(m, p), transpose_out=False)
     assert cfg.split_k > 1 and cfg.split_reduce == "tma" and not cfg.writes_y, cfg
     mp = -(-m // cfg.block_m) * cfg.block_m
     shape = mg.accumulator_shape(m, p, config=cfg)
@@ -694,8 +692,8 @@ def test_default_configs_fit_every_layer(k, n, gs, monkeypatch):
         cfg = mg.default_config(m, p)
         mg._validate(jnp.zeros((m, k), jnp.bfloat16), p, cfg)
         assert cfg.schedule == ("grid" if m <= 16 else "stream" if m <= 64 else cfg.schedule)
-        # x unpadded on hardware; decode grids store token-major partials only with rows past M
-        assert cfg.tma_bounds and cfg.writes_y == (m < cfg.block_m if m <= 16 else cfg.schedule == "tiles")
+        # x unpadded on hardware; the decode grids (M <= 16) store token-major partials
+        assert cfg.tma_bounds and cfg.writes_y == (True if m <= 16 else cfg.schedule == "tiles")
         if m > 64:
             tiles = -(-m // cfg.block_m) * (p.n_pad // 128)
             assert cfg.schedule in ("tiles", "stream") and cfg.compute_wgs == 2
@@ -736,8 +734,7 @@ def test_zero_point_through_x_sums(sched, wgs, split, gs, m, monkeypatch):
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_parts_acc_compiled_on_gpu(m):
     """The decode grid TMA-adds into the caller's (random, nonzero) fp32 buffer on the GPU (token
-    counts below the 8-token tile: token-major partials, [1, rows, Np]; at M = 16 the grid writes
-    [Np, M], its acc is [1, Np, 16])."""
+    counts up to 16: token-major partials, [1, rows, Np])."""
     lin, w64, p = make(86 + m, 4096, 4096, 4, 128, True)
     x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.float32).astype(jnp.bfloat16)
     shape = mg.accumulator_shape(m, p)
