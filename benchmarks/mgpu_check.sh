@@ -56,10 +56,13 @@ if [ "$TESTS_S" != 0 ]; then
   T="$REPO/tests/pallas_kernels"
   timeout "$TESTS_S" "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
     $(for p in ${TESTS_PATH:-tests/pallas_kernels}; do echo "$REPO/$p"; done) -m "${TESTS_MARK:-gpu}" \
-    -k "${TESTS_K:-not persistent_compiled}" --maxfail=4 -q 2>&1 \
-    | tee "$OUT/gpu_pytest.txt" | tail -30
+    -k "${TESTS_K:-not persistent_compiled}" --maxfail=4 -v 2>&1 \
+    | tee "$OUT/gpu_pytest.txt" | grep -v "Warning\|rule(ctx" | tail -30  # -v: a run cut by the box still names what passed
   echo "pytest exit: ${PIPESTATUS[0]} (124 = cut at ${TESTS_S} s)"
-  [ "${PERSIST:-1}" != 0 ] && timeout "$TESTS_S" "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
+fi
+if [ "$TESTS_S" != 0 ] && [ "${PERSIST:-1}" != 0 ]; then
+  T="$REPO/tests/pallas_kernels"
+  timeout "$TESTS_S" "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
     "$T/test_gptq_matmul_mgpu.py" -m gpu -k "persistent_compiled" -q 2>&1 | tee "$OUT/gpu_pytest_persistent.txt" \
     | grep -v "cuda_event.cc\|Source Location\|cuda_status.cc\|allocator.cc\|^$" | tail -30
   echo "pytest (persistent) exit: ${PIPESTATUS[0]}"
