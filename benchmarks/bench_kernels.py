@@ -462,8 +462,8 @@ def _grid_variant(**kw):
 
 
 def _major16_variant(**kw):
-    """The decode grid storing token-major partials at every M <= 16 (the default stores [Np, M] at
-    M = 16, which XLA then transposes), with optional other grid knobs."""
+    """The decode grid storing token-major partials at every M <= 16 (before ed44e99 the default
+    stored [Np, M] at M = 16, which XLA then transposed), with optional other grid knobs."""
     def pick(default, m, p):
         if m > 16:
             return default(m, p)

@@ -16,8 +16,8 @@ does all of it in one pass over each row:
 
 Grid: one program per ``rows_per_program`` rows; ``D`` is one masked tile (padded to a power of
 two); with ``zeros``, up to :data:`MAX_ZERO_PROGRAMS` more programs after those write only the
-zero arrays (a share each). Up to the fp32 order of the two sums (a last-bit difference in rare cases) the outputs
-equal :func:`reference`. The file also holds a benchmark :func:`main` against XLA.
+zero arrays (a share each). Up to the fp32 order of the two sums (a last-bit difference in rare
+cases) the outputs equal :func:`reference`. The file also holds a benchmark :func:`main` against XLA.
 """
 
 from __future__ import annotations
@@ -260,7 +260,8 @@ def _forward(y, residual, scale, eps: float, cfg: AddRmsNormConfig, interpret: b
 
         kw["compiler_params"] = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
     out = jax.ShapeDtypeStruct((m, d), residual.dtype)
-    call = pl.pallas_call(kernel, grid=(-(-m // rp) + zero_programs(zero_sizes),), in_specs=[whole(*y.shape), whole(m, d), whole(d)],
+    grid = (-(-m // rp) + zero_programs(zero_sizes),)  # row programs, then zero-only programs
+    call = pl.pallas_call(kernel, grid=grid, in_specs=[whole(*y.shape), whole(m, d), whole(d)],
                           out_specs=(whole(m, d), whole(m, d), *(whole(z) for z in zero_sizes)),
                           out_shape=(out, out, *(jax.ShapeDtypeStruct((z,), jnp.float32) for z in zero_sizes)),
                           interpret=interpret,

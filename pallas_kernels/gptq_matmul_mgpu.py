@@ -568,8 +568,8 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm:
     many short CTAs (split-K up to ~16 CTAs per SM at M <= 16; 8 pipeline stages at M <= 8, 4 at
     M <= 16), token-major partials and the explicit upcast layout for decode (at M = 16 token-major
     partials and 16 rather than 8 CTAs per SM took the 7B decode step at batch 16 from 3.01 to
-    2.61 ms on the H200: no XLA transpose of [Np, M] outputs, benchmarks/RESULTS.md session 14); M <= 64 one 64-wide N
-    tile per CTA; larger M dequantizes the weights in registers ("weights") under the widest token
+    2.61 ms on the H200: no XLA transpose of [Np, M] outputs, benchmarks/RESULTS.md session 14);
+    M <= 64 one 64-wide N tile per CTA; larger M dequantizes the weights in registers ("weights") under the widest token
     tile.
 
     ``min_steps`` (K blocks per CTA at least, when K is split), ``ctas_per_sm`` (the CTA count
@@ -608,8 +608,8 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm:
     mode = "acc" if packed.group_size % bk == 0 and bm * bn <= 64 * 128 else "weights"
     # token-major partials at M <= 16: rows past M are not written (M = 1: 53 vs 58 us at
     # 8192 x 28672 on the H200 with TMA bounds), and the consumers take [M, N] rows as they are
-    # (at M = 16 an [Np, Mp] store alone is ~2 us faster, but XLA then transposes it); split-K partials TMA-added into one fp32 buffer in the kernel: in the 7B decode step that
-    # took 1902 against 2032 us of GPU time per step (no per-split slots written and read back;
+    # (at M = 16 an [Np, Mp] store alone is ~2 us faster, but XLA then transposes it); split-K
+    # partials TMA-added into one fp32 buffer in the kernel: in the 7B decode step that took 1902 against 2032 us of GPU time per step (no per-split slots written and read back;
     # the consumers read one fp32 row), benchmarks/RESULTS.md session 12
     return MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=stages, scale_mode=mode,
                       w_layout="upcast" if m <= 16 else "auto", transpose_out=True if m <= 16 else None,
@@ -1504,11 +1504,11 @@ def accumulator_shape(m: int, packed: MgpuPacked, *, config: MgpuConfig | None =
     split-K partials into (its ``acc``), or None where that call has no such buffer.
 
     Decode grids (split K, ``split_reduce="tma"``) TMA-add their partials into one zero-filled
-    fp32 buffer: ``[1, rows, Np]`` when they store token-major (``transpose_out``, M below the
-    token tile), ``[1, Np, Mp]`` otherwise (M = 16 with 16-row tiles; the call then returns the
-    finished product, one addend). Made inside a jitted loop, XLA merges those zero fills and then copies
-    the merged buffer once per call (~1 us each on an H200, benchmarks/RESULTS.md session 13); a
-    caller that already runs a kernel before the matmul can have it write the zeros
+    fp32 buffer: ``[1, rows, Np]`` when they store token-major (the default at M <= 16),
+    ``[1, Np, Mp]`` with ``transpose_out=False`` (the call then returns the finished product, one
+    addend). Made inside a jitted loop, XLA merges those zero fills and then copies the merged
+    buffer once per call (~1 us each on an H200, benchmarks/RESULTS.md session 13); a caller that
+    already runs a kernel before the matmul can have it write the zeros
     (``pallas_kernels.add_rms_norm(..., zeros=...)``) and pass them as ``acc``. In the
     interpreter (no TMA reduction) ``acc`` is one more addend of the result.
     """

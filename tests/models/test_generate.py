@@ -380,7 +380,7 @@ def test_decode_zero_accumulators_come_from_the_norm_kernels(tiny_hf_model, monk
     kernel before it wrote: q/k/v's and o_proj's from the previous block's last norm kernel,
     gate/up's and down's from the post-attention one; only the first block's q/k/v and o_proj make
     their own. The logits equal those of the same step with the kernels' own zero fills, and stay
-    close to the XLA path's. token_major=False: grids that store [Np, M] (batch 16's on the GPU),
+    close to the XLA path's. token_major=False: grids that store [Np, M] (transpose_out=False),
     whose accumulators are [1, Np, Mp] and whose call returns the finished product."""
     import dataclasses
 
