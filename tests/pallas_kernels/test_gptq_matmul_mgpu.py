@@ -610,7 +610,7 @@ def test_mgpu_kernel_compiled(bits, gs, act_order, k, n, dtype):
     lin, w64, p = make(40 + k, k, n, bits, gs, act_order, dtype)
     p_nk = mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, layout="nk")  # p: the default ("frag" for 4-bit)
     p_kb = mg.pack_mgpu_linear(lin, bits=bits, dtype=dtype, layout="kblocks") if bits == 4 else None
-    for m in (1, 33, 130):
+    for m in (1, 16, 33, 130):  # 16: the batch-16 decode grid (token-major, ~16 CTAs per SM)
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(dtype)
         ref64 = np.asarray(x, np.float64) @ w64
         cfgs = [mg.default_config(m, p)]
