@@ -205,6 +205,12 @@ DECODE_NORM = ("auto", "xla", "pallas")
 # down_proj at batch 1: 22 partials, 360 KB per token) has them summed by XLA first.
 NORM_MAX_PARTS = 8
 
+# With the norm kernels on, a quantized gated MLP whose down projection runs a Mosaic decode grid
+# (no act-order permutation) gets silu(gate) * up made inside that kernel from the fused gate/up
+# matmul's fp32 output (QuantLinear.glu_parts): one kernel fewer per block. False: the activation
+# is a separate XLA op (bf16 gate / up), as before (benchmarks compare both).
+GLU_IN_DOWN = True
+
 
 def _norm_path(norm: str, h: jax.Array, config: LlamaConfig) -> str:
     """``"xla"`` or ``"pallas"``: how this one-token step's residual adds + RMSNorms run."""
@@ -224,10 +230,26 @@ def _linear_addends(lin: Any, x: jax.Array, acc: jax.Array | None = None) -> jax
     its kernel adds into (:func:`_acc_shape`)."""
     if callable(getattr(lin, "parts", None)) and getattr(lin, "bias", None) is None:
         y = lin.parts(x) if acc is None else lin.parts(x, acc=acc)
-        if y.shape[0] <= NORM_MAX_PARTS:
-            return y
-        return jnp.sum(y.astype(jnp.float32), axis=0).astype(x.dtype)[None]
+        return _few_addends(y, x.dtype)
     return linear(lin, x)[None]
+
+
+def _few_addends(y: jax.Array, dtype: Any) -> jax.Array:
+    """``y [P, ...]`` as is when ``P <= NORM_MAX_PARTS``, else summed in fp32 into one addend."""
+    if y.shape[0] <= NORM_MAX_PARTS:
+        return y
+    return jnp.sum(y.astype(jnp.float32), axis=0).astype(dtype)[None]
+
+
+def _glu_in_down(mlp: Mapping[str, Any], x2: jax.Array, config: LlamaConfig) -> bool:
+    """Whether this block's down projection makes ``silu(gate) * up`` in its kernel (:data:`GLU_IN_DOWN`)."""
+    gu, down = mlp.get("gate_up_proj"), mlp["down_proj"]
+    if not GLU_IN_DOWN or gu is None or getattr(gu, "has_bias", True) or not callable(getattr(gu, "parts", None)):
+        return False
+    if tuple(getattr(gu, "sizes", ())) != (config.intermediate_size,) * 2:
+        return False
+    f = getattr(down, "glu_in_kernel", None)
+    return callable(f) and f((*x2.shape[:-1], config.intermediate_size), x2.dtype)
 
 
 def _acc_shape(lin: Any, x_shape: tuple[int, ...], dtype: Any) -> tuple[int, ...] | None:
@@ -239,13 +261,15 @@ def _acc_shape(lin: Any, x_shape: tuple[int, ...], dtype: Any) -> tuple[int, ...
     return f(tuple(x_shape), dtype)
 
 
-def _add_norm(lin: Any, x: jax.Array, h: jax.Array, scale: jax.Array, config: LlamaConfig, *,
-              acc: jax.Array | None = None, zeros: Sequence[tuple[int, ...] | None] = ()):
+def _add_norm(lin: Any, x: jax.Array | None, h: jax.Array, scale: jax.Array, config: LlamaConfig, *,
+              acc: jax.Array | None = None, zeros: Sequence[tuple[int, ...] | None] = (),
+              addends: jax.Array | None = None):
     """``h + linear(lin, x)`` and its RMSNorm by ``scale``, in one kernel. ``acc``: zeros for the
     linear's kernel to add into; ``zeros``: shapes (or None) of the zero accumulators the kernel
-    also writes for the next linears. Returns ``(h, x)``, plus the list of those zero arrays
-    (None where the shape is None) when ``zeros`` is given."""
-    y = _linear_addends(lin, x, acc)
+    also writes for the next linears; ``addends``: the linear's output already made, ``[P, ...]``
+    (then ``lin``, ``x`` and ``acc`` are unused). Returns ``(h, x)``, plus the list of those zero
+    arrays (None where the shape is None) when ``zeros`` is given."""
+    y = _linear_addends(lin, x, acc) if addends is None else addends
     if y.shape[0] == 1:
         y = y[0]
     want = [z for z in zeros if z is not None]
@@ -354,6 +378,14 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
     else:
         h = attention_residual(lp, h, o)
         x2 = mlp_input(lp, h, config)
+    if next_scale is not None and not capture and _glu_in_down(mlp, x2, config):
+        # the fused gate/up matmul's output, fp32, straight into the down projection's kernel,
+        # which makes silu(gate) * up itself
+        gu = mlp["gate_up_proj"].parts(x2) if z_gu is None else mlp["gate_up_proj"].parts(x2, acc=z_gu)
+        gu = gu[0] if gu.shape[0] == 1 else jnp.sum(gu.astype(jnp.float32), axis=0)
+        y = _few_addends(mlp["down_proj"].glu_parts(gu, x2.dtype, acc=z_down), x2.dtype)
+        h, x_next, *made = _add_norm(None, None, h, next_scale, config, zeros=next_accs, addends=y)
+        return h, new_kv, None, x_next, (made[0] if made else [])
     act = _mlp_act(mlp, x2, z_gu)
     captured = {"attn_in": x, "o_in": o, "mlp_in": x2, "down_in": act} if capture else None
     if next_scale is not None:

@@ -223,6 +223,27 @@ class QuantLinear(nnx.Module):
             raise ValueError("QuantLinear.parts: acc given, but this layer has no GPU kernel to take it.")
         return jnp.matmul(x, dequantize(self._lin(), x.dtype))[None]
 
+    def glu_in_kernel(self, x_shape: tuple[int, ...], dtype: Any) -> bool:
+        """Whether :meth:`glu_parts` makes its activation inside the GPU kernel for that input."""
+        if self.prepared is None or self.bias is not None:
+            return False
+        from jgptq.pallas_kernels import dispatch
+
+        return dispatch.glu_in_kernel(tuple(x_shape), dtype, self.prepared.get_value())
+
+    def glu_parts(self, gu: jax.Array, dtype: Any, acc: jax.Array | None = None) -> jax.Array:
+        """:meth:`parts` of ``x = silu(gate) * up`` (``dtype``) from ``gu = [gate | up]`` ``[..., 2 in]``
+        (float32 or ``dtype``); on the GPU decode grids the kernel makes x itself
+        (:func:`jgptq.pallas_kernels.dispatch.matmul_glu_parts`), elsewhere XLA does, in fp32."""
+        if self.prepared is not None:
+            from jgptq.pallas_kernels import dispatch
+
+            return dispatch.matmul_glu_parts(gu, self.prepared.get_value(), dtype, acc=acc)
+        if acc is not None:
+            raise ValueError("QuantLinear.glu_parts: acc given, but this layer has no GPU kernel to take it.")
+        g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
+        return self.parts((g / (1.0 + jnp.exp(-g)) * u).astype(dtype))
+
     def parts_accumulator(self, x_shape: tuple[int, ...], dtype: Any) -> tuple[int, ...] | None:
         """The float32 ``acc`` shape :meth:`parts` takes for that input, or None (it takes none)."""
         if self.prepared is None:

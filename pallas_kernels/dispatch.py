@@ -300,3 +300,37 @@ def matmul_parts(x: jax.Array, prepared: Prepared, acc: jax.Array | None = None)
 
         return gptq_matmul_mgpu_parts(x, prepared.packed, interpret=prepared.interpret, acc=acc)
     return matmul(x, prepared)[None]
+
+
+def glu_in_kernel(x_shape: tuple[int, ...], dtype: Any, prepared: Any) -> bool:
+    """Whether :func:`matmul_glu_parts` makes ``silu(gate) * up`` inside the matmul kernel for an
+    activation of ``x_shape`` (``[..., K]``) / ``dtype``: the Mosaic decode grids
+    (:func:`jgptq.pallas_kernels.gptq_matmul_mgpu.glu_in_kernel`)."""
+    if not _parts_on_mgpu(tuple(x_shape), jnp.dtype(dtype), prepared):
+        return False
+    from .gptq_matmul_mgpu import glu_in_kernel as mgpu_glu
+
+    return mgpu_glu(math.prod(x_shape[:-1]), prepared.packed)
+
+
+def matmul_glu_parts(gu: jax.Array, prepared: Prepared, dtype: Any, acc: jax.Array | None = None) -> jax.Array:
+    """:func:`matmul_parts` of ``x = silu(gate) * up`` in ``dtype`` (a gated MLP's down projection),
+    from ``gu = [gate | up]`` (``[..., 2 K]``, float32 or the activation dtype: a fused gate/up
+    matmul's output). Where :func:`glu_in_kernel` holds, the Mosaic kernel makes x itself (no
+    separate activation kernel); elsewhere XLA makes it (in fp32, rounded once to ``dtype``)
+    and :func:`matmul_parts` follows. ``acc``: as :func:`matmul_parts`, for the ``[..., K]`` input."""
+    if not isinstance(prepared, Prepared):
+        raise ValueError(f"matmul_glu_parts() needs the value returned by prepare(); got {type(prepared).__name__}.")
+    k = prepared.packed.k
+    if gu.ndim < 1 or gu.shape[-1] != 2 * k:
+        raise ValueError(f"matmul_glu_parts: gu must be [..., 2 K] = [..., {2 * k}] (gate | up); got shape "
+                         f"{tuple(gu.shape)}.")
+    x_shape = (*gu.shape[:-1], k)
+    if acc is not None and parts_accumulator(x_shape, dtype, prepared) is None:
+        raise ValueError("matmul_glu_parts: this call takes no acc (parts_accumulator is None).")
+    if glu_in_kernel(x_shape, dtype, prepared):
+        from .gptq_matmul_mgpu import gptq_matmul_mgpu_glu_parts
+
+        return gptq_matmul_mgpu_glu_parts(gu, prepared.packed, dtype=dtype, interpret=prepared.interpret, acc=acc)
+    g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
+    return matmul_parts((g / (1.0 + jnp.exp(-g)) * u).astype(dtype), prepared, acc=acc)

@@ -111,6 +111,7 @@ from .repack import analyze_g_idx, check_gptq_tensors, unpack_gptq_qweight
 __all__ = [
     "accumulator_shape",
     "MgpuConfig", "MgpuPacked", "pack_mgpu", "default_config", "gptq_matmul_mgpu", "gptq_matmul_mgpu_parts",
+    "gptq_matmul_mgpu_glu_parts", "glu_in_kernel",
     "reference",
     "random_inputs", "main", "SUPPORTED_BITS", "JAX_VERSION",
 ]
@@ -865,6 +866,18 @@ def _load_w(w_smem, bits: int, w_layout: str):
     return w_smem[...]
 
 
+def _load_layout(ref, layout):
+    """``plgpu.load`` of a whole SMEM ref in ``layout`` (the index argument moved into the ref in 0.11)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    idx = inspect.signature(plgpu.load).parameters.get("idx")
+    if idx is None or idx.default is not inspect.Parameter.empty:
+        return plgpu.load(ref, layout=layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return plgpu.load(ref, (), layout=layout)
+
+
 def _w_chunks(w_parts, bits: int, w_layout: str, chunk: int):
     """Registers of the weight tile's K parts; returns ``get(j)``, the ``[bn, chunk]`` slice of
     K chunk ``j`` (each part is ``[bn, width]``, ``width`` a multiple of ``chunk``)."""
@@ -1066,10 +1079,13 @@ def _make_kernel(body, *, out_type, scratch_types, grid, grid_names, interpret: 
     return call
 
 
-def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, rows: int | None = None):
+def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, rows: int | None = None,
+           glu: bool = False):
     """``"grid"`` kernel: ``[split, rows, Np]`` (``transpose_out``) or ``[split, Np, rows]`` partial
     sums (fp32 when ``split > 1``, else ``cdt``); ``rows`` (default ``mp``) may be the unpadded M on
-    hardware, where the TMA store drops the token rows past it."""
+    hardware, where the TMA store drops the token rows past it. ``glu``: the first operand is
+    ``gu [rows, 2, Kp]`` float32 instead of x, and each step makes its x tile as
+    ``silu(gu[:, 0]) * gu[:, 1]`` (:func:`_glu_tile`)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     bm, bn, bk, split = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
@@ -1096,6 +1112,7 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
     xsum = cfg.zero_mode == "xsum"
 
     def body(x_gmem, w_gmem, sz_gmem, *rest):
+        xg_smem, rest = (rest[-1], rest[:-1]) if glu else (None, rest)
         xs_gmem, o_gmem, o_smem = rest if xsum else (None, *rest)
         ni = jax.lax.axis_index("n")
         mi = jax.lax.axis_index("m")
@@ -1112,10 +1129,26 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
             plgpu.BlockSpec((bm, bk), lambda ki: (mi, k0 + ki), transforms=x_tr),
             plgpu.BlockSpec((2, s_rows, bn), sz_index),  # scales and zeros: one copy
         ]
+        gm = (w_gmem, x_gmem, sz_gmem)
+        if glu:  # gate and up tiles (fp32) in place of the x tile
+            f_tr = () if interpret else _tiled(bk * 32, 32)[1]
+            specs[1:2] = [plgpu.BlockSpec((bm, None, bk), lambda ki, h=h: (mi, h, k0 + ki), transforms=f_tr)
+                          for h in (0, 1)]
+            gm = (w_gmem, x_gmem, x_gmem, sz_gmem)
+
+        def unfold(step):  # glu: the step's x tile made from its gate / up tiles
+            if not glu:
+                return step
+
+            def wrapped(idx, w_smem, g_smem, u_smem, *more):
+                _glu_tile(xg_smem, g_smem, u_smem, interpret)
+                return step(idx, w_smem, xg_smem, *more)
+
+            return wrapped
+
         leaf_kw = dict(chunk=chunk, gs=gs, bk=bk, cdt=cdt)
         hw_kw = dict(bits=bits, w_layout="frag" if packed.layout == "frag" else cfg.w_layout)
         if cfg.scale_mode == "acc":
-            gm = (w_gmem, x_gmem, sz_gmem)
             if xsum:  # per-K-block sums of x (_x_block_sums)
                 specs.append(plgpu.BlockSpec((1, 1, _xs_width(bm)), lambda ki: (k0 + ki, mi, 0)))
                 gm += (xs_gmem,)
@@ -1133,16 +1166,16 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
                 return _mma_acc_hw(acc, w_parts, x_smem, sz_smem.at[0], sz_smem.at[1], chunk=chunk, bk=bk,
                                    cdt=cdt, bn=bn, bm=bm, impl=cfg.scale_impl, **hw_kw, **xs_kw)
 
-            acc = pipe(step)(*gm)
+            acc = pipe(unfold(step))(*gm)
         elif interpret:
             def step(_, w_smem, x_smem, sz_smem, acc):
                 return _dequant_mma_interpret(acc, _w_parts(w_smem, packed), x_smem, sz_smem.at[0], sz_smem.at[1],
                                               **leaf_kw)
 
             acc = plgpu.emit_pipeline(
-                step, grid=(steps_per_split,), in_specs=specs, max_concurrent_steps=cfg.num_stages,
+                unfold(step), grid=(steps_per_split,), in_specs=specs, max_concurrent_steps=cfg.num_stages,
                 init_carry=jnp.zeros((bn, bm), jnp.float32),
-            )(w_gmem, x_gmem, sz_gmem)
+            )(*gm)
         else:
             def compute(acc_ref):
                 def step(_, w_smem, x_smem, sz_smem):
@@ -1150,9 +1183,9 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
                                     impl=cfg.scale_impl, **leaf_kw, **hw_kw)
 
                 plgpu.emit_pipeline(
-                    step, grid=(steps_per_split,), in_specs=specs,
+                    unfold(step), grid=(steps_per_split,), in_specs=specs,
                     max_concurrent_steps=cfg.num_stages,
-                )(w_gmem, x_gmem, sz_gmem)
+                )(*gm)
                 return acc_ref[...]
 
             acc = pl.run_scoped(compute, plgpu.ACC((bn, bm), jnp.float32))
@@ -1171,9 +1204,31 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
     return _make_kernel(
         body,
         out_type=jax.ShapeDtypeStruct((slots, rows, packed.n_pad) if tr else (slots, packed.n_pad, rows), out_dt),
-        scratch_types=[plgpu.SMEM((bm, bn) if tr else (bn, bm), out_dt, transforms=() if interpret else o_tr)],
+        scratch_types=[plgpu.SMEM((bm, bn) if tr else (bn, bm), out_dt, transforms=() if interpret else o_tr),
+                       *([plgpu.SMEM((bm, bk), cdt, transforms=() if interpret else x_tr)] if glu else [])],
         grid=grid, grid_names=("n", "m", "k"), interpret=interpret, reduce_into=reduce_into,
     )
+
+
+def _glu_tile(dst, g_ref, u_ref, interpret: bool) -> None:
+    """``dst[...] = silu(g) * u`` rounded to ``dst``'s dtype, from fp32 gate / up SMEM tiles
+    (``silu(g) = g / (1 + exp(-g))`` in fp32), then made visible to the wgmma that reads ``dst``.
+
+    On hardware the tiles (all swizzled) are read and written through transposed ``[bk, bm]`` views
+    in the transposed wgmma register layout, as the kernel's output tile is written
+    (:func:`_store_transposed`); Mosaic's layout inference finds no layout for a plain or
+    warpgroup-strided store into a tile that a wgmma then reads.
+    The previous step's wgmma has finished reading ``dst`` (its leaf waits for all of them)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if interpret:
+        g, u = g_ref[...], u_ref[...]
+        dst[...] = (g / (1.0 + jnp.exp(-g)) * u).astype(dst.dtype)
+        return
+    lay = plgpu.Layout.WGMMA_TRANSPOSED  # [bk, bm] values through transposed views of the tiles
+    g, u = _load_layout(_transposed(g_ref), lay), _load_layout(_transposed(u_ref), lay)
+    _transposed(dst)[...] = plgpu.layout_cast((g / (1.0 + jnp.exp(-g)) * u).astype(dst.dtype), lay)
+    plgpu.commit_smem()  # fence for the async proxy + warpgroup barrier: every thread's part is in
 
 
 def _store_transposed(o_ref, val, interpret: bool) -> None:
@@ -1498,6 +1553,68 @@ def gptq_matmul_mgpu_parts(
     return parts.reshape(parts.shape[0], *lead, packed.n)
 
 
+def glu_in_kernel(m: int, packed: MgpuPacked, config: MgpuConfig | None = None) -> bool:
+    """Whether :func:`gptq_matmul_mgpu_glu_parts` makes ``silu(gate) * up`` inside the kernel for
+    ``m`` tokens (the decode grids; no act-order permutation of K, no ``zero_mode="xsum"``);
+    elsewhere XLA makes it first."""
+    cfg = config or default_config(max(m, 1), packed)
+    return m > 0 and cfg.schedule == "grid" and packed.perm is None and cfg.zero_mode != "xsum"
+
+
+def gptq_matmul_mgpu_glu_parts(
+    gu: jax.Array,
+    packed: MgpuPacked,
+    *,
+    dtype: Any = jnp.bfloat16,
+    config: MgpuConfig | None = None,
+    interpret: bool = False,
+    acc: jax.Array | None = None,
+) -> jax.Array:
+    """:func:`gptq_matmul_mgpu_parts` of ``x = silu(gate) * up`` (a gated MLP's down projection)
+    given ``gu = [gate | up]``, the output of a fused gate/up matmul, without a separate kernel
+    for the activation: on the decode grids (:func:`glu_in_kernel`) each pipeline step loads fp32
+    gate and up tiles and writes its x tile itself.
+
+    ``x`` is computed in fp32 and rounded once to ``dtype`` (``silu(g) = g / (1 + exp(-g))``);
+    elsewhere the same expression runs in XLA first and the plain kernel follows.
+
+    Args:
+      gu: ``[..., 2 K]`` float32 (bf16 / fp16 are widened), gate in the first ``K`` columns.
+      packed: the down projection (``K = packed.k``).
+      dtype: the activation dtype of x (bfloat16 / float16); the addends' rounding target.
+      config, interpret, acc: as :func:`gptq_matmul_mgpu_parts` (``acc`` of
+        :func:`accumulator_shape` for ``(m, packed)``).
+    Returns:
+      ``[P, ..., N]`` addends, as :func:`gptq_matmul_mgpu_parts`.
+    """
+    k = packed.k if isinstance(packed, MgpuPacked) else None
+    if gu.ndim < 1 or k is None or gu.shape[-1] != 2 * k:
+        raise ValueError(f"gptq_matmul_mgpu_glu_parts: gu must be [..., 2 K] = [..., {2 * k if k else '2K'}] "
+                         f"(gate | up) for this layer; got shape {tuple(gu.shape)}.")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"gptq_matmul_mgpu_glu_parts: dtype must be bfloat16 or float16; got {jnp.dtype(dtype)}.")
+    if gu.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"gptq_matmul_mgpu_glu_parts: gu must be float32, bfloat16 or float16; got {gu.dtype}.")
+    dt = jnp.dtype(dtype)
+    lead = gu.shape[:-1]
+    m = math.prod(lead)
+    xs = jax.ShapeDtypeStruct((*lead, k), dt)
+    _, _, cfg = _resolve(xs, packed, config)
+    if not glu_in_kernel(m, packed, cfg):
+        g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
+        x = (g / (1.0 + jnp.exp(-g)) * u).astype(dt)
+        return gptq_matmul_mgpu_parts(x, packed, config=cfg, interpret=interpret, acc=acc)
+    want = accumulator_shape(m, packed, config=cfg, interpret=interpret)
+    if acc is not None and (want is None or tuple(acc.shape) != want or acc.dtype != jnp.float32):
+        raise ValueError(f"gptq_matmul_mgpu_glu_parts: acc must be float32 {want} for this call "
+                         f"(accumulator_shape); got {acc.dtype} {tuple(acc.shape)}.")
+    gu3 = gu.astype(jnp.float32).reshape(m, 2, k)
+    if not cfg.writes_y:
+        return _forward(gu3, packed, cfg, interpret, acc=acc, glu_dtype=dt).reshape(1, *lead, packed.n)
+    parts = _forward(gu3, packed, cfg, interpret, parts=True, acc=acc, glu_dtype=dt)
+    return parts.reshape(parts.shape[0], *lead, packed.n)
+
+
 def accumulator_shape(m: int, packed: MgpuPacked, *, config: MgpuConfig | None = None,
                       interpret: bool = False) -> tuple[int, ...] | None:
     """The fp32 buffer shape a :func:`gptq_matmul_mgpu_parts` call for ``m`` tokens can add its
@@ -1526,13 +1643,19 @@ def accumulator_shape(m: int, packed: MgpuPacked, *, config: MgpuConfig | None =
     return (1, rows, packed.n_pad)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "parts"))
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "parts", "glu_dtype"))
 def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool, parts: bool = False,
-             acc: jax.Array | None = None) -> jax.Array:
+             acc: jax.Array | None = None, glu_dtype: Any = None) -> jax.Array:
+    """``glu_dtype``: x2 is ``[m, 2, K]`` float32 gate / up (grid schedule, no permutation) and the
+    kernel makes x in that dtype (:func:`gptq_matmul_mgpu_glu_parts`)."""
     m = x2.shape[0]
-    cdt = x2.dtype
+    glu = glu_dtype is not None
+    cdt = jnp.dtype(glu_dtype) if glu else x2.dtype
     bm = cfg.block_m
     mp = -(-m // bm) * bm
+    if glu and (cfg.schedule != "grid" or packed.perm is not None or cfg.zero_mode == "xsum"):
+        raise ValueError("the in-kernel silu(gate) * up needs the grid schedule, no act-order permutation and "
+                         "zero_mode='regs'")
     if packed.perm is not None:
         x2 = jnp.take(x2, packed.perm, axis=1)
     if cfg.tma_bounds and not interpret and cfg.zero_mode != "xsum":
@@ -1545,13 +1668,13 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
     else:
         rows, pad_m, pad_k = mp, mp - m, packed.k_pad - packed.k
     if pad_m or pad_k:
-        x2 = jnp.pad(x2, ((0, pad_m), (0, pad_k)))
+        x2 = jnp.pad(x2, ((0, pad_m), (0, 0), (0, pad_k)) if glu else ((0, pad_m), (0, pad_k)))
     sz = packed.sz if packed.sz.dtype == cdt else packed.sz.astype(cdt)
     args = (x2, packed.w, sz)
     if cfg.zero_mode == "xsum":
         args += (_x_block_sums(x2, cfg),)
     if cfg.schedule == "grid":
-        kernel = _build(mp, packed, cfg, cdt, interpret, rows if cfg.writes_y else mp)
+        kernel = _build(mp, packed, cfg, cdt, interpret, rows if cfg.writes_y else mp, glu=glu)
         if acc is not None and _tma_reduces(cfg, interpret):
             out = kernel(*args, acc=acc)  # [1, rows, Np]: acc + the product
         else:

@@ -125,6 +125,23 @@ def test_e2e_cache_fills_the_context_and_the_config_variants(bench_kernels):
         assert cands[0] == (mg.default_config(m, p), mg.default_layout(4)) and len(cands) > 3, m
 
 
+def test_e2e_norm_variants_set_and_restore_the_model_knobs(bench_kernels):
+    """--e2e-norm suffixes: -pN / -xact change llama.NORM_MAX_PARTS / GLU_IN_DOWN only while the
+    variant is traced; an unknown suffix is refused by name."""
+    from jgptq.models import llama
+
+    parts, glu = llama.NORM_MAX_PARTS, llama.GLU_IN_DOWN
+    with bench_kernels.e2e_norm("pallas-p3-xact") as name:
+        assert (name, llama.NORM_MAX_PARTS, llama.GLU_IN_DOWN) == ("pallas", 3, False)
+    assert (llama.NORM_MAX_PARTS, llama.GLU_IN_DOWN) == (parts, glu)
+    with bench_kernels.e2e_norm("auto") as name:
+        assert (name, llama.GLU_IN_DOWN) == ("auto", glu)
+    with pytest.raises(SystemExit, match="'q7'"):
+        with bench_kernels.e2e_norm("auto-q7"):
+            pass
+    assert llama.GLU_IN_DOWN == glu
+
+
 def test_l2_residency_busy_time_and_op_kinds():
     """bench_l2_residency: busy time is the union of overlapping spans; ops are told apart by name."""
     spec = importlib.util.spec_from_file_location("bench_l2_residency", ROOT / "benchmarks" / "bench_l2_residency.py")

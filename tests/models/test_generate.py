@@ -432,3 +432,45 @@ def test_decode_zero_accumulators_come_from_the_norm_kernels(tiny_hf_model, monk
     xla, _ = llama.forward_step(tree, tok, one, cache0, cfg, True, "xla", "xla")
     err = np.abs(np.asarray(got) - np.asarray(xla)).max() / np.abs(np.asarray(xla)).max()
     assert err < 0.02, err
+
+
+def test_down_projection_makes_silu_up_in_its_kernel(tiny_hf_model, monkeypatch):
+    """With norm="pallas" and the Mosaic decode grid (interpreted here) each block's down
+    projection takes the fused gate/up matmul's fp32 output and makes silu(gate) * up in its own
+    kernel (no separate activation op); the logits stay as close to the XLA path's as with the
+    activation made by XLA (llama.GLU_IN_DOWN = False), which calls no such kernel."""
+    from test_quant_linear import quantize_params
+
+    from jgptq.models import llama
+    from jgptq.pallas_kernels import dispatch
+    from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
+
+    real_prepare = dispatch.prepare
+    monkeypatch.setattr(dispatch, "prepare", lambda l, *, bits, backend=None: real_prepare(
+        l, bits=bits, backend="gpu", interpret=True, gpu_kernel="mgpu"))
+    cfg, params, _ = load_hf(tiny_hf_model("smollm2_hd64").folder)
+    qparams, _ = quantize_params(params, np.random.default_rng(11))
+    model = LlamaForCausalLM.from_params(cfg, qparams, dtype=jnp.bfloat16)
+    tree = model.tree()
+    calls = []
+    real_glu = mg.gptq_matmul_mgpu_glu_parts
+    monkeypatch.setattr(mg, "gptq_matmul_mgpu_glu_parts",
+                        lambda gu, p, **kw: (calls.append(gu.dtype), real_glu(gu, p, **kw))[1])
+    rng = np.random.default_rng(12)
+    ids = jnp.asarray(rng.integers(3, 256, size=(2, 5)), jnp.int32)
+    _, cache0 = llama.forward_step(tree, ids, jnp.ones((2, 5), bool), model.init_cache(2, 16), cfg, True, "xla",
+                                   "xla")
+    tok = jnp.asarray(rng.integers(3, 256, size=(2, 1)), jnp.int32)
+    one = jnp.ones((2, 1), bool)
+    got, _ = llama.forward_step(tree, tok, one, cache0, cfg, True, "fused", "pallas")
+    # gu: the gate/up kernel's fp32 partial sum, or its finished product in bf16 (one addend)
+    assert len(calls) == len(tree["layers"]) and set(calls) <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}, calls
+    calls.clear()
+    monkeypatch.setattr(llama, "GLU_IN_DOWN", False)
+    act_xla, _ = llama.forward_step(tree, tok, one, cache0, cfg, True, "fused", "pallas")
+    assert not calls
+    xla, _ = llama.forward_step(tree, tok, one, cache0, cfg, True, "xla", "xla")
+    scale = np.abs(np.asarray(xla)).max()
+    for out in (got, act_xla):
+        assert np.abs(np.asarray(out) - np.asarray(xla)).max() / scale < 0.02
+    assert np.abs(np.asarray(got) - np.asarray(act_xla)).max() / scale < 0.02

@@ -746,3 +746,112 @@ def test_parts_acc_compiled_on_gpu(m):
     a = acc[0, :m, :4096] if major else acc[0, :4096, :m].T
     want = np.asarray(x, np.float64) @ w64 + np.asarray(a, np.float64)
     assert rel_err(np.asarray(parts[0], np.float64), want) < 8e-3
+
+
+# ---------------------------------------------------------------- silu(gate) * up inside the kernel
+
+
+def glu_x64(gu: np.ndarray, k: int, dtype) -> np.ndarray:
+    """Float64 ``silu(gate) * up`` from fp32 ``[..., 2k]``, rounded to ``dtype`` once (the kernel's x)."""
+    g, u = np.asarray(gu, np.float64)[..., :k], np.asarray(gu, np.float64)[..., k:]
+    x = g / (1.0 + np.exp(-g)) * u
+    return np.asarray(jnp.asarray(x, jnp.float32).astype(dtype), np.float64)
+
+
+@pytest.mark.parametrize("m,k,n,gs,tiles", [
+    (1, 1024, 256, 128, (8, 64, 128, 2, "acc", True)),  # token-major partials
+    (5, 576, 128, 64, (8, 64, 64, 5, "acc")),         # K = 576 -> Kp 640: the last K block past gu's end
+    (16, 512, 192, 128, (16, 64, 128, 2, "weights")),
+    (3, 320, 128, -1, (8, 64, 64, 3, "weights")),      # per-channel
+])
+def test_glu_parts_interpret(m, k, n, gs, tiles, monkeypatch):
+    """gptq_matmul_mgpu_glu_parts: the decode grid makes x = silu(gate) * up from fp32 gate / up
+    tiles (fresh random values, large enough to reach silu's tails) in each pipeline step; the
+    addends sum to x @ W against float64 (x rounded to bf16 once, as the kernel rounds it), with
+    split K summed in XLA and TMA-added into a random accumulator (an addend in the interpreter)."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 3)
+    bm, bn, bk, split, mode, *major = tiles
+    lin, w64, p = make(120 + m + k, k, n, 4, gs, False)
+    gu = jax.random.normal(jax.random.key(m + k), (m, 2 * k), jnp.float32) * 3.0
+    want = glu_x64(gu, k, jnp.bfloat16) @ w64
+    cfg = mg.MgpuConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_stages=2, scale_mode=mode,
+                        transpose_out=major[0] if major else None)
+    assert mg.glu_in_kernel(m, p, cfg)
+    parts = mg.gptq_matmul_mgpu_glu_parts(gu, p, config=cfg, interpret=True)
+    assert parts.shape[1:] == (m, n) and parts.shape[0] in (1, split)
+    assert rel_err(np.asarray(parts, np.float64).sum(0), want) < 8e-3
+    tma = dataclasses.replace(cfg, split_reduce="tma")
+    shape = mg.accumulator_shape(m, p, config=tma, interpret=True)
+    acc = jax.random.normal(jax.random.key(5), shape, jnp.float32)
+    parts = mg.gptq_matmul_mgpu_glu_parts(gu.reshape(1, m, 2 * k), p, config=tma, interpret=True, acc=acc)
+    assert parts.shape[1:] == (1, m, n)
+    got = np.asarray(parts, np.float64).sum(0)[0]
+    a = acc[0, :m, :n] if tma.writes_y else acc[0, :n, :m].T
+    assert rel_err(got, want + np.asarray(a, np.float64)) < 8e-3
+    # the same kernel on hardware: lowered for CUDA here
+    for c in (cfg, tma):
+        text = mg._forward.trace(gu.reshape(m, 2, k), p, c, False, parts=True,
+                                 glu_dtype=jnp.dtype(jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text
+
+
+def test_glu_parts_falls_back_and_checks_inputs():
+    """Act-order down projections (x permuted per call) and the prefill schedules take silu(gate) *
+    up from XLA first, with the same result; bad inputs get errors naming the problem."""
+    k, n = 576, 128
+    lin, w64, p = make(131, k, n, 4, 128, True)
+    assert p.perm is not None and not mg.glu_in_kernel(1, p)
+    gu = jax.random.normal(jax.random.key(2), (2, 2 * k), jnp.float32) * 2.0
+    parts = mg.gptq_matmul_mgpu_glu_parts(gu, p, interpret=True)
+    assert rel_err(np.asarray(parts, np.float64).sum(0), glu_x64(gu, k, jnp.bfloat16) @ w64) < 8e-3
+    _, w64b, pb = make(132, k, n, 4, 128, False)
+    gu_big = jax.random.normal(jax.random.key(3), (40, 2 * k), jnp.float32)
+    assert not mg.glu_in_kernel(40, pb)  # M = 40: stream-K, not the decode grid
+    assert rel_err(np.asarray(mg.gptq_matmul_mgpu_glu_parts(gu_big, pb, interpret=True), np.float64).sum(0),
+                   glu_x64(gu_big, k, jnp.bfloat16) @ w64b) < 8e-3
+    with pytest.raises(ValueError, match=r"gu must be \[\.\.\., 2 K\]"):
+        mg.gptq_matmul_mgpu_glu_parts(gu[:, :k], pb, interpret=True)
+    with pytest.raises(ValueError, match="dtype must be bfloat16 or float16"):
+        mg.gptq_matmul_mgpu_glu_parts(gu, pb, dtype=jnp.float32, interpret=True)
+    with pytest.raises(ValueError, match="gu must be float32, bfloat16 or float16"):
+        mg.gptq_matmul_mgpu_glu_parts(gu.astype(jnp.int32), pb, interpret=True)
+
+
+def test_dispatch_glu_parts():
+    """dispatch.matmul_glu_parts: in the Mosaic kernel on the decode grid, through XLA first for the
+    Triton kernel; both against float64."""
+    k, n = 512, 256
+    lin, w64, _ = make(140, k, n, 4, 128, False)
+    gu = jax.random.normal(jax.random.key(4), (2, 1, 2 * k), jnp.float32) * 2.0
+    want = glu_x64(gu, k, jnp.bfloat16) @ w64
+    for kernel in ("mgpu", "triton"):
+        prep = dispatch.prepare(lin, bits=4, backend="gpu", interpret=True, gpu_kernel=kernel)
+        assert dispatch.glu_in_kernel((2, 1, k), jnp.bfloat16, prep) == (kernel == "mgpu")
+        parts = dispatch.matmul_glu_parts(gu, prep, jnp.bfloat16)
+        assert parts.shape[1:] == (2, 1, n)
+        assert rel_err(np.asarray(parts, np.float64).sum(0), want) < 8e-3, kernel
+    with pytest.raises(ValueError, match="gu must be"):
+        dispatch.matmul_glu_parts(gu[..., :k], prep, jnp.bfloat16)
+    with pytest.raises(ValueError, match="takes no acc"):
+        dispatch.matmul_glu_parts(gu, prep, jnp.bfloat16, acc=jnp.zeros((1, 2, n), jnp.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_glu_parts_compiled_on_gpu(m):
+    """The in-kernel silu(gate) * up compiled (default decode grid, TMA-reduced into a random
+    accumulator; K = 4992 is split-padded, so gu's last K blocks read past its end), against float64."""
+    for k, n in ((4992, 1024), (11008, 4096)):
+        lin, w64, p = make(150 + m + k, k, n, 4, 128, False)
+        assert mg.glu_in_kernel(m, p)
+        gu = jax.random.normal(jax.random.key(m + k), (m, 2 * k), jnp.float32) * 3.0
+        want = glu_x64(gu, k, jnp.bfloat16) @ w64
+        parts = jax.jit(lambda g: mg.gptq_matmul_mgpu_glu_parts(g, p))(gu)
+        assert rel_err(np.asarray(parts, np.float64).sum(0), want) < 8e-3, (k, m)
+        shape = mg.accumulator_shape(m, p)
+        if shape is not None:
+            acc = jax.random.normal(jax.random.key(9), shape, jnp.float32)
+            parts = jax.jit(lambda g, a: mg.gptq_matmul_mgpu_glu_parts(g, p, acc=a))(gu, acc)
+            a = acc[0, :m, :n] if mg.default_config(m, p).writes_y else acc[0, :n, :m].T
+            assert rel_err(np.asarray(parts, np.float64).sum(0), want + np.asarray(a, np.float64)) < 8e-3, (k, m)
