@@ -700,22 +700,22 @@ def e2e_norm(variant: str):
     """``--e2e-norm`` variant -> the ``norm=`` of ``forward_step``, with ``pallas`` variants'
     suffixes applied while tracing: ``-pN`` the kernel adds at most N split-K addends itself
     (``jgptq.models.llama.NORM_MAX_PARTS``), ``-wN`` it runs N warps (``add_rms_norm.default_config``),
-    ``-xact`` silu(gate) * up as its own XLA op instead of inside the down projection's kernel
-    (``jgptq.models.llama.GLU_IN_DOWN = False``)."""
+    ``-glu`` / ``-xact`` silu(gate) * up inside the down projection's kernel / as its own XLA op
+    (``jgptq.models.llama.GLU_IN_DOWN`` True / False)."""
     from jgptq.models import llama
     from jgptq.pallas_kernels import add_rms_norm as arn
 
     old_parts, old_cfg, old_glu = llama.NORM_MAX_PARTS, arn.default_config, llama.GLU_IN_DOWN
     name, *opts = variant.split("-")
     for o in opts:
-        if o == "xact":
-            llama.GLU_IN_DOWN = False
+        if o in ("glu", "xact"):
+            llama.GLU_IN_DOWN = o == "glu"
         elif o[:1] == "p" and o[1:].isdigit():
             llama.NORM_MAX_PARTS = int(o[1:])
         elif o[:1] == "w" and o[1:].isdigit():
             arn.default_config = lambda m, d, n, w=int(o[1:]): dataclasses.replace(old_cfg(m, d, n), num_warps=w)
         else:
-            raise SystemExit(f"--e2e-norm: unknown suffix {o!r} in {variant!r} (-pN, -wN, -xact)")
+            raise SystemExit(f"--e2e-norm: unknown suffix {o!r} in {variant!r} (-pN, -wN, -glu, -xact)")
     try:
         yield name
     finally:
@@ -1142,7 +1142,7 @@ def main() -> None:
     ap.add_argument("--e2e-norm", default="auto",
                     help="comma list of decode residual-add + RMSNorm implementations (auto, xla, pallas, "
                          "pallas-pN: the kernel adding at most N split-K addends itself, pallas-wN: with N warps, "
-                         "auto-xact / pallas-xact: silu(gate) * up as its own XLA op, not in down_proj's kernel; "
+                         "auto-glu / auto-xact: silu(gate) * up inside down_proj's kernel / as its own XLA op; "
                          "jgptq.models.llama.DECODE_NORM), each timed with every attention variant")
     ap.add_argument("--e2e-cmdbuf-off", action="store_true",
                     help="also time every variant compiled without XLA command buffers (CUDA graphs)")

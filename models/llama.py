@@ -205,11 +205,14 @@ DECODE_NORM = ("auto", "xla", "pallas")
 # down_proj at batch 1: 22 partials, 360 KB per token) has them summed by XLA first.
 NORM_MAX_PARTS = 8
 
-# With the norm kernels on, a quantized gated MLP whose down projection runs a Mosaic decode grid
-# (no act-order permutation) gets silu(gate) * up made inside that kernel from the fused gate/up
-# matmul's fp32 output (QuantLinear.glu_parts): one kernel fewer per block. False: the activation
-# is a separate XLA op (bf16 gate / up), as before (benchmarks compare both).
-GLU_IN_DOWN = True
+# True: with the norm kernels on, a quantized gated MLP whose down projection runs a Mosaic decode
+# grid (no act-order permutation) has silu(gate) * up made inside that kernel from the fused
+# gate/up matmul's fp32 output (QuantLinear.glu_parts), one kernel fewer per block. Off by default:
+# on the H200 (session 15, 7B shapes, scan of 20) it made the step slower, 2.39 vs 2.09 ms at
+# batch 1 and 2.90 vs 2.63 at batch 16, against ~1.4 us per layer for the separate XLA op. The
+# kernel reads each K step's gate and up as fp32 [block_m, bk] tiles (as many bytes as the int4
+# weight tile) and syncs its warpgroup after writing x, once per K step.
+GLU_IN_DOWN = False
 
 
 def _norm_path(norm: str, h: jax.Array, config: LlamaConfig) -> str:

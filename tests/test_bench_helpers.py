@@ -126,7 +126,7 @@ def test_e2e_cache_fills_the_context_and_the_config_variants(bench_kernels):
 
 
 def test_e2e_norm_variants_set_and_restore_the_model_knobs(bench_kernels):
-    """--e2e-norm suffixes: -pN / -xact change llama.NORM_MAX_PARTS / GLU_IN_DOWN only while the
+    """--e2e-norm suffixes: -pN / -glu / -xact change llama.NORM_MAX_PARTS / GLU_IN_DOWN only while the
     variant is traced; an unknown suffix is refused by name."""
     from jgptq.models import llama
 
@@ -134,6 +134,8 @@ def test_e2e_norm_variants_set_and_restore_the_model_knobs(bench_kernels):
     with bench_kernels.e2e_norm("pallas-p3-xact") as name:
         assert (name, llama.NORM_MAX_PARTS, llama.GLU_IN_DOWN) == ("pallas", 3, False)
     assert (llama.NORM_MAX_PARTS, llama.GLU_IN_DOWN) == (parts, glu)
+    with bench_kernels.e2e_norm("auto-glu") as name:
+        assert (name, llama.GLU_IN_DOWN) == ("auto", True)
     with bench_kernels.e2e_norm("auto") as name:
         assert (name, llama.GLU_IN_DOWN) == ("auto", glu)
     with pytest.raises(SystemExit, match="'q7'"):

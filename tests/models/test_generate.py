@@ -435,10 +435,11 @@ def test_decode_zero_accumulators_come_from_the_norm_kernels(tiny_hf_model, monk
 
 
 def test_down_projection_makes_silu_up_in_its_kernel(tiny_hf_model, monkeypatch):
-    """With norm="pallas" and the Mosaic decode grid (interpreted here) each block's down
-    projection takes the fused gate/up matmul's fp32 output and makes silu(gate) * up in its own
-    kernel (no separate activation op); the logits stay as close to the XLA path's as with the
-    activation made by XLA (llama.GLU_IN_DOWN = False), which calls no such kernel."""
+    """With llama.GLU_IN_DOWN on (off by default), norm="pallas" and the Mosaic decode grid
+    (interpreted here) each block's down projection takes the fused gate/up matmul's output (its
+    fp32 partial sum, or its one finished addend) and makes silu(gate) * up in its own kernel (no
+    separate activation op); the logits stay as close to the XLA path's as with the activation
+    made by XLA (llama.GLU_IN_DOWN = False, the default), which calls no such kernel."""
     from test_quant_linear import quantize_params
 
     from jgptq.models import llama
@@ -454,6 +455,7 @@ def test_down_projection_makes_silu_up_in_its_kernel(tiny_hf_model, monkeypatch)
     tree = model.tree()
     calls = []
     real_glu = mg.gptq_matmul_mgpu_glu_parts
+    monkeypatch.setattr(llama, "GLU_IN_DOWN", True)
     monkeypatch.setattr(mg, "gptq_matmul_mgpu_glu_parts",
                         lambda gu, p, **kw: (calls.append(gu.dtype), real_glu(gu, p, **kw))[1])
     rng = np.random.default_rng(12)
