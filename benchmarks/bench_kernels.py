@@ -701,25 +701,32 @@ def e2e_norm(variant: str):
     suffixes applied while tracing: ``-pN`` the kernel adds at most N split-K addends itself
     (``jgptq.models.llama.NORM_MAX_PARTS``), ``-wN`` it runs N warps (``add_rms_norm.default_config``),
     ``-glu`` / ``-xact`` silu(gate) * up inside the down projection's kernel / as its own XLA op
-    (``jgptq.models.llama.GLU_IN_DOWN`` True / False)."""
+    (``jgptq.models.llama.GLU_IN_DOWN`` True / False), ``-gsN`` inside it with N pipeline stages
+    (``gptq_matmul_mgpu.glu_config``)."""
     from jgptq.models import llama
     from jgptq.pallas_kernels import add_rms_norm as arn
+    from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
 
     old_parts, old_cfg, old_glu = llama.NORM_MAX_PARTS, arn.default_config, llama.GLU_IN_DOWN
+    old_glu_cfg = mg.glu_config
     name, *opts = variant.split("-")
     for o in opts:
         if o in ("glu", "xact"):
             llama.GLU_IN_DOWN = o == "glu"
+        elif o[:2] == "gs" and o[2:].isdigit():
+            llama.GLU_IN_DOWN = True
+            mg.glu_config = lambda m, p, n=int(o[2:]): dataclasses.replace(old_glu_cfg(m, p), num_stages=n)
         elif o[:1] == "p" and o[1:].isdigit():
             llama.NORM_MAX_PARTS = int(o[1:])
         elif o[:1] == "w" and o[1:].isdigit():
             arn.default_config = lambda m, d, n, w=int(o[1:]): dataclasses.replace(old_cfg(m, d, n), num_warps=w)
         else:
-            raise SystemExit(f"--e2e-norm: unknown suffix {o!r} in {variant!r} (-pN, -wN, -glu, -xact)")
+            raise SystemExit(f"--e2e-norm: unknown suffix {o!r} in {variant!r} (-pN, -wN, -glu, -gsN, -xact)")
     try:
         yield name
     finally:
         llama.NORM_MAX_PARTS, arn.default_config, llama.GLU_IN_DOWN = old_parts, old_cfg, old_glu
+        mg.glu_config = old_glu_cfg
 
 
 def e2e_cache(model, batch: int, slots: int, context: int) -> dict:
@@ -1142,7 +1149,8 @@ def main() -> None:
     ap.add_argument("--e2e-norm", default="auto",
                     help="comma list of decode residual-add + RMSNorm implementations (auto, xla, pallas, "
                          "pallas-pN: the kernel adding at most N split-K addends itself, pallas-wN: with N warps, "
-                         "auto-glu / auto-xact: silu(gate) * up inside down_proj's kernel / as its own XLA op; "
+                         "auto-glu / auto-xact: silu(gate) * up inside down_proj's kernel / as its own XLA op, auto-gsN: "
+                         "inside it with N pipeline stages; "
                          "jgptq.models.llama.DECODE_NORM), each timed with every attention variant")
     ap.add_argument("--e2e-cmdbuf-off", action="store_true",
                     help="also time every variant compiled without XLA command buffers (CUDA graphs)")

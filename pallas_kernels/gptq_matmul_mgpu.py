@@ -111,7 +111,7 @@ from .repack import analyze_g_idx, check_gptq_tensors, unpack_gptq_qweight
 __all__ = [
     "accumulator_shape",
     "MgpuConfig", "MgpuPacked", "pack_mgpu", "default_config", "gptq_matmul_mgpu", "gptq_matmul_mgpu_parts",
-    "gptq_matmul_mgpu_glu_parts", "glu_in_kernel",
+    "gptq_matmul_mgpu_glu_parts", "glu_in_kernel", "glu_config",
     "reference",
     "random_inputs", "main", "SUPPORTED_BITS", "JAX_VERSION",
 ]
@@ -1561,6 +1561,21 @@ def glu_in_kernel(m: int, packed: MgpuPacked, config: MgpuConfig | None = None) 
     return m > 0 and cfg.schedule == "grid" and packed.perm is None and cfg.zero_mode != "xsum"
 
 
+def glu_config(m: int, packed: MgpuPacked) -> MgpuConfig:
+    """:func:`default_config` for ``m`` tokens with fewer pipeline stages where the fused-activation
+    kernel (:func:`gptq_matmul_mgpu_glu_parts`) would otherwise need more shared memory per CTA
+    than the plain one: its stages hold fp32 gate and up tiles (``2 * block_m * block_k * 4``
+    bytes) instead of a bf16 x tile, plus one x tile of scratch. Same grid and split (so the same
+    :func:`accumulator_shape`); at least 2 stages."""
+    cfg = default_config(max(m, 1), packed)
+    if cfg.schedule != "grid":
+        return cfg
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    w, x, sz = bk * bn * packed.bits // 8, bm * bk * 2, 2 * max(1, bk // packed.group_size) * bn * 2
+    stages = (cfg.num_stages * (w + x + sz) - x) // (w + 2 * bm * bk * 4 + sz)
+    return dataclasses.replace(cfg, num_stages=int(min(cfg.num_stages, max(2, stages))))
+
+
 def gptq_matmul_mgpu_glu_parts(
     gu: jax.Array,
     packed: MgpuPacked,
@@ -1582,8 +1597,9 @@ def gptq_matmul_mgpu_glu_parts(
       gu: ``[..., 2 K]`` float32 (bf16 / fp16 are widened), gate in the first ``K`` columns.
       packed: the down projection (``K = packed.k``).
       dtype: the activation dtype of x (bfloat16 / float16); the addends' rounding target.
-      config, interpret, acc: as :func:`gptq_matmul_mgpu_parts` (``acc`` of
-        :func:`accumulator_shape` for ``(m, packed)``).
+      config: tiles; default :func:`glu_config` for this M.
+      interpret, acc: as :func:`gptq_matmul_mgpu_parts` (``acc`` of :func:`accumulator_shape`
+        for ``(m, packed)``).
     Returns:
       ``[P, ..., N]`` addends, as :func:`gptq_matmul_mgpu_parts`.
     """
@@ -1599,7 +1615,7 @@ def gptq_matmul_mgpu_glu_parts(
     lead = gu.shape[:-1]
     m = math.prod(lead)
     xs = jax.ShapeDtypeStruct((*lead, k), dt)
-    _, _, cfg = _resolve(xs, packed, config)
+    _, _, cfg = _resolve(xs, packed, config or glu_config(m, packed))
     if not glu_in_kernel(m, packed, cfg):
         g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
         x = (g / (1.0 + jnp.exp(-g)) * u).astype(dt)

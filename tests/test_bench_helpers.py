@@ -136,6 +136,14 @@ def test_e2e_norm_variants_set_and_restore_the_model_knobs(bench_kernels):
     assert (llama.NORM_MAX_PARTS, llama.GLU_IN_DOWN) == (parts, glu)
     with bench_kernels.e2e_norm("auto-glu") as name:
         assert (name, llama.GLU_IN_DOWN) == ("auto", True)
+    from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
+    from jgptq.pallas_kernels.gptq_matmul_gpu import random_gptq_linear
+
+    p = mg.pack_mgpu_linear(random_gptq_linear(__import__("jax").random.key(0), 11008, 256), bits=4)
+    glu_cfg = mg.glu_config
+    with bench_kernels.e2e_norm("auto-gs3"):
+        assert llama.GLU_IN_DOWN and mg.glu_config(1, p).num_stages == 3
+    assert mg.glu_config is glu_cfg
     with bench_kernels.e2e_norm("auto") as name:
         assert (name, llama.GLU_IN_DOWN) == ("auto", glu)
     with pytest.raises(SystemExit, match="'q7'"):

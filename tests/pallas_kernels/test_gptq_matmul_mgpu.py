@@ -817,6 +817,30 @@ def test_glu_parts_falls_back_and_checks_inputs():
         mg.gptq_matmul_mgpu_glu_parts(gu.astype(jnp.int32), pb, interpret=True)
 
 
+def test_glu_config_keeps_the_grid_and_fits_the_plain_kernels_shared_memory(monkeypatch):
+    """glu_config: the decode grid of default_config (same split, so the same accumulator) with
+    the pipeline stages cut so that the stages' fp32 gate / up tiles plus the x scratch take no
+    more shared memory than the plain kernel's stages; prefill configs unchanged."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 132)
+    for k, n, bits, gs in ((11008, 4096, 4, 128), (4096, 4096, 8, 64), (1536, 576, 4, -1)):
+        _, _, p = make(160 + k, k, n, bits, gs, False)
+        for m in (1, 5, 16, 64):
+            plain, glu = mg.default_config(m, p), mg.glu_config(m, p)
+            assert dataclasses.replace(glu, num_stages=plain.num_stages) == plain, (k, m)
+            assert mg.accumulator_shape(m, p, config=glu) == mg.accumulator_shape(m, p)
+            if plain.schedule != "grid":
+                assert glu == plain
+                continue
+            bm, bn, bk = plain.block_m, plain.block_n, plain.block_k
+            sz = 2 * max(1, bk // p.group_size) * bn * 2
+            stage = lambda act: bk * bn * bits // 8 + act + sz  # noqa: E731
+            assert 2 <= glu.num_stages <= plain.num_stages
+            if glu.num_stages > 2:
+                assert glu.num_stages * stage(2 * bm * bk * 4) + bm * bk * 2 <= plain.num_stages * stage(bm * bk * 2)
+            assert (glu.num_stages + 1) * stage(2 * bm * bk * 4) + bm * bk * 2 > plain.num_stages * stage(bm * bk * 2) \
+                or glu.num_stages == plain.num_stages
+
+
 def test_dispatch_glu_parts():
     """dispatch.matmul_glu_parts: in the Mosaic kernel on the decode grid, through XLA first for the
     Triton kernel; both against float64."""
