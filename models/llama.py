@@ -208,10 +208,11 @@ NORM_MAX_PARTS = 8
 # True: with the norm kernels on, a quantized gated MLP whose down projection runs a Mosaic decode
 # grid (no act-order permutation) has silu(gate) * up made inside that kernel from the fused
 # gate/up matmul's fp32 output (QuantLinear.glu_parts), one kernel fewer per block. Off by default:
-# on the H200 (session 15, 7B shapes, scan of 20) it made the step slower, 2.39 vs 2.09 ms at
-# batch 1 and 2.90 vs 2.63 at batch 16, against ~1.4 us per layer for the separate XLA op. The
-# kernel reads each K step's gate and up as fp32 [block_m, bk] tiles (as many bytes as the int4
-# weight tile) and syncs its warpgroup after writing x, once per K step.
+# on the H200 (session 15, 7B shapes, scan of 20) it gained nothing. Its stages hold fp32 gate and
+# up tiles; with the plain kernel's stage count (2.39 vs 2.09 ms/step at batch 1) a CTA needs
+# ~137 KB of shared memory instead of ~86 (1 CTA per SM instead of 2, by that count), and with the stages cut to the same shared memory (gptq_matmul_mgpu.glu_config) the
+# down projection lost about what the ~1.4 us/layer XLA op costs (2.21 vs 2.14 ms at batch 1,
+# 2.86 vs 2.80 at batch 16, within the rounds' spread).
 GLU_IN_DOWN = False
 
 
