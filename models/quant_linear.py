@@ -241,8 +241,9 @@ class QuantLinear(nnx.Module):
             return dispatch.matmul_glu_parts(gu, self.prepared.get_value(), dtype, acc=acc)
         if acc is not None:
             raise ValueError("QuantLinear.glu_parts: acc given, but this layer has no GPU kernel to take it.")
-        g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
-        return self.parts((g / (1.0 + jnp.exp(-g)) * u).astype(dtype))
+        from jgptq.pallas_kernels.gptq_matmul_mgpu import glu_activation
+
+        return self.parts(glu_activation(gu, dtype))
 
     def parts_accumulator(self, x_shape: tuple[int, ...], dtype: Any) -> tuple[int, ...] | None:
         """The float32 ``acc`` shape :meth:`parts` takes for that input, or None (it takes none)."""

@@ -332,5 +332,6 @@ def matmul_glu_parts(gu: jax.Array, prepared: Prepared, dtype: Any, acc: jax.Arr
         from .gptq_matmul_mgpu import gptq_matmul_mgpu_glu_parts
 
         return gptq_matmul_mgpu_glu_parts(gu, prepared.packed, dtype=dtype, interpret=prepared.interpret, acc=acc)
-    g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
-    return matmul_parts((g / (1.0 + jnp.exp(-g)) * u).astype(dtype), prepared, acc=acc)
+    from .gptq_matmul_mgpu import glu_activation
+
+    return matmul_parts(glu_activation(gu, dtype), prepared, acc=acc)

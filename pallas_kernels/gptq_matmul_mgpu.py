@@ -111,7 +111,7 @@ from .repack import analyze_g_idx, check_gptq_tensors, unpack_gptq_qweight
 __all__ = [
     "accumulator_shape",
     "MgpuConfig", "MgpuPacked", "pack_mgpu", "default_config", "gptq_matmul_mgpu", "gptq_matmul_mgpu_parts",
-    "gptq_matmul_mgpu_glu_parts", "glu_in_kernel", "glu_config",
+    "gptq_matmul_mgpu_glu_parts", "glu_in_kernel", "glu_config", "glu_activation",
     "reference",
     "random_inputs", "main", "SUPPORTED_BITS", "JAX_VERSION",
 ]
@@ -1210,6 +1210,18 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
     )
 
 
+def _silu_mul(g: jax.Array, u: jax.Array) -> jax.Array:
+    """``silu(g) * u`` with ``silu(g) = g / (1 + exp(-g))``, in the dtype of ``g`` / ``u``."""
+    return g / (1.0 + jnp.exp(-g)) * u
+
+
+def glu_activation(gu: jax.Array, dtype: Any) -> jax.Array:
+    """``x = silu(gate) * up`` from ``gu = [gate | up]`` (``[..., 2 K]``) as the fused kernel makes
+    it: in fp32, rounded once to ``dtype`` (the XLA path of :func:`gptq_matmul_mgpu_glu_parts`)."""
+    g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
+    return _silu_mul(g, u).astype(dtype)
+
+
 def _glu_tile(dst, g_ref, u_ref, interpret: bool) -> None:
     """``dst[...] = silu(g) * u`` rounded to ``dst``'s dtype, from fp32 gate / up SMEM tiles
     (``silu(g) = g / (1 + exp(-g))`` in fp32), then made visible to the wgmma that reads ``dst``.
@@ -1222,12 +1234,11 @@ def _glu_tile(dst, g_ref, u_ref, interpret: bool) -> None:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     if interpret:
-        g, u = g_ref[...], u_ref[...]
-        dst[...] = (g / (1.0 + jnp.exp(-g)) * u).astype(dst.dtype)
+        dst[...] = _silu_mul(g_ref[...], u_ref[...]).astype(dst.dtype)
         return
     lay = plgpu.Layout.WGMMA_TRANSPOSED  # [bk, bm] values through transposed views of the tiles
     g, u = _load_layout(_transposed(g_ref), lay), _load_layout(_transposed(u_ref), lay)
-    _transposed(dst)[...] = plgpu.layout_cast((g / (1.0 + jnp.exp(-g)) * u).astype(dst.dtype), lay)
+    _transposed(dst)[...] = plgpu.layout_cast(_silu_mul(g, u).astype(dst.dtype), lay)
     plgpu.commit_smem()  # fence for the async proxy + warpgroup barrier: every thread's part is in
 
 
@@ -1617,9 +1628,7 @@ def gptq_matmul_mgpu_glu_parts(
     xs = jax.ShapeDtypeStruct((*lead, k), dt)
     _, _, cfg = _resolve(xs, packed, config or glu_config(m, packed))
     if not glu_in_kernel(m, packed, cfg):
-        g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
-        x = (g / (1.0 + jnp.exp(-g)) * u).astype(dt)
-        return gptq_matmul_mgpu_parts(x, packed, config=cfg, interpret=interpret, acc=acc)
+        return gptq_matmul_mgpu_parts(glu_activation(gu, dt), packed, config=cfg, interpret=interpret, acc=acc)
     want = accumulator_shape(m, packed, config=cfg, interpret=interpret)
     if acc is not None and (want is None or tuple(acc.shape) != want or acc.dtype != jnp.float32):
         raise ValueError(f"gptq_matmul_mgpu_glu_parts: acc must be float32 {want} for this call "

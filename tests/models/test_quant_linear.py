@@ -164,6 +164,34 @@ def test_parts_add_up_to_the_layer_without_bias(monkeypatch, kernel):
     assert not fused.has_bias and fused.parts(x).shape[1:] == (2, 1, 192)
 
 
+@pytest.mark.parametrize("kernel", [None, "mgpu"])
+def test_glu_parts_are_the_parts_of_silu_gate_times_up(monkeypatch, kernel):
+    """QuantLinear.glu_parts: addends summing to silu(gate) * up (fp32, rounded once to bf16) @ W,
+    from fp32 [gate | up]: the XLA path (no kernel) and the Mosaic decode grid (interpreted, which
+    makes the activation in the kernel); acc is refused where no kernel takes one."""
+    from jgptq.pallas_kernels import dispatch
+
+    if kernel:
+        real_prepare = dispatch.prepare
+        monkeypatch.setattr(dispatch, "prepare", lambda l, *, bits, backend=None: real_prepare(
+            l, bits=bits, backend="gpu", interpret=True, gpu_kernel=kernel))
+    rng = np.random.default_rng(19)
+    lin, w = make_lin(rng, 512, 128, 4, 128, False, bias=False)
+    layer = QuantLinear(lin)
+    assert (layer.prepared is not None) == bool(kernel)
+    assert layer.glu_in_kernel((2, 1, 512), jnp.bfloat16) == bool(kernel)
+    gu = rng.normal(size=(2, 1, 1024)) * 3.0
+    g, u = gu[..., :512], gu[..., 512:]
+    x = np.asarray(jnp.asarray(g / (1.0 + np.exp(-g)) * u, jnp.float32).astype(jnp.bfloat16), np.float64)
+    parts = layer.glu_parts(jnp.asarray(gu, jnp.float32), jnp.bfloat16)
+    assert parts.shape[1:] == (2, 1, 128)
+    ref = x @ w
+    np.testing.assert_allclose(np.asarray(parts, np.float64).sum(0), ref, rtol=0, atol=1e-2 * np.abs(ref).max())
+    if not kernel:
+        with pytest.raises(ValueError, match="acc given"):
+            layer.glu_parts(jnp.asarray(gu, jnp.float32), jnp.bfloat16, acc=jnp.zeros((1, 2, 128), jnp.float32))
+
+
 def test_real_pallas_kernel_through_the_interpreter(monkeypatch):
     """The kernels colleague's GPU kernel, run by the Pallas interpreter, plugs in behind QuantLinear."""
     from jgptq.pallas_kernels import dispatch
