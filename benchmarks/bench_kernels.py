@@ -729,6 +729,40 @@ def e2e_norm(variant: str):
         mg.glu_config = old_glu_cfg
 
 
+@contextlib.contextmanager
+def e2e_attention(variant: str):
+    """``--e2e-attention`` variant -> the ``attention=`` of ``forward_step``, with suffixes applied to
+    ``decode_attention.default_config`` (the fused / unfused decode-attention kernels' tiles) while
+    tracing: ``-bsN`` N cache slots per loop step, ``-spN`` N slot splits (capped to what the cache
+    allows), ``-wN`` N warps, ``-stN`` N pipeline stages. ``fused-st3`` is the fused kernel with 3
+    stages where the default has 2."""
+    from jgptq.pallas_kernels import decode_attention as da
+
+    old_cfg = da.default_config
+    name, *opts = variant.split("-")
+    fields = {"bs": "block_s", "sp": "splits", "w": "num_warps", "st": "num_stages"}
+    changes = {}
+    for o in opts:
+        key = o.rstrip("0123456789")
+        if key not in fields or key == o:
+            raise SystemExit(f"--e2e-attention: unknown suffix {o!r} in {variant!r} (-bsN, -spN, -wN, -stN)")
+        changes[fields[key]] = int(o[len(key):])
+
+    def patched(b, kvh, s, num_sms=None):
+        cfg = dataclasses.replace(old_cfg(b, kvh, s, num_sms), **changes)
+        sp = cfg.splits
+        while sp > 1 and s % (cfg.block_s * sp):  # keep what divides the cache
+            sp -= 1
+        return dataclasses.replace(cfg, splits=sp)
+
+    if changes:
+        da.default_config = patched
+    try:
+        yield name
+    finally:
+        da.default_config = old_cfg
+
+
 def e2e_cache(model, batch: int, slots: int, context: int) -> dict:
     """An empty KV cache whose first ``context`` slots count as filled (random keys / values):
     decode steps then attend to that many earlier tokens, as mid-generation."""
@@ -849,6 +883,7 @@ def bench_e2e(args) -> list[dict]:
             nrm = nvar.split("-")[0]
             if nrm not in ("auto", "xla", "pallas"):
                 raise SystemExit(f"--e2e-norm: unknown implementation {nvar!r}")
+            avar, attn = attn, attn.split("-")[0]
 
             def run(leaves, ids, mask, cache, treedef=treedef, attn=attn, nrm=nrm):
                 return jax.tree.unflatten(treedef, leaves).step(ids, mask, cache, last_only=True, attention=attn,
@@ -874,7 +909,7 @@ def bench_e2e(args) -> list[dict]:
                 cache = e2e_cache(model, batch, args.e2e_slots, args.e2e_context)
                 ids = jnp.ones((batch, 1), jnp.int32)
                 mask = jnp.ones((batch, 1), bool)
-                with e2e_norm(nvar):
+                with e2e_norm(nvar), e2e_attention(avar):
                     logits, cache = step(leaves, ids, mask, cache)  # compile (under this model's patch)
                     jax.block_until_ready(logits)
                     if scan is not None:
@@ -883,7 +918,7 @@ def bench_e2e(args) -> list[dict]:
                 state[batch] = [ids, mask, cache]
             built.append((name, (step, scan), leaves, state, dict(device_bytes_all_state=total_bytes,
                                                                   kernel_arrays=kernels, kernel_bytes=wbytes,
-                                                                  attention=attn, norm=nvar, model=label, cmdbuf=cbuf,
+                                                                  attention=avar, norm=nvar, model=label, cmdbuf=cbuf,
                                                                   context=args.e2e_context)))
         if args.e2e_generate:  # models.generate.generate() flattens the module itself
             gen_models[label] = model
@@ -950,8 +985,8 @@ def bench_e2e(args) -> list[dict]:
             gen_mod._COMPILED.clear()  # its cache key has norm="pallas", not the pallas-pN patch
             for chunk in (1, 16):
                 rates = []
-                with e2e_norm(row["norm"]) as nrm:
-                    kw = dict(eos_token_id=[], decode_chunk=chunk, attention=row["attention"], norm=nrm)
+                with e2e_norm(row["norm"]) as nrm, e2e_attention(row["attention"]) as att:
+                    kw = dict(eos_token_id=[], decode_chunk=chunk, attention=att, norm=nrm)
                     generate(model, None, [[1] * 8], n_new, **kw)  # compile
                     for _ in range(2):
                         stamps = []
@@ -1144,8 +1179,9 @@ def main() -> None:
                     "16x32x8x128x4096,1x32x8x128x32768",
                     help="comma list of BxHxKVxhdxS")
     ap.add_argument("--e2e-attention", default="auto",
-                    help="comma list of decode-attention implementations (auto, xla, pallas; "
-                         "jgptq.models.llama.DECODE_ATTENTION), each timed on every model")
+                    help="comma list of decode-attention implementations (auto, xla, pallas, fused; "
+                         "jgptq.models.llama.DECODE_ATTENTION), each timed on every model; suffixes -bsN / -spN / "
+                         "-wN / -stN set the kernel's slots per step / splits / warps / stages (e2e_attention)")
     ap.add_argument("--e2e-norm", default="auto",
                     help="comma list of decode residual-add + RMSNorm implementations (auto, xla, pallas, "
                          "pallas-pN: the kernel adding at most N split-K addends itself, pallas-wN: with N warps, "

@@ -152,6 +152,31 @@ def test_e2e_norm_variants_set_and_restore_the_model_knobs(bench_kernels):
     assert llama.GLU_IN_DOWN == glu
 
 
+def test_e2e_attention_variants_patch_and_restore_the_kernel_tiles(bench_kernels):
+    """--e2e-attention suffixes change decode_attention.default_config only while the variant is
+    traced (splits cut back to what divides the cache); the name passed on is the implementation;
+    an unknown suffix is refused by name."""
+    from jgptq.pallas_kernels import decode_attention as da
+
+    real = da.default_config
+    base = real(1, 32, 256, 132)
+    with bench_kernels.e2e_attention("fused-st3-w8") as name:
+        cfg = da.default_config(1, 32, 256, 132)
+        assert name == "fused"
+        assert (cfg.num_stages, cfg.num_warps, cfg.block_s, cfg.splits) == (3, 8, base.block_s, base.splits)
+    assert da.default_config is real
+    with bench_kernels.e2e_attention("fused-bs128-sp4"):
+        cfg = da.default_config(1, 32, 256, 132)
+        assert (cfg.block_s, cfg.splits) == (128, 2)  # 4 splits of 128 slots do not divide 256
+    with bench_kernels.e2e_attention("auto") as name:
+        assert name == "auto" and da.default_config is real
+    for bad in ("fused-q3", "fused-st"):
+        with pytest.raises(SystemExit, match=repr(bad.split("-")[1])):
+            with bench_kernels.e2e_attention(bad):
+                pass
+    assert da.default_config is real
+
+
 def test_l2_residency_busy_time_and_op_kinds():
     """bench_l2_residency: busy time is the union of overlapping spans; ops are told apart by name."""
     spec = importlib.util.spec_from_file_location("bench_l2_residency", ROOT / "benchmarks" / "bench_l2_residency.py")
