@@ -12,7 +12,7 @@
 #    E2E_ARGS replaces its extra flags (default --e2e-nofuse; --e2e-variants adds nk-layout / session-4 models;
 #    models are timed in 3 interleaved rounds, --e2e-rounds; --e2e-trace adds GPU busy / idle per step).
 # Time boxes (seconds): DUMP_S (default 0: part 0, Mosaic dumps, skipped), TESTS_S (default 130), BIG_S (250), REST_S (120),
-# L2_S (0: bench_l2_residency.py, flags L2_ARGS), DA_S (0: the decode-attention benchmark, bench_kernels.py --decode-attn), DU_S (0: the fused decode step kernel's
+# L2_S (0: bench_l2_residency.py, flags L2_ARGS), PP_S (0: probes/persistent_phases.py, flags PP_ARGS), DA_S (0: the decode-attention benchmark, bench_kernels.py --decode-attn), DU_S (0: the fused decode step kernel's
 # config sweep, --decode-attn-update on DU_SHAPES), E2E_S (0); 0 skips that part.
 # PERSIST=0 skips the persistent-schedule tests of part 1.
 # TESTS_PATH narrows part 1 (one or more space-separated paths, e.g. tests/pallas_kernels/test_gptq_matmul_mgpu.py);
@@ -101,6 +101,12 @@ if [ "${DU_S:-0}" != 0 ]; then
     | tee "$OUT/bench_decode_update.log" | grep -v '^{' | tail -12
   echo "decode-update exit: ${PIPESTATUS[0]}"
   mv "$OUT/du/bench_decode_update.json" "$OUT/" 2>/dev/null; rmdir "$OUT/du" 2>/dev/null
+fi
+if [ "${PP_S:-0}" != 0 ]; then
+  echo "=== persistent kernel vs launch chain: grid-barrier and streaming probe (probes/persistent_phases.py) ==="
+  timeout "$PP_S" "$PY" "$REPO/benchmarks/probes/persistent_phases.py" ${PP_ARGS:-} --out "$OUT" 2>&1 \
+    | tee "$OUT/persistent_phases.log" | grep -v '^{' | tail -12
+  echo "persistent-phases exit: ${PIPESTATUS[0]}"
 fi
 if [ "${L2_S:-0}" != 0 ]; then
   echo "=== matmuls on cold vs L2-resident weights (bench_l2_residency.py) ==="

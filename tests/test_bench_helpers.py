@@ -193,3 +193,40 @@ def test_l2_residency_busy_time_and_op_kinds():
     assert mod.kind("add_rms_norm__1") == "norm"
     assert mod.kind("scoped_mosaic_gpu_kernel") == "matmul"
     assert mod.kind("loop_broadcast_fusion") == "other"
+
+
+@pytest.fixture(scope="module")
+def persistent_phases():
+    spec = importlib.util.spec_from_file_location("persistent_phases",
+                                                  ROOT / "benchmarks" / "probes" / "persistent_phases.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_persistent_phases_probe_variants(persistent_phases):
+    """The probe's launch chain and barrier-free persistent kernel run in the Mosaic GPU interpreter
+    and return the last phase's slices; the barrier variants (global semaphores, which the
+    interpreter lacks) lower for CUDA with their three zero-initialised semaphores; bad inputs are
+    refused by name; the report row's arithmetic."""
+    import jax
+    import jax.numpy as jnp
+
+    pp = persistent_phases
+    w = jax.random.randint(jax.random.key(random.randrange(2**31)), (3, 2, 8, pp.COLS), -2**31, 2**31 - 1,
+                           jnp.int32)
+    for variant in ("chain", "stream"):
+        out = pp.run_variant(w, variant, True)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(w[-1]), err_msg=variant)
+    for variant in ("barrier", "overlap"):
+        text = pp.run_variant.trace(w, variant, False).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text and "tensor<3xi32>" in text, variant
+    with pytest.raises(ValueError, match="variant must be one of"):
+        pp.run_variant(w, "spin", True)
+    with pytest.raises(ValueError, match=r"int32 \[P, G, R, 64\]"):
+        pp.run_variant(w.astype(jnp.float32), "chain", True)
+    with pytest.raises(ValueError, match="R <= 256"):
+        pp.run_variant(jnp.zeros((1, 1, 300, pp.COLS), jnp.int32), "stream", True)
+    row = pp.per_phase_row("overlap", (64, 132, 128, 64), 64 * 5e-6)
+    assert row["phase_bytes"] == 132 * 128 * 256 and abs(row["us_per_phase"] - 5.0) < 1e-9
+    assert abs(row["GBps"] - 132 * 128 * 256 / 5e3) < 1e-6
