@@ -215,12 +215,14 @@ def test_persistent_phases_probe_variants(persistent_phases):
     pp = persistent_phases
     w = jax.random.randint(jax.random.key(random.randrange(2**31)), (3, 2, 8, pp.COLS), -2**31, 2**31 - 1,
                            jnp.int32)
-    for variant in ("chain", "stream"):
+    for variant in ("chain", "chain_pf", "stream"):
         out = pp.run_variant(w, variant, True)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(w[-1]), err_msg=variant)
     for variant in ("barrier", "overlap"):
         text = pp.run_variant.trace(w, variant, False).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text and "tensor<3xi32>" in text, variant
+    text = pp.run_variant.trace(w, "chain_pf", False).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 3 and "slice" not in text  # w passed whole: no copies
     with pytest.raises(ValueError, match="variant must be one of"):
         pp.run_variant(w, "spin", True)
     with pytest.raises(ValueError, match=r"int32 \[P, G, R, 64\]"):

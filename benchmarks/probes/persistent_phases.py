@@ -19,6 +19,9 @@ for it; ``w`` spans ``P * G * R * 256`` bytes, more than L2 at ``R = 128``.
 
 * ``chain``: ``P`` dependent launches of a ``G``-CTA kernel (the per-op design): launch ``p``
   loads ``w[p]`` and stores it as its output, which launch ``p + 1`` takes as an operand.
+* ``chain_pf``: the same launches, each CTA ending with a TMA prefetch of its slice of
+  ``w[p + 1]`` into L2 (``plgpu.async_prefetch``), as a decode matmul could prefetch the next
+  matmul's weights (the cheap form of overlap, which keeps one launch per op).
 * ``barrier``: one launch whose CTAs run the ``P`` phases with a grid-wide barrier after each;
   a phase's load is issued after the barrier before it.
 * ``overlap``: the same, but phase ``p + 1``'s load is issued before phase ``p``'s barrier
@@ -53,7 +56,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 COLS = 64  # int32 words per row: 256-byte rows
-VARIANTS = ("chain", "barrier", "overlap", "stream")
+VARIANTS = ("chain", "chain_pf", "barrier", "overlap", "stream")
 
 
 def _params(interpret: bool) -> dict:
@@ -136,34 +139,38 @@ def _persistent(w: jax.Array, variant: str, interpret: bool) -> jax.Array:
     return run(w)
 
 
-def _one_phase(interpret: bool, wp: jax.Array, prev: jax.Array) -> jax.Array:
-    """``chain``'s launch: each CTA copies ``wp[g]`` through SMEM to the output. ``prev`` (the last
-    launch's output) is an operand the kernel does not read: it orders the launches."""
+def _one_phase(interpret: bool, w: jax.Array, p: int, prev: jax.Array, prefetch: bool = False) -> jax.Array:
+    """``chain``'s launch ``p``: each CTA copies ``w[p, g]`` through SMEM to the output (``w`` is
+    passed whole and indexed in the kernel, so XLA adds no slice copies). ``prev`` (the last
+    launch's output) is an operand the kernel does not read: it orders the launches. With
+    ``prefetch`` each CTA then prefetches ``w[p + 1, g]`` into L2 (the interpreter skips it)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    n_cta, rows, _ = wp.shape
+    _, n_cta, rows, _ = w.shape
 
     def body(w_gmem, prev_gmem, o_gmem, buf, bar):
         del prev_gmem
         g = jax.lax.axis_index("g")
-        plgpu.copy_gmem_to_smem(w_gmem.at[g], buf, bar.at[0])
+        plgpu.copy_gmem_to_smem(w_gmem.at[p, g], buf, bar.at[0])
         plgpu.barrier_wait(bar.at[0])
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(buf, o_gmem.at[g])
+        if prefetch and not interpret:
+            plgpu.async_prefetch(w_gmem.at[p + 1, g])
         plgpu.wait_smem_to_gmem(0)
 
     run = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((n_cta, rows, COLS), jnp.int32),
                        scratch_types=[plgpu.SMEM((rows, COLS), jnp.int32),
                                       plgpu.Barrier(num_arrivals=1, num_barriers=1)],
                        grid=(n_cta,), grid_names=("g",), **_params(interpret))
-    return run(wp, prev)
+    return run(w, prev)
 
 
-def _chain(w: jax.Array, interpret: bool) -> jax.Array:
+def _chain(w: jax.Array, interpret: bool, prefetch: bool = False) -> jax.Array:
     n_ph, n_cta, rows = _check(w)
     out = jnp.zeros((n_cta, rows, COLS), jnp.int32)
     for p in range(n_ph):  # unrolled: P launches in one executable (one command buffer on the GPU)
-        out = _one_phase(interpret, w[p], out)
+        out = _one_phase(interpret, w, p, out, prefetch and p + 1 < n_ph)
     return out
 
 
@@ -172,8 +179,8 @@ def run_variant(w: jax.Array, variant: str, interpret: bool = False) -> jax.Arra
     """``w [P, G, R, 64]`` int32 through one variant -> ``[G, R, 64]``, which equals ``w[P - 1]``."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
-    if variant == "chain":
-        return _chain(w, interpret)
+    if variant in ("chain", "chain_pf"):
+        return _chain(w, interpret, prefetch=variant == "chain_pf")
     return _persistent(w, variant, interpret)
 
 
