@@ -702,16 +702,22 @@ def e2e_norm(variant: str):
     (``jgptq.models.llama.NORM_MAX_PARTS``), ``-wN`` it runs N warps (``add_rms_norm.default_config``),
     ``-glu`` / ``-xact`` silu(gate) * up inside the down projection's kernel / as its own XLA op
     (``jgptq.models.llama.GLU_IN_DOWN`` True / False), ``-gsN`` inside it with N pipeline stages
-    (``gptq_matmul_mgpu.glu_config``)."""
+    (``gptq_matmul_mgpu.glu_config``), ``-pf`` each decode matmul prefetching the next one's first
+    weights into L2 (``jgptq.models.llama.PREFETCH_NEXT``), ``-pfN`` that with at most N MiB of
+    words per matmul (``gptq_matmul_mgpu.PREFETCH_MAX_BYTES``)."""
     from jgptq.models import llama
     from jgptq.pallas_kernels import add_rms_norm as arn
     from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
 
     old_parts, old_cfg, old_glu = llama.NORM_MAX_PARTS, arn.default_config, llama.GLU_IN_DOWN
-    old_glu_cfg = mg.glu_config
+    old_glu_cfg, old_pf, old_pf_bytes = mg.glu_config, llama.PREFETCH_NEXT, mg.PREFETCH_MAX_BYTES
     name, *opts = variant.split("-")
     for o in opts:
-        if o in ("glu", "xact"):
+        if o[:2] == "pf" and (o == "pf" or o[2:].isdigit()):
+            llama.PREFETCH_NEXT = True
+            if o != "pf":
+                mg.PREFETCH_MAX_BYTES = int(o[2:]) << 20
+        elif o in ("glu", "xact"):
             llama.GLU_IN_DOWN = o == "glu"
         elif o[:2] == "gs" and o[2:].isdigit():
             llama.GLU_IN_DOWN = True
@@ -721,12 +727,13 @@ def e2e_norm(variant: str):
         elif o[:1] == "w" and o[1:].isdigit():
             arn.default_config = lambda m, d, n, w=int(o[1:]): dataclasses.replace(old_cfg(m, d, n), num_warps=w)
         else:
-            raise SystemExit(f"--e2e-norm: unknown suffix {o!r} in {variant!r} (-pN, -wN, -glu, -gsN, -xact)")
+            raise SystemExit(f"--e2e-norm: unknown suffix {o!r} in {variant!r} (-pN, -wN, -glu, -gsN, -xact, -pf, "
+                             "-pfN)")
     try:
         yield name
     finally:
         llama.NORM_MAX_PARTS, arn.default_config, llama.GLU_IN_DOWN = old_parts, old_cfg, old_glu
-        mg.glu_config = old_glu_cfg
+        mg.glu_config, llama.PREFETCH_NEXT, mg.PREFETCH_MAX_BYTES = old_glu_cfg, old_pf, old_pf_bytes
 
 
 @contextlib.contextmanager
@@ -1186,7 +1193,8 @@ def main() -> None:
                     help="comma list of decode residual-add + RMSNorm implementations (auto, xla, pallas, "
                          "pallas-pN: the kernel adding at most N split-K addends itself, pallas-wN: with N warps, "
                          "auto-glu / auto-xact: silu(gate) * up inside down_proj's kernel / as its own XLA op, auto-gsN: "
-                         "inside it with N pipeline stages; "
+                         "inside it with N pipeline stages; auto-pf / auto-pfN: each decode matmul prefetching the "
+                         "next one's first weights (at most N MiB) into L2; "
                          "jgptq.models.llama.DECODE_NORM), each timed with every attention variant")
     ap.add_argument("--e2e-cmdbuf-off", action="store_true",
                     help="also time every variant compiled without XLA command buffers (CUDA graphs)")

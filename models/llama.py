@@ -215,6 +215,13 @@ NORM_MAX_PARTS = 8
 # 2.86 vs 2.80 at batch 16, within the rounds' spread).
 GLU_IN_DOWN = False
 
+# True: with the norm kernels on, each quantized decode matmul whose kernel is a Mosaic decode grid
+# also prefetches into L2 the first weights of the matmul that runs after it (q/k/v -> o_proj ->
+# gate/up -> down -> the next block's q/k/v), so that kernel's first loads find them there
+# (gptq_matmul_mgpu_parts(prefetch=)). Off until timed on a GPU: session 13 measured 0.6-2.4 us per
+# 7B decode matmul between cold and L2-resident weights (benchmarks/RESULTS.md, sessions 13 and 16).
+PREFETCH_NEXT = False
+
 
 def _norm_path(norm: str, h: jax.Array, config: LlamaConfig) -> str:
     """``"xla"`` or ``"pallas"``: how this one-token step's residual adds + RMSNorms run."""
@@ -228,12 +235,18 @@ def _norm_path(norm: str, h: jax.Array, config: LlamaConfig) -> str:
     return "pallas" if why is None and (_dispatch.cuda_major() or 0) >= 8 else "xla"
 
 
-def _linear_addends(lin: Any, x: jax.Array, acc: jax.Array | None = None) -> jax.Array:
+def _hint(prefetch: Any) -> dict[str, Any]:
+    """``prefetch=`` for a quantized module's call, when there is a next module to prefetch."""
+    return {} if prefetch is None else {"prefetch": prefetch}
+
+
+def _linear_addends(lin: Any, x: jax.Array, acc: jax.Array | None = None, prefetch: Any = None) -> jax.Array:
     """``linear(lin, x)`` as ``[P, ..., N]`` addends (a quantized module's split-K partials, at
     most :data:`NORM_MAX_PARTS` of them; else ``P = 1``, the output itself). ``acc``: the zeros
-    its kernel adds into (:func:`_acc_shape`)."""
+    its kernel adds into (:func:`_acc_shape`); ``prefetch``: the module whose matmul runs next
+    (:data:`PREFETCH_NEXT`)."""
     if callable(getattr(lin, "parts", None)) and getattr(lin, "bias", None) is None:
-        y = lin.parts(x) if acc is None else lin.parts(x, acc=acc)
+        y = lin.parts(x, **({} if acc is None else {"acc": acc}), **_hint(prefetch))
         return _few_addends(y, x.dtype)
     return linear(lin, x)[None]
 
@@ -267,13 +280,13 @@ def _acc_shape(lin: Any, x_shape: tuple[int, ...], dtype: Any) -> tuple[int, ...
 
 def _add_norm(lin: Any, x: jax.Array | None, h: jax.Array, scale: jax.Array, config: LlamaConfig, *,
               acc: jax.Array | None = None, zeros: Sequence[tuple[int, ...] | None] = (),
-              addends: jax.Array | None = None):
+              addends: jax.Array | None = None, prefetch: Any = None):
     """``h + linear(lin, x)`` and its RMSNorm by ``scale``, in one kernel. ``acc``: zeros for the
     linear's kernel to add into; ``zeros``: shapes (or None) of the zero accumulators the kernel
     also writes for the next linears; ``addends``: the linear's output already made, ``[P, ...]``
     (then ``lin``, ``x`` and ``acc`` are unused). Returns ``(h, x)``, plus the list of those zero
     arrays (None where the shape is None) when ``zeros`` is given."""
-    y = _linear_addends(lin, x, acc) if addends is None else addends
+    y = _linear_addends(lin, x, acc, prefetch) if addends is None else addends
     if y.shape[0] == 1:
         y = y[0]
     want = [z for z in zeros if z is not None]
@@ -295,8 +308,8 @@ def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, k_valid: jax.A
 
 
 def _decode_step_fused(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, kc: jax.Array, vc: jax.Array,
-                       k_valid: jax.Array, index: jax.Array, config: LlamaConfig, acc: jax.Array | None = None
-                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                       k_valid: jax.Array, index: jax.Array, config: LlamaConfig, acc: jax.Array | None = None,
+                       prefetch: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One-token attention through ``decode_attention_update``: ``x [B, 1, D]`` -> ``o [B, 1, H*hd]``
     and the caches with the new key/value written at ``index`` (RoPE and the write in the kernel)."""
     b = x.shape[0]
@@ -307,7 +320,7 @@ def _decode_step_fused(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, 
         if lin.has_bias:
             qkv = lin.concatenated(x).reshape(b, rows, c.head_dim)
         else:  # its split-K partials: the kernel adds them (no XLA sum between the two kernels)
-            y = lin.parts(x) if acc is None else lin.parts(x, acc=acc)
+            y = lin.parts(x, **({} if acc is None else {"acc": acc}), **_hint(prefetch))
             qkv = y.reshape(y.shape[0], b, rows, c.head_dim)
     else:
         y = jnp.concatenate([linear(attn[n], x) for n in ("q_proj", "k_proj", "v_proj")], axis=-1)
@@ -319,9 +332,9 @@ def _decode_step_fused(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, 
     return o.reshape(b, 1, c.num_heads * c.head_dim), kc, vc
 
 
-def _mlp_act(mlp: Mapping[str, Any], x2: jax.Array, acc: jax.Array | None = None) -> jax.Array:
+def _mlp_act(mlp: Mapping[str, Any], x2: jax.Array, acc: jax.Array | None = None, prefetch: Any = None) -> jax.Array:
     if "gate_up_proj" in mlp:  # a FusedQuantLinear: one matmul for gate and up (acc: its zeros)
-        gate, up = mlp["gate_up_proj"](x2) if acc is None else mlp["gate_up_proj"](x2, acc=acc)
+        gate, up = mlp["gate_up_proj"](x2, **({} if acc is None else {"acc": acc}), **_hint(prefetch))
     else:
         gate, up = linear(mlp["gate_proj"], x2), linear(mlp["up_proj"], x2)
     return jax.nn.silu(gate) * up
@@ -331,7 +344,8 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
            *, kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
            k_valid: jax.Array | None = None, k_pos: jax.Array | None = None, capture: bool = False,
            attention: str = "xla", x_in: jax.Array | None = None, next_scale: jax.Array | None = None,
-           accs: Mapping[str, jax.Array] | None = None, next_accs: Sequence[tuple[int, ...] | None] = ()):
+           accs: Mapping[str, jax.Array] | None = None, next_accs: Sequence[tuple[int, ...] | None] = (),
+           next_linear: Any = None):
     """One decoder block; with ``kv`` the new keys/values are written at slot ``index`` first
     (``attention``: see :data:`DECODE_ATTENTION`; it applies to one new token per row).
 
@@ -342,18 +356,22 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
     zero accumulators for this block's q/k/v (``"qkv"``) and ``o_proj`` (``"o"``) kernels (made by
     the previous block's norm kernel; see :func:`_acc_shape`), the post-attention norm kernel
     makes gate/up's and down's, and the last norm kernel also writes zeros of the ``next_accs``
-    shapes, returned for the next block.
+    shapes, returned for the next block. With :data:`PREFETCH_NEXT` each matmul hints the one after
+    it (``prefetch=``); ``next_linear`` is the module after this block's down projection (the
+    next block's q/k/v), or None.
 
     Returns ``(h, new_kv_or_None, captured_or_None)``, plus ``x_next`` and the list of
     ``next_accs`` zero arrays with ``next_scale``.
     """
     accs = accs or {}
+    hint = (lambda m: m) if PREFETCH_NEXT and next_scale is not None else (lambda m: None)
     b, t, _ = h.shape
     attn, mlp = lp["self_attn"], lp["mlp"]
     x = x_in if x_in is not None else attention_input(lp, h, config)
     path = "xla" if kv is None or t != 1 else _decode_path(attention, x, kv[0], config)
     if path == "fused":
-        o, kc, vc = _decode_step_fused(attn, x, q_pos, kv[0], kv[1], k_valid, index, config, accs.get("qkv"))
+        o, kc, vc = _decode_step_fused(attn, x, q_pos, kv[0], kv[1], k_valid, index, config, accs.get("qkv"),
+                                       prefetch=hint(attn["o_proj"]))
         new_kv = (kc, vc)
     elif kv is None:
         q, k, v = _qkv(attn, x, q_pos, config)
@@ -378,22 +396,24 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
         shapes = [_acc_shape(gu, x.shape, x.dtype) if gu is not None else None,
                   _acc_shape(mlp["down_proj"], (*x.shape[:-1], config.intermediate_size), x.dtype)]
         h, x2, (z_gu, z_down) = _add_norm(attn["o_proj"], o, h, lp["post_attention_layernorm"]["scale"], config,
-                                          acc=accs.get("o"), zeros=shapes)
+                                          acc=accs.get("o"), zeros=shapes,
+                                          prefetch=hint(mlp.get("gate_up_proj", mlp.get("gate_proj"))))
     else:
         h = attention_residual(lp, h, o)
         x2 = mlp_input(lp, h, config)
     if next_scale is not None and not capture and _glu_in_down(mlp, x2, config):
         # the fused gate/up matmul's output, fp32, straight into the down projection's kernel,
         # which makes silu(gate) * up itself
-        gu = mlp["gate_up_proj"].parts(x2) if z_gu is None else mlp["gate_up_proj"].parts(x2, acc=z_gu)
+        gu = mlp["gate_up_proj"].parts(x2, **({} if z_gu is None else {"acc": z_gu}), **_hint(hint(mlp["down_proj"])))
         gu = gu[0] if gu.shape[0] == 1 else jnp.sum(gu.astype(jnp.float32), axis=0)
-        y = _few_addends(mlp["down_proj"].glu_parts(gu, x2.dtype, acc=z_down), x2.dtype)
+        y = _few_addends(mlp["down_proj"].glu_parts(gu, x2.dtype, acc=z_down, **_hint(hint(next_linear))), x2.dtype)
         h, x_next, *made = _add_norm(None, None, h, next_scale, config, zeros=next_accs, addends=y)
         return h, new_kv, None, x_next, (made[0] if made else [])
-    act = _mlp_act(mlp, x2, z_gu)
+    act = _mlp_act(mlp, x2, z_gu, prefetch=hint(mlp["down_proj"]))
     captured = {"attn_in": x, "o_in": o, "mlp_in": x2, "down_in": act} if capture else None
     if next_scale is not None:
-        h, x_next, *made = _add_norm(mlp["down_proj"], act, h, next_scale, config, acc=z_down, zeros=next_accs)
+        h, x_next, *made = _add_norm(mlp["down_proj"], act, h, next_scale, config, acc=z_down, zeros=next_accs,
+                                     prefetch=hint(next_linear))
         return h, new_kv, captured, x_next, (made[0] if made else [])
     h = h + linear(mlp["down_proj"], act)
     return h, new_kv, captured
@@ -560,8 +580,10 @@ def forward_step(params: Mapping[str, Any], ids: jax.Array, mask: jax.Array, cac
                 names.append("o")
                 shapes.append(_acc_shape(attn_n["o_proj"], (*x.shape[:-1], config.num_heads * config.head_dim),
                                          x.dtype))
+            after = None if last else layers[i + 1]["self_attn"]
+            after = None if after is None else after.get("qkv_proj", after.get("q_proj"))
             h, (kc, vc), _, x, made = _block(lp, h, q_pos, mask, config, x_in=x, next_scale=nxt, accs=accs,
-                                             next_accs=shapes, **kw)
+                                             next_accs=shapes, next_linear=after, **kw)
             accs = {n: z for n, z in zip(names, made) if z is not None}
         else:
             h, (kc, vc), _ = _block(lp, h, q_pos, mask, config, **kw)

@@ -32,6 +32,7 @@ from flax import nnx
 __all__ = [
     "QuantState", "PreparedKernel", "Linear", "QuantLinear", "FusedQuantLinear", "linear",
     "linear_from_params", "fuse_quantized", "concat_quantized", "quant_bits", "is_quantized", "dequantize",
+    "prepared_of",
 ]
 
 _QUANT_KEYS = ("qweight", "scales", "zeros", "g_idx")
@@ -210,15 +211,17 @@ class QuantLinear(nnx.Module):
             y = jnp.matmul(x, dequantize(self._lin(), x.dtype))
         return _add_bias(y, None if self.bias is None else self.bias[...])
 
-    def parts(self, x: jax.Array, acc: jax.Array | None = None) -> jax.Array:
+    def parts(self, x: jax.Array, acc: jax.Array | None = None, prefetch: Any = None) -> jax.Array:
         """``x[..., in]`` -> ``[P, ..., out]`` addends of ``x @ W`` without the bias: their fp32 sum
         over axis 0, rounded to ``x.dtype``, is the product (the split-K partials of the GPU
         kernel where it has them, for a consumer kernel that adds them itself; else ``P = 1``).
-        ``acc``: zeros of :meth:`parts_accumulator`'s shape for the kernel to add into."""
+        ``acc``: zeros of :meth:`parts_accumulator`'s shape for the kernel to add into.
+        ``prefetch``: the module whose matmul runs next (a hint: the GPU decode kernel prefetches
+        its first weights into L2; see :func:`jgptq.pallas_kernels.dispatch.matmul_parts`)."""
         if self.prepared is not None:
             from jgptq.pallas_kernels import dispatch
 
-            return dispatch.matmul_parts(x, self.prepared.get_value(), acc=acc)
+            return dispatch.matmul_parts(x, self.prepared.get_value(), acc=acc, prefetch=prepared_of(prefetch))
         if acc is not None:
             raise ValueError("QuantLinear.parts: acc given, but this layer has no GPU kernel to take it.")
         return jnp.matmul(x, dequantize(self._lin(), x.dtype))[None]
@@ -231,14 +234,15 @@ class QuantLinear(nnx.Module):
 
         return dispatch.glu_in_kernel(tuple(x_shape), dtype, self.prepared.get_value())
 
-    def glu_parts(self, gu: jax.Array, dtype: Any, acc: jax.Array | None = None) -> jax.Array:
+    def glu_parts(self, gu: jax.Array, dtype: Any, acc: jax.Array | None = None, prefetch: Any = None) -> jax.Array:
         """:meth:`parts` of ``x = silu(gate) * up`` (``dtype``) from ``gu = [gate | up]`` ``[..., 2 in]``
         (float32 or ``dtype``); on the GPU decode grids the kernel makes x itself
         (:func:`jgptq.pallas_kernels.dispatch.matmul_glu_parts`), elsewhere XLA does, in fp32."""
         if self.prepared is not None:
             from jgptq.pallas_kernels import dispatch
 
-            return dispatch.matmul_glu_parts(gu, self.prepared.get_value(), dtype, acc=acc)
+            return dispatch.matmul_glu_parts(gu, self.prepared.get_value(), dtype, acc=acc,
+                                             prefetch=prepared_of(prefetch))
         if acc is not None:
             raise ValueError("QuantLinear.glu_parts: acc given, but this layer has no GPU kernel to take it.")
         from jgptq.pallas_kernels.gptq_matmul_mgpu import glu_activation
@@ -258,6 +262,17 @@ class QuantLinear(nnx.Module):
         if self.bias is not None:
             d["bias"] = self.bias[...]
         return d
+
+
+def prepared_of(module: Any) -> Any:
+    """The kernel-prepared weights (``dispatch.Prepared``) of a :class:`QuantLinear` or
+    :class:`FusedQuantLinear`, or None (float layers, the XLA path, ``None``): what a matmul's
+    ``prefetch`` hint points at."""
+    if isinstance(module, FusedQuantLinear):
+        module = module.inner
+    if isinstance(module, QuantLinear) and module.prepared is not None:
+        return module.prepared.get_value()
+    return None
 
 
 def linear_from_params(lin: Mapping[str, Any], *, use_kernel: bool = True) -> Linear | QuantLinear:
@@ -328,21 +343,22 @@ class FusedQuantLinear(nnx.Module):
     def has_bias(self) -> bool:
         return self.inner.bias is not None
 
-    def parts(self, x: jax.Array, acc: jax.Array | None = None) -> jax.Array:
+    def parts(self, x: jax.Array, acc: jax.Array | None = None, prefetch: Any = None) -> jax.Array:
         """:meth:`QuantLinear.parts` of the fused matmul: ``[P, ..., sum(out_i)]`` addends, no bias."""
-        return self.inner.parts(x, acc=acc)
+        return self.inner.parts(x, acc=acc, prefetch=prefetch)
 
     def parts_accumulator(self, x_shape: tuple[int, ...], dtype: Any) -> tuple[int, ...] | None:
         """:meth:`QuantLinear.parts_accumulator` of the fused matmul."""
         return self.inner.parts_accumulator(x_shape, dtype)
 
-    def __call__(self, x: jax.Array, acc: jax.Array | None = None) -> tuple[jax.Array, ...]:
+    def __call__(self, x: jax.Array, acc: jax.Array | None = None, prefetch: Any = None) -> tuple[jax.Array, ...]:
         """``x[..., in]`` -> one ``[..., out_i]`` per part, in ``x.dtype``. ``acc``: zeros of
-        :meth:`parts_accumulator`'s shape for the kernel to add into (then through :meth:`parts`)."""
-        if acc is None:
+        :meth:`parts_accumulator`'s shape for the kernel to add into, ``prefetch``: the module whose
+        matmul runs next (either one: through :meth:`parts`)."""
+        if acc is None and prefetch is None:
             y = self.inner(x)
         else:
-            p = self.inner.parts(x, acc=acc)
+            p = self.inner.parts(x, acc=acc, prefetch=prefetch)
             y = jnp.sum(p.astype(jnp.float32), axis=0).astype(x.dtype)
             y = _add_bias(y, None if self.inner.bias is None else self.inner.bias[...])
         return tuple(jnp.split(y, np.cumsum(self.sizes)[:-1].tolist(), axis=-1))

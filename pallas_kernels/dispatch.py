@@ -282,7 +282,19 @@ def parts_accumulator(x_shape: tuple[int, ...], dtype: Any, prepared: Any) -> tu
     return accumulator_shape(math.prod(x_shape[:-1]), prepared.packed, interpret=prepared.interpret)
 
 
-def matmul_parts(x: jax.Array, prepared: Prepared, acc: jax.Array | None = None) -> jax.Array:
+def _prefetch_target(prefetch: Any) -> Any:
+    """The Mosaic layout of ``prefetch`` (a :class:`Prepared` of the matmul that runs next) for the
+    kernel's L2 prefetch, or None where there is nothing it can prefetch (no layer, another kernel)."""
+    if prefetch is None:
+        return None
+    if not isinstance(prefetch, Prepared):
+        raise ValueError(f"prefetch must be the next layer's Prepared (prepare()) or None; got "
+                         f"{type(prefetch).__name__}.")
+    return prefetch.packed if prefetch.kernel == "mgpu" else None
+
+
+def matmul_parts(x: jax.Array, prepared: Prepared, acc: jax.Array | None = None,
+                 prefetch: Prepared | None = None) -> jax.Array:
     """:func:`matmul` as ``[P, ..., N]`` addends: their fp32 sum over axis 0, rounded to ``x.dtype``,
     is ``matmul(x, prepared)`` (up to the fp32 order of that sum).
 
@@ -292,13 +304,17 @@ def matmul_parts(x: jax.Array, prepared: Prepared, acc: jax.Array | None = None)
 
     ``acc``: a float32 buffer of zeros of :func:`parts_accumulator`'s shape (only where that is not
     None) for the kernel to add its partials into instead of a zero fill of its own.
+    ``prefetch``: the :class:`Prepared` of the matmul that runs next; a Mosaic decode grid then
+    prefetches its first K blocks into L2 (``gptq_matmul_mgpu_parts(prefetch=)``; a hint, ignored
+    by the other paths).
     """
     if acc is not None and parts_accumulator(tuple(x.shape), x.dtype, prepared) is None:
         raise ValueError("matmul_parts: this call takes no acc (parts_accumulator is None).")
+    nxt = _prefetch_target(prefetch)
     if _parts_on_mgpu(tuple(x.shape), x.dtype, prepared):
         from .gptq_matmul_mgpu import gptq_matmul_mgpu_parts
 
-        return gptq_matmul_mgpu_parts(x, prepared.packed, interpret=prepared.interpret, acc=acc)
+        return gptq_matmul_mgpu_parts(x, prepared.packed, interpret=prepared.interpret, acc=acc, prefetch=nxt)
     return matmul(x, prepared)[None]
 
 
@@ -313,12 +329,14 @@ def glu_in_kernel(x_shape: tuple[int, ...], dtype: Any, prepared: Any) -> bool:
     return mgpu_glu(math.prod(x_shape[:-1]), prepared.packed)
 
 
-def matmul_glu_parts(gu: jax.Array, prepared: Prepared, dtype: Any, acc: jax.Array | None = None) -> jax.Array:
+def matmul_glu_parts(gu: jax.Array, prepared: Prepared, dtype: Any, acc: jax.Array | None = None,
+                     prefetch: Prepared | None = None) -> jax.Array:
     """:func:`matmul_parts` of ``x = silu(gate) * up`` in ``dtype`` (a gated MLP's down projection),
     from ``gu = [gate | up]`` (``[..., 2 K]``, float32 or the activation dtype: a fused gate/up
     matmul's output). Where :func:`glu_in_kernel` holds, the Mosaic kernel makes x itself (no
     separate activation kernel); elsewhere XLA makes it (in fp32, rounded once to ``dtype``)
-    and :func:`matmul_parts` follows. ``acc``: as :func:`matmul_parts`, for the ``[..., K]`` input."""
+    and :func:`matmul_parts` follows. ``acc``, ``prefetch``: as :func:`matmul_parts`, for the
+    ``[..., K]`` input."""
     if not isinstance(prepared, Prepared):
         raise ValueError(f"matmul_glu_parts() needs the value returned by prepare(); got {type(prepared).__name__}.")
     k = prepared.packed.k
@@ -331,7 +349,8 @@ def matmul_glu_parts(gu: jax.Array, prepared: Prepared, dtype: Any, acc: jax.Arr
     if glu_in_kernel(x_shape, dtype, prepared):
         from .gptq_matmul_mgpu import gptq_matmul_mgpu_glu_parts
 
-        return gptq_matmul_mgpu_glu_parts(gu, prepared.packed, dtype=dtype, interpret=prepared.interpret, acc=acc)
+        return gptq_matmul_mgpu_glu_parts(gu, prepared.packed, dtype=dtype, interpret=prepared.interpret, acc=acc,
+                                          prefetch=_prefetch_target(prefetch))
     from .gptq_matmul_mgpu import glu_activation
 
-    return matmul_parts(glu_activation(gu, dtype), prepared, acc=acc)
+    return matmul_parts(glu_activation(gu, dtype), prepared, acc=acc, prefetch=prefetch)

@@ -1080,12 +1080,14 @@ def _make_kernel(body, *, out_type, scratch_types, grid, grid_names, interpret: 
 
 
 def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, rows: int | None = None,
-           glu: bool = False):
+           glu: bool = False, pf_plan: tuple = ()):
     """``"grid"`` kernel: ``[split, rows, Np]`` (``transpose_out``) or ``[split, Np, rows]`` partial
     sums (fp32 when ``split > 1``, else ``cdt``); ``rows`` (default ``mp``) may be the unpadded M on
     hardware, where the TMA store drops the token rows past it. ``glu``: the first operand is
     ``gu [rows, 2, Kp]`` float32 instead of x, and each step makes its x tile as
-    ``silu(gu[:, 0]) * gu[:, 1]`` (:func:`_glu_tile`)."""
+    ``silu(gu[:, 0]) * gu[:, 1]`` (:func:`_glu_tile`). ``pf_plan`` (:func:`_prefetch_plan`): two
+    more operands after the scales (the next matmul's words and scales / zeros as 2-D views)
+    whose planned rows the CTAs prefetch into L2 once their own output is on its way."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     bm, bn, bk, split = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
@@ -1112,6 +1114,7 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
     xsum = cfg.zero_mode == "xsum"
 
     def body(x_gmem, w_gmem, sz_gmem, *rest):
+        pf_views, rest = (rest[:2], rest[2:]) if pf_plan else ((), rest)
         xg_smem, rest = (rest[-1], rest[:-1]) if glu else (None, rest)
         xs_gmem, o_gmem, o_smem = rest if xsum else (None, *rest)
         ni = jax.lax.axis_index("n")
@@ -1198,6 +1201,8 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
             dst = o_gmem.at[slot, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)]
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, dst, **(dict(reduction_op="add") if reduce_into else {}))
+        if pf_plan:  # CTA c of C (launch order: n fastest) takes chunks c, c + C, ...
+            _issue_prefetches(pf_views, pf_plan, ni + grid[0] * (mi + grid[1] * si), math.prod(grid))
         plgpu.wait_smem_to_gmem(0)
 
     slots = 1 if reduce_into else split
@@ -1208,6 +1213,55 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
                        *([plgpu.SMEM((bm, bk), cdt, transforms=() if interpret else x_tr)] if glu else [])],
         grid=grid, grid_names=("n", "m", "k"), interpret=interpret, reduce_into=reduce_into,
     )
+
+
+# L2 prefetch of the next matmul's weights (decode grids; off unless a caller passes ``prefetch``)
+PREFETCH_MAX_BYTES = 16 << 20  # at most this much of the next layer's words per call (L2: 50 MB)
+_PF_WORD_ROWS = 8  # words chunk: 8 rows of the [Kp/128 * Np/16, 256] view = one 128-row N tile of one K block
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def _prefetch_plan(nxt: MgpuPacked) -> tuple[tuple[int, int, int, int], ...]:
+    """What a decode grid prefetches of ``nxt`` (the matmul that runs after it): its first K blocks
+    (``"frag"`` words ``[Kp/128, Np/16, 256]`` are K-block major, so a prefix of the array is
+    what split 0 of every N tile, the next grid's first CTAs in launch order, streams first) up to
+    :data:`PREFETCH_MAX_BYTES`, and the scale / zero rows of their groups. Segments
+    ``(view, first row, rows per chunk, chunks)`` over the views of :func:`_prefetch_views`
+    (0: words ``[rows, 256]`` int32, 1: ``sz`` ``[rows, 128]``); ``()`` for other layouts."""
+    if not isinstance(nxt, MgpuPacked) or nxt.layout != "frag":
+        return ()
+    n16 = nxt.n_pad // 16
+    nk = nxt.k_pad // W_KBLOCK
+    blocks = max(1, min(nk, PREFETCH_MAX_BYTES // (n16 * 256 * 4)))
+    segs = [(0, 0, _PF_WORD_ROWS, blocks * n16 // _PF_WORD_ROWS)]
+    gp = nxt.sz.shape[1]
+    groups = min(gp, -(-blocks * W_KBLOCK // nxt.group_size))
+    per_group = nxt.n_pad // 128  # rows of the [.., 128] sz view per (scale or zero, group)
+    r = _largest_divisor(per_group * groups, 256)
+    segs += [(1, h * gp * per_group, r, groups * per_group // r) for h in (0, 1)]
+    return tuple(segs)
+
+
+def _prefetch_views(nxt: MgpuPacked) -> tuple[jax.Array, jax.Array]:
+    """The 2-D views :func:`_prefetch_plan` counts rows of (free reshapes of contiguous arrays)."""
+    return nxt.w.reshape(-1, 256), nxt.sz.reshape(-1, 128)
+
+
+def _issue_prefetches(views, plan, c, ctas: int) -> None:
+    """TMA prefetches (``cp.async.bulk.prefetch``, fire and forget) of the planned chunks that CTA
+    ``c`` of ``ctas`` takes: ``c``, ``c + ctas``, ..."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    for view, start, r, chunks in plan:
+        for it in range(-(-chunks // ctas)):
+            j = c + it * ctas
+
+            @pl.when(j < chunks)
+            def _prefetch(view=views[view], start=start, r=r, j=j):
+                plgpu.async_prefetch(view.at[pl.ds(start + j * r, r)])
 
 
 def _silu_mul(g: jax.Array, u: jax.Array) -> jax.Array:
@@ -1511,6 +1565,7 @@ def gptq_matmul_mgpu(
     *,
     config: MgpuConfig | None = None,
     interpret: bool = False,
+    prefetch: MgpuPacked | None = None,
 ) -> jax.Array:
     """``x[..., K] @ dequant(W)[K, N] -> [..., N]`` in ``x.dtype`` (fp32 accumulation), Hopper.
 
@@ -1519,15 +1574,19 @@ def gptq_matmul_mgpu(
       packed: the layer from :func:`pack_mgpu`.
       config: tiles; default :func:`default_config` for this M.
       interpret: run through the Mosaic GPU interpreter (CPU tests; slow, small shapes only).
+      prefetch: the next matmul's layer, for the decode grids to prefetch into L2
+        (:func:`gptq_matmul_mgpu_parts`).
 
     Raises:
       ValueError: wrong dtype / shape, or a config that does not fit the layer (see
         :class:`MgpuConfig`).
     """
+    _check_prefetch(prefetch)
     lead, m, cfg = _resolve(x, packed, config)
     if m == 0:
         return jnp.zeros((*lead, packed.n), x.dtype)
-    y = _forward(x.reshape(m, packed.k), packed, cfg, interpret)
+    y = _forward(x.reshape(m, packed.k), packed, cfg, interpret, prefetch=prefetch,
+                 pf_plan=_plan_for(prefetch, cfg, interpret))
     return y.reshape(*lead, packed.n)
 
 
@@ -1538,6 +1597,7 @@ def gptq_matmul_mgpu_parts(
     config: MgpuConfig | None = None,
     interpret: bool = False,
     acc: jax.Array | None = None,
+    prefetch: MgpuPacked | None = None,
 ) -> jax.Array:
     """:func:`gptq_matmul_mgpu` before its split-K sum: ``[P, ..., N]`` addends whose sum over axis 0
     in fp32, rounded to ``x.dtype``, is the product (up to the fp32 order of that sum).
@@ -1550,7 +1610,13 @@ def gptq_matmul_mgpu_parts(
     made elsewhere for the kernel's TMA reduction to add into (see :func:`accumulator_shape`); the
     addends then sum to ``acc[0, :M, :N] + x @ W`` (``[Np, Mp]`` grids: ``acc[0, :N, :M].T + x @ W``,
     one addend rounded to ``x.dtype``; in the interpreter a token-major ``acc`` is the last addend).
+
+    ``prefetch``: the layer of the matmul that runs next (a decode step's next projection). A
+    ``"grid"`` kernel's CTAs then prefetch its first K blocks into L2 (up to
+    :data:`PREFETCH_MAX_BYTES`; ``"frag"`` layouts) as they finish, so that the next kernel's first
+    loads find them there. A hint: results do not change, and the interpreter ignores it.
     """
+    _check_prefetch(prefetch)
     lead, m, cfg = _resolve(x, packed, config)
     want = accumulator_shape(m, packed, config=cfg, interpret=interpret)
     if acc is not None and (want is None or tuple(acc.shape) != want or acc.dtype != jnp.float32):
@@ -1559,9 +1625,17 @@ def gptq_matmul_mgpu_parts(
     if m == 0:
         return jnp.zeros((1, *lead, packed.n), x.dtype)
     if cfg.schedule != "grid" or not cfg.writes_y:  # one addend: the product (plus acc, if given)
-        return _forward(x.reshape(m, packed.k), packed, cfg, interpret, acc=acc).reshape(1, *lead, packed.n)
-    parts = _forward(x.reshape(m, packed.k), packed, cfg, interpret, parts=True, acc=acc)
+        return _forward(x.reshape(m, packed.k), packed, cfg, interpret, acc=acc, prefetch=prefetch,
+                        pf_plan=_plan_for(prefetch, cfg, interpret)).reshape(1, *lead, packed.n)
+    parts = _forward(x.reshape(m, packed.k), packed, cfg, interpret, parts=True, acc=acc, prefetch=prefetch,
+                     pf_plan=_plan_for(prefetch, cfg, interpret))
     return parts.reshape(parts.shape[0], *lead, packed.n)
+
+
+def _check_prefetch(prefetch: Any) -> None:
+    if prefetch is not None and not isinstance(prefetch, MgpuPacked):
+        raise ValueError(f"prefetch must be the next layer's MgpuPacked (pack_mgpu) or None; "
+                         f"got {type(prefetch).__name__}.")
 
 
 def glu_in_kernel(m: int, packed: MgpuPacked, config: MgpuConfig | None = None) -> bool:
@@ -1595,6 +1669,7 @@ def gptq_matmul_mgpu_glu_parts(
     config: MgpuConfig | None = None,
     interpret: bool = False,
     acc: jax.Array | None = None,
+    prefetch: MgpuPacked | None = None,
 ) -> jax.Array:
     """:func:`gptq_matmul_mgpu_parts` of ``x = silu(gate) * up`` (a gated MLP's down projection)
     given ``gu = [gate | up]``, the output of a fused gate/up matmul, without a separate kernel
@@ -1609,11 +1684,12 @@ def gptq_matmul_mgpu_glu_parts(
       packed: the down projection (``K = packed.k``).
       dtype: the activation dtype of x (bfloat16 / float16); the addends' rounding target.
       config: tiles; default :func:`glu_config` for this M.
-      interpret, acc: as :func:`gptq_matmul_mgpu_parts` (``acc`` of :func:`accumulator_shape`
-        for ``(m, packed)``).
+      interpret, acc, prefetch: as :func:`gptq_matmul_mgpu_parts` (``acc`` of
+        :func:`accumulator_shape` for ``(m, packed)``).
     Returns:
       ``[P, ..., N]`` addends, as :func:`gptq_matmul_mgpu_parts`.
     """
+    _check_prefetch(prefetch)
     k = packed.k if isinstance(packed, MgpuPacked) else None
     if gu.ndim < 1 or k is None or gu.shape[-1] != 2 * k:
         raise ValueError(f"gptq_matmul_mgpu_glu_parts: gu must be [..., 2 K] = [..., {2 * k if k else '2K'}] "
@@ -1628,15 +1704,18 @@ def gptq_matmul_mgpu_glu_parts(
     xs = jax.ShapeDtypeStruct((*lead, k), dt)
     _, _, cfg = _resolve(xs, packed, config or glu_config(m, packed))
     if not glu_in_kernel(m, packed, cfg):
-        return gptq_matmul_mgpu_parts(glu_activation(gu, dt), packed, config=cfg, interpret=interpret, acc=acc)
+        return gptq_matmul_mgpu_parts(glu_activation(gu, dt), packed, config=cfg, interpret=interpret, acc=acc,
+                                      prefetch=prefetch)
     want = accumulator_shape(m, packed, config=cfg, interpret=interpret)
     if acc is not None and (want is None or tuple(acc.shape) != want or acc.dtype != jnp.float32):
         raise ValueError(f"gptq_matmul_mgpu_glu_parts: acc must be float32 {want} for this call "
                          f"(accumulator_shape); got {acc.dtype} {tuple(acc.shape)}.")
     gu3 = gu.astype(jnp.float32).reshape(m, 2, k)
     if not cfg.writes_y:
-        return _forward(gu3, packed, cfg, interpret, acc=acc, glu_dtype=dt).reshape(1, *lead, packed.n)
-    parts = _forward(gu3, packed, cfg, interpret, parts=True, acc=acc, glu_dtype=dt)
+        return _forward(gu3, packed, cfg, interpret, acc=acc, glu_dtype=dt, prefetch=prefetch,
+                        pf_plan=_plan_for(prefetch, cfg, interpret)).reshape(1, *lead, packed.n)
+    parts = _forward(gu3, packed, cfg, interpret, parts=True, acc=acc, glu_dtype=dt, prefetch=prefetch,
+                     pf_plan=_plan_for(prefetch, cfg, interpret))
     return parts.reshape(parts.shape[0], *lead, packed.n)
 
 
@@ -1668,11 +1747,22 @@ def accumulator_shape(m: int, packed: MgpuPacked, *, config: MgpuConfig | None =
     return (1, rows, packed.n_pad)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "parts", "glu_dtype"))
+def _plan_for(prefetch: MgpuPacked | None, cfg: MgpuConfig, interpret: bool) -> tuple:
+    """:func:`_forward`'s ``pf_plan`` for a call: made by the public functions, outside the jit, so
+    that a changed :data:`PREFETCH_MAX_BYTES` makes a new trace."""
+    return () if prefetch is None or interpret or cfg.schedule != "grid" else _prefetch_plan(prefetch)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "parts", "glu_dtype", "pf_plan"))
 def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool, parts: bool = False,
-             acc: jax.Array | None = None, glu_dtype: Any = None) -> jax.Array:
+             acc: jax.Array | None = None, glu_dtype: Any = None, prefetch: MgpuPacked | None = None,
+             pf_plan: tuple | None = None) -> jax.Array:
     """``glu_dtype``: x2 is ``[m, 2, K]`` float32 gate / up (grid schedule, no permutation) and the
-    kernel makes x in that dtype (:func:`gptq_matmul_mgpu_glu_parts`)."""
+    kernel makes x in that dtype (:func:`gptq_matmul_mgpu_glu_parts`). ``prefetch``: the next
+    matmul's layer, whose first K blocks a grid kernel prefetches into L2 as ``pf_plan`` says
+    (:func:`_plan_for`; None: planned here; hardware only: the interpreter has no L2)."""
+    if pf_plan is None:
+        pf_plan = _plan_for(prefetch, cfg, interpret)
     m = x2.shape[0]
     glu = glu_dtype is not None
     cdt = jnp.dtype(glu_dtype) if glu else x2.dtype
@@ -1699,7 +1789,9 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
     if cfg.zero_mode == "xsum":
         args += (_x_block_sums(x2, cfg),)
     if cfg.schedule == "grid":
-        kernel = _build(mp, packed, cfg, cdt, interpret, rows if cfg.writes_y else mp, glu=glu)
+        if pf_plan:
+            args = (*args[:3], *_prefetch_views(prefetch), *args[3:])
+        kernel = _build(mp, packed, cfg, cdt, interpret, rows if cfg.writes_y else mp, glu=glu, pf_plan=pf_plan)
         if acc is not None and _tma_reduces(cfg, interpret):
             out = kernel(*args, acc=acc)  # [1, rows, Np]: acc + the product
         else:

@@ -144,6 +144,12 @@ def test_e2e_norm_variants_set_and_restore_the_model_knobs(bench_kernels):
     with bench_kernels.e2e_norm("auto-gs3"):
         assert llama.GLU_IN_DOWN and mg.glu_config(1, p).num_stages == 3
     assert mg.glu_config is glu_cfg
+    pf, pf_bytes = llama.PREFETCH_NEXT, mg.PREFETCH_MAX_BYTES
+    with bench_kernels.e2e_norm("auto-pf8-p4") as name:
+        assert (name, llama.PREFETCH_NEXT, mg.PREFETCH_MAX_BYTES, llama.NORM_MAX_PARTS) == ("auto", True, 8 << 20, 4)
+    with bench_kernels.e2e_norm("auto-pf"):
+        assert llama.PREFETCH_NEXT and mg.PREFETCH_MAX_BYTES == pf_bytes
+    assert (llama.PREFETCH_NEXT, mg.PREFETCH_MAX_BYTES) == (pf, pf_bytes) == (False, 16 << 20)
     with bench_kernels.e2e_norm("auto") as name:
         assert (name, llama.GLU_IN_DOWN) == ("auto", glu)
     with pytest.raises(SystemExit, match="'q7'"):
@@ -223,6 +229,8 @@ def test_persistent_phases_probe_variants(persistent_phases):
         assert "mosaic_gpu" in text and "tensor<3xi32>" in text, variant
     text = pp.run_variant.trace(w, "chain_pf", False).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 3 and "slice" not in text  # w passed whole: no copies
+    assert "prefetch" in text
+    assert "prefetch" not in pp.run_variant.trace(w, "chain", False).lower(lowering_platforms=("cuda",)).as_text()
     with pytest.raises(ValueError, match="variant must be one of"):
         pp.run_variant(w, "spin", True)
     with pytest.raises(ValueError, match=r"int32 \[P, G, R, 64\]"):

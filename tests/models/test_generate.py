@@ -476,3 +476,64 @@ def test_down_projection_makes_silu_up_in_its_kernel(tiny_hf_model, monkeypatch)
     for out in (got, act_xla):
         assert np.abs(np.asarray(out) - np.asarray(xla)).max() / scale < 0.02
     assert np.abs(np.asarray(got) - np.asarray(act_xla)).max() / scale < 0.02
+
+
+@pytest.mark.parametrize("glu", [False, True])
+def test_decode_matmuls_prefetch_the_next_one(tiny_hf_model, monkeypatch, glu):
+    """With llama.PREFETCH_NEXT on (off by default) and the decode kernels (Mosaic grids through the
+    interpreter, norm="pallas", attention="fused") each block's matmuls hint the one that runs
+    next: q/k/v -> o_proj -> gate/up -> down -> the next block's q/k/v, and the last down
+    projection nothing (lm_head is float). The interpreter has no L2, so the logits are those of
+    the same step without hints, bit for bit. glu: the down projection made silu(gate) * up in its
+    kernel (llama.GLU_IN_DOWN), which hints the same way."""
+    from test_quant_linear import quantize_params
+
+    from jgptq.models import llama
+    from jgptq.models.quant_linear import prepared_of
+    from jgptq.pallas_kernels import dispatch
+    from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
+
+    real_prepare = dispatch.prepare
+    monkeypatch.setattr(dispatch, "prepare", lambda l, *, bits, backend=None: real_prepare(
+        l, bits=bits, backend="gpu", interpret=True, gpu_kernel="mgpu"))
+    monkeypatch.setattr(llama, "GLU_IN_DOWN", glu)
+    cfg, params, _ = load_hf(tiny_hf_model("smollm2_hd64").folder)
+    qparams, _ = quantize_params(params, np.random.default_rng(12), shared_perm=True)
+    model = LlamaForCausalLM.from_params(cfg, qparams, dtype=jnp.bfloat16)
+    tree = model.tree()
+    order = []
+    for lp in tree["layers"]:
+        order += [lp["self_attn"]["qkv_proj"], lp["self_attn"]["o_proj"], lp["mlp"]["gate_up_proj"],
+                  lp["mlp"]["down_proj"]]
+    words = [prepared_of(m).packed.w for m in order]
+    calls, glu_calls = [], []
+
+    def record(real):
+        def f(x, p, **kw):
+            nxt = kw.get("prefetch")
+            if real is real_glu:
+                glu_calls.append(nxt is not None)
+            calls.append((next(i for i, w in enumerate(words) if w is p.w),
+                          None if nxt is None else next(i for i, w in enumerate(words) if w is nxt.w)))
+            return real(x, p, **kw)
+        return f
+
+    real_glu = mg.gptq_matmul_mgpu_glu_parts
+    monkeypatch.setattr(mg, "gptq_matmul_mgpu_parts", record(mg.gptq_matmul_mgpu_parts))
+    monkeypatch.setattr(mg, "gptq_matmul_mgpu_glu_parts", record(real_glu))
+    rng = np.random.default_rng(13)
+    ids = jnp.asarray(rng.integers(3, 256, size=(2, 4)), jnp.int32)
+    cache0 = model.init_cache(2, 16)
+    _, cache0 = llama.forward_step(tree, ids, jnp.ones((2, 4), bool), cache0, cfg, True, "xla", "xla")
+    tok = jnp.asarray(rng.integers(3, 256, size=(2, 1)), jnp.int32)
+    one = jnp.ones((2, 1), bool)
+    monkeypatch.setattr(llama, "PREFETCH_NEXT", True)
+    got, _ = llama.forward_step(tree, tok, one, cache0, cfg, True, "fused", "pallas")
+    n = len(order)
+    assert calls == [(i, i + 1 if i + 1 < n else None) for i in range(n)], calls
+    assert glu_calls == ([True] * (len(tree["layers"]) - 1) + [False] if glu else [])  # the last hints nothing
+    calls.clear()
+    monkeypatch.setattr(llama, "PREFETCH_NEXT", False)
+    plain, _ = llama.forward_step(tree, tok, one, cache0, cfg, True, "fused", "pallas")
+    assert calls and all(nxt is None for _, nxt in calls), calls  # (gate/up without acc: no parts call)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(plain))

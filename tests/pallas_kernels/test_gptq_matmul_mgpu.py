@@ -879,3 +879,86 @@ def test_glu_parts_compiled_on_gpu(m):
             parts = jax.jit(lambda g, a: mg.gptq_matmul_mgpu_glu_parts(g, p, acc=a))(gu, acc)
             a = acc[0, :m, :n] if mg.default_config(m, p).writes_y else acc[0, :n, :m].T
             assert rel_err(np.asarray(parts, np.float64).sum(0), want + np.asarray(a, np.float64)) < 8e-3, (k, m)
+
+
+# ---------------------------------------------------------------- L2 prefetch of the next layer
+
+
+def test_prefetch_plan_covers_the_first_k_blocks_and_their_groups(monkeypatch):
+    """_prefetch_plan: the next layer's first K blocks ("frag" words are K-block major), capped by
+    PREFETCH_MAX_BYTES, in 8 KB chunks of the [rows, 256] word view, plus the scale and zero rows
+    of those blocks' groups in the [rows, 128] sz view; nothing for other layouts."""
+    lin, _, nxt = make(90, 1024, 384, 4, 128, False)  # 8 K blocks of 128, Np = 384
+    words, sz = mg._prefetch_views(nxt)
+    assert words.shape == (8 * 384 // 16, 256) and sz.shape == (2 * nxt.sz.shape[1] * 3, 128)
+    plan = mg._prefetch_plan(nxt)  # all 8 blocks fit the default budget
+    assert plan[0] == (0, 0, 8, 8 * 384 // 128)
+    gp = nxt.sz.shape[1]
+    assert [(v, s) for v, s, _, _ in plan[1:]] == [(1, 0), (1, gp * 3)]
+    assert all(r * n == 8 * 3 for _, _, r, n in plan[1:])  # 8 groups x 3 rows each, scales and zeros
+    monkeypatch.setattr(mg, "PREFETCH_MAX_BYTES", 3 * 384 // 16 * 1024)  # 3 K blocks of words
+    plan = mg._prefetch_plan(nxt)
+    assert plan[0] == (0, 0, 8, 3 * 3) and all(r * n == 3 * 3 for _, _, r, n in plan[1:])
+    _, _, g64 = make(91, 1024, 384, 4, 64, False)  # 2 groups per K block
+    assert all(r * n == 2 * 3 * 3 for _, _, r, n in mg._prefetch_plan(g64)[1:])
+    _, _, per_channel = make(92, 1024, 384, 4, -1, False)
+    assert all(r * n == 3 for _, _, r, n in mg._prefetch_plan(per_channel)[1:])
+    assert mg._prefetch_plan(mg.pack_mgpu_linear(lin, bits=4, layout="kblocks")) == ()
+
+
+def test_prefetch_is_a_hint_the_kernel_lowers_with(monkeypatch):
+    """prefetch=<next layer> leaves every result as it was (interpreter: no L2), lowers for CUDA
+    with the TMA prefetches in the decode grid (and none without it), and refuses what is not an
+    MgpuPacked."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 2)
+    lin, w64, p = make(93, 1024, 256, 4, 128, False)
+    _, _, nxt = make(94, 256, 384, 4, 128, False)
+    x = jax.random.normal(jax.random.key(95), (1, 1024), jnp.float32).astype(jnp.bfloat16)
+    cfg = mg.default_config(1, p)
+    assert cfg.schedule == "grid" and cfg.split_k > 1 and cfg.split_reduce == "tma"
+    plain = mg.gptq_matmul_mgpu_parts(x, p, interpret=True)
+    hinted = mg.gptq_matmul_mgpu_parts(x, p, interpret=True, prefetch=nxt)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(hinted))
+    np.testing.assert_array_equal(np.asarray(mg.gptq_matmul_mgpu(x, p, interpret=True, prefetch=nxt)),
+                                  np.asarray(mg.gptq_matmul_mgpu(x, p, interpret=True)))
+    assert rel_err(jnp.sum(hinted.astype(jnp.float32), 0), np.asarray(x, np.float64) @ w64) < 8e-3
+
+    def lowered(**kw):
+        return mg._forward.trace(x, p, cfg, False, parts=True, **kw).lower(lowering_platforms=("cuda",)).as_text()
+
+    assert "prefetch" in lowered(prefetch=nxt) and "prefetch" not in lowered()
+    acc = jnp.zeros(mg.accumulator_shape(1, p), jnp.float32)  # the TMA-reduced form takes it last
+    assert "prefetch" in lowered(prefetch=nxt, acc=acc)
+    gu = jax.random.normal(jax.random.key(96), (1, 2 * 256), jnp.float32)
+    np.testing.assert_array_equal(
+        np.asarray(mg.gptq_matmul_mgpu_glu_parts(gu, nxt, interpret=True, prefetch=p)),
+        np.asarray(mg.gptq_matmul_mgpu_glu_parts(gu, nxt, interpret=True)))
+    # the in-kernel silu(gate) * up grid (its x scratch last) with the prefetch operands, TMA-reduced
+    glu_cfg = dataclasses.replace(mg.default_config(1, nxt), split_k=2, split_reduce="tma")
+    for kw in ({}, dict(acc=jnp.zeros(mg.accumulator_shape(1, nxt, config=glu_cfg), jnp.float32))):
+        text = mg._forward.trace(gu.reshape(1, 2, 256), nxt, glu_cfg, False, parts=True, glu_dtype=jnp.dtype(jnp.bfloat16),
+                                 prefetch=p, **kw).lower(lowering_platforms=("cuda",)).as_text()
+        assert "prefetch" in text
+    with pytest.raises(ValueError, match="prefetch must be the next layer's MgpuPacked"):
+        mg.gptq_matmul_mgpu_parts(x, p, interpret=True, prefetch=lin)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 16])
+def test_prefetch_compiled_on_gpu(m):
+    """On the GPU a decode grid that prefetches the next layer (q/k/v-like 4096 x 12288 into an
+    o_proj-like 4096 x 4096, and the glu form of a down projection into it) compiles, runs and
+    still matches float64; the next layer's own result is unchanged after the prefetch."""
+    _, w64, p = make(97 + m, 4096, 12288, 4, 128, False)
+    _, w64n, nxt = make(98 + m, 4096, 4096, 4, 128, False)  # no act-order: silu * up in the kernel
+    x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.float32).astype(jnp.bfloat16)
+    parts = jax.jit(lambda x: mg.gptq_matmul_mgpu_parts(x, p, prefetch=nxt))(x)
+    want = np.asarray(x, np.float64) @ w64
+    assert rel_err(np.asarray(jnp.sum(parts.astype(jnp.float32), 0), np.float64), want) < 8e-3
+    y = jax.jit(lambda x: mg.gptq_matmul_mgpu(x, nxt))(x)
+    assert rel_err(y, np.asarray(x, np.float64) @ w64n) < 8e-3
+    gu = jax.random.normal(jax.random.key(9 + m), (m, 2 * 4096), jnp.float32)
+    down = jax.jit(lambda gu: mg.gptq_matmul_mgpu_glu_parts(gu, nxt, prefetch=p))(gu)
+    x_glu = glu_x64(np.asarray(gu), 4096, jnp.bfloat16)
+    assert rel_err(np.asarray(jnp.sum(down.astype(jnp.float32), 0), np.float64), x_glu @ w64n) < 8e-3
