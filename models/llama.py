@@ -235,19 +235,14 @@ def _norm_path(norm: str, h: jax.Array, config: LlamaConfig) -> str:
     return "pallas" if why is None and (_dispatch.cuda_major() or 0) >= 8 else "xla"
 
 
-def _hint(prefetch: Any) -> dict[str, Any]:
-    """``prefetch=`` for a quantized module's call, when there is a next module to prefetch."""
-    return {} if prefetch is None else {"prefetch": prefetch}
-
-
 def _linear_addends(lin: Any, x: jax.Array, acc: jax.Array | None = None, prefetch: Any = None) -> jax.Array:
     """``linear(lin, x)`` as ``[P, ..., N]`` addends (a quantized module's split-K partials, at
     most :data:`NORM_MAX_PARTS` of them; else ``P = 1``, the output itself). ``acc``: the zeros
     its kernel adds into (:func:`_acc_shape`); ``prefetch``: the module whose matmul runs next
     (:data:`PREFETCH_NEXT`)."""
     if callable(getattr(lin, "parts", None)) and getattr(lin, "bias", None) is None:
-        y = lin.parts(x, **({} if acc is None else {"acc": acc}), **_hint(prefetch))
-        return _few_addends(y, x.dtype)
+        kw = {k: v for k, v in (("acc", acc), ("prefetch", prefetch)) if v is not None}  # any module with parts()
+        return _few_addends(lin.parts(x, **kw), x.dtype)
     return linear(lin, x)[None]
 
 
@@ -320,7 +315,7 @@ def _decode_step_fused(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, 
         if lin.has_bias:
             qkv = lin.concatenated(x).reshape(b, rows, c.head_dim)
         else:  # its split-K partials: the kernel adds them (no XLA sum between the two kernels)
-            y = lin.parts(x, **({} if acc is None else {"acc": acc}), **_hint(prefetch))
+            y = lin.parts(x, acc=acc, prefetch=prefetch)
             qkv = y.reshape(y.shape[0], b, rows, c.head_dim)
     else:
         y = jnp.concatenate([linear(attn[n], x) for n in ("q_proj", "k_proj", "v_proj")], axis=-1)
@@ -334,7 +329,7 @@ def _decode_step_fused(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, 
 
 def _mlp_act(mlp: Mapping[str, Any], x2: jax.Array, acc: jax.Array | None = None, prefetch: Any = None) -> jax.Array:
     if "gate_up_proj" in mlp:  # a FusedQuantLinear: one matmul for gate and up (acc: its zeros)
-        gate, up = mlp["gate_up_proj"](x2, **({} if acc is None else {"acc": acc}), **_hint(prefetch))
+        gate, up = mlp["gate_up_proj"](x2, acc=acc, prefetch=prefetch)
     else:
         gate, up = linear(mlp["gate_proj"], x2), linear(mlp["up_proj"], x2)
     return jax.nn.silu(gate) * up
@@ -404,9 +399,9 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
     if next_scale is not None and not capture and _glu_in_down(mlp, x2, config):
         # the fused gate/up matmul's output, fp32, straight into the down projection's kernel,
         # which makes silu(gate) * up itself
-        gu = mlp["gate_up_proj"].parts(x2, **({} if z_gu is None else {"acc": z_gu}), **_hint(hint(mlp["down_proj"])))
+        gu = mlp["gate_up_proj"].parts(x2, acc=z_gu, prefetch=hint(mlp["down_proj"]))
         gu = gu[0] if gu.shape[0] == 1 else jnp.sum(gu.astype(jnp.float32), axis=0)
-        y = _few_addends(mlp["down_proj"].glu_parts(gu, x2.dtype, acc=z_down, **_hint(hint(next_linear))), x2.dtype)
+        y = _few_addends(mlp["down_proj"].glu_parts(gu, x2.dtype, acc=z_down, prefetch=hint(next_linear)), x2.dtype)
         h, x_next, *made = _add_norm(None, None, h, next_scale, config, zeros=next_accs, addends=y)
         return h, new_kv, None, x_next, (made[0] if made else [])
     act = _mlp_act(mlp, x2, z_gu, prefetch=hint(mlp["down_proj"]))
