@@ -941,6 +941,15 @@ def test_prefetch_is_a_hint_the_kernel_lowers_with(monkeypatch):
         assert "prefetch" in text
     with pytest.raises(ValueError, match="prefetch must be the next layer's MgpuPacked"):
         mg.gptq_matmul_mgpu_parts(x, p, interpret=True, prefetch=lin)
+    # dispatch: a Prepared of the next layer is passed on as its Mosaic layout; anything else refused
+    prep = dispatch.prepare(lin, bits=4, backend="gpu", interpret=True, gpu_kernel="mgpu")
+    nxt_prep = dispatch.prepare(make(94, 256, 384, 4, 128, False)[0], bits=4, backend="gpu", interpret=True,
+                                gpu_kernel="mgpu")
+    assert dispatch._prefetch_target(nxt_prep) is nxt_prep.packed and dispatch._prefetch_target(None) is None
+    np.testing.assert_array_equal(np.asarray(dispatch.matmul_parts(x, prep, prefetch=nxt_prep)),
+                                  np.asarray(dispatch.matmul_parts(x, prep)))
+    with pytest.raises(ValueError, match="prefetch must be the next layer's Prepared"):
+        dispatch.matmul_parts(x, prep, prefetch=nxt)
 
 
 @pytest.mark.gpu
