@@ -33,6 +33,21 @@ import jax  # noqa: E402
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop JAX's in-memory caches (compiled programs, traced jaxprs) after each test module.
+
+    The whole suite runs in one process: without this its memory only grows with every module's
+    compiled programs, and late in the run (tests/test_end_to_end.py, after ~700 tests) XLA's CPU
+    compiler crashed with a segmentation fault in a clean-clone CI run (twice, session 16), while
+    the same tests passed in shorter runs."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf_path() -> Path:
     from jgptq import artifacts
