@@ -224,7 +224,7 @@ def test_persistent_phases_probe_variants(persistent_phases):
     for variant in ("chain", "chain_pf", "stream"):
         out = pp.run_variant(w, variant, True)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(w[-1]), err_msg=variant)
-    for variant in ("barrier", "overlap"):
+    for variant in pp.BARRIERS:
         text = pp.run_variant.trace(w, variant, False).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text and "tensor<3xi32>" in text, variant
     text = pp.run_variant.trace(w, "chain_pf", False).lower(lowering_platforms=("cuda",)).as_text()

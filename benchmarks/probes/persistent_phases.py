@@ -26,6 +26,7 @@ for it; ``w`` spans ``P * G * R * 256`` bytes, more than L2 at ``R = 128``.
   a phase's load is issued after the barrier before it.
 * ``overlap``: the same, but phase ``p + 1``'s load is issued before phase ``p``'s barrier
   (two SMEM slots), as a persistent decode kernel would prefetch the next matmul's weights.
+* ``counter`` / ``counter_ov``: ``barrier`` / ``overlap`` with the cheaper counter barrier below.
 * ``stream``: the same loads in one launch with no barrier at all (the bandwidth reference).
 
 Every variant's output is ``w[P - 1]`` (the last phase's slices), checked against the input.
@@ -37,6 +38,14 @@ then adds ``G`` to ``depart[k % 2]``, from which every CTA takes 1 to leave barr
 end each launch at 0. Two departure semaphores, alternating, keep a CTA that leaves barrier
 ``k + 1`` early from taking a token of barrier ``k`` meant for a CTA still waiting there. All
 ``G`` CTAs must be resident at once (one per SM, little SMEM), or the barrier deadlocks.
+
+The H100 run of session 17 timed that barrier at ~37 µs: Mosaic GPU's decrementing
+``semaphore_wait`` is a compare-and-swap loop, and ``G`` CTAs taking one token each from the same
+word succeed one per round, ``O(G^2)`` atomics on one L2 line. The ``counter`` barrier takes no
+tokens: every CTA adds 1 to ``arrive`` and polls it with plain loads (``decrement=False``) until it
+reaches ``(k + 1) * G``; the count only grows within a launch. To end at 0, each CTA adds 1 to
+``done`` after the last barrier, and CTA 0 alone waits for ``done = G`` and then takes ``P * G``
+from ``arrive`` and ``G`` from ``done`` (one waiter: no contention), when nobody polls any more.
 
 CPU: ``chain`` and ``stream`` run in the Mosaic GPU interpreter (tests); the barrier variants use
 semaphores, which the interpreter lacks, so the tests only lower them for CUDA.
@@ -56,7 +65,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 COLS = 64  # int32 words per row: 256-byte rows
-VARIANTS = ("chain", "chain_pf", "barrier", "overlap", "stream")
+VARIANTS = ("chain", "chain_pf", "barrier", "overlap", "counter", "counter_ov", "stream")
+BARRIERS = ("barrier", "overlap", "counter", "counter_ov")
 
 
 def _params(interpret: bool) -> dict:
@@ -94,18 +104,40 @@ def grid_barrier(arrive, depart, k, g, n: int) -> None:
     plgpu.semaphore_wait(slot, 1, memory_scope="gpu")
 
 
+def counter_barrier(arrive, k, n: int) -> None:
+    """Barrier ``k`` across ``n`` CTAs on one counter that only grows (module docstring)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    plgpu.semaphore_signal(arrive, 1, memory_scope="gpu")
+    plgpu.semaphore_wait(arrive, (k + 1) * n, decrement=False, memory_scope="gpu")
+
+
+def counter_reset(arrive, done, g, n_ph: int, n: int) -> None:
+    """After a launch's last counter barrier: ``arrive`` and ``done`` back to 0 (module docstring)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    plgpu.semaphore_signal(done, 1, memory_scope="gpu")
+
+    @pl.when(g == 0)
+    def _reset():
+        plgpu.semaphore_wait(done, n, memory_scope="gpu")
+        plgpu.semaphore_wait(arrive, n_ph * n, memory_scope="gpu")
+
+
 def _persistent(w: jax.Array, variant: str, interpret: bool) -> jax.Array:
     """One launch of ``G`` CTAs running all ``P`` phases (``barrier``, ``overlap`` or ``stream``)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     n_ph, n_cta, rows = _check(w)
-    barriers = variant in ("barrier", "overlap")
-    ahead = variant in ("overlap", "stream")  # next phase's load issued before this phase ends
+    barriers = variant in BARRIERS
+    counter = variant in ("counter", "counter_ov")
+    ahead = variant in ("overlap", "counter_ov", "stream")  # next phase's load issued before this phase ends
 
     def body(w_gmem, o_gmem, buf, bars):
         g = jax.lax.axis_index("g")
         if barriers:
             arrive = pl.get_global(plgpu.SemaphoreType.REGULAR)
+            # counter: depart[0] serves as ``done``
             depart = pl.get_global(plgpu.SemaphoreType.REGULAR((2,)))
 
         def load(p, slot):
@@ -123,11 +155,15 @@ def _persistent(w: jax.Array, variant: str, interpret: bool) -> jax.Array:
                 @pl.when(p + 1 < n_ph)
                 def _next():
                     load(p + 1, 1 - slot)
-            if barriers:
+            if counter:
+                counter_barrier(arrive, p, n_cta)
+            elif barriers:
                 grid_barrier(arrive, depart, p, g, n_cta)
             return carry
 
         jax.lax.fori_loop(0, n_ph, phase, 0)
+        if counter:
+            counter_reset(arrive, depart.at[0], g, n_ph, n_cta)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(buf.at[(n_ph - 1) % 2], o_gmem.at[g])
         plgpu.wait_smem_to_gmem(0)
