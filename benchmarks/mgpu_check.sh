@@ -17,7 +17,8 @@
 # PERSIST=0 skips the persistent-schedule tests of part 1.
 # TESTS_PATH narrows part 1 (one or more space-separated paths, e.g. tests/pallas_kernels/test_gptq_matmul_mgpu.py);
 # TESTS_MARK replaces its marker expression (default gpu; "gpu or not gpu" runs every test of those paths),
-# TESTS_K its -k expression (default "not persistent_compiled").
+# TESTS_K its -k expression (default "not persistent_compiled"). TESTS_N=6 runs part 1 in 6 pytest-xdist
+# workers on the one GPU (compiles are CPU-bound: 37 kernel tests in 146 s instead of 23 in 200 s, H100 session 17).
 # REST_SHAPES / REST_MS replace part 3's shapes (KxN,...) and token counts (e.g. the 7B decode layers:
 # REST_SHAPES=4096x12288,4096x4096,4096x22016,11008x4096). BIG_MS / BIG_CFGS / REST_CFGS choose the
 # big shape's token counts and configs per point; PARTS=0 drops the kernel-only / empty-body decode
@@ -56,7 +57,7 @@ if [ "$TESTS_S" != 0 ]; then
   T="$REPO/tests/pallas_kernels"
   timeout "$TESTS_S" "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -p no:cacheprovider \
     $(for p in ${TESTS_PATH:-tests/pallas_kernels}; do echo "$REPO/$p"; done) -m "${TESTS_MARK:-gpu}" \
-    -k "${TESTS_K:-not persistent_compiled}" --maxfail=4 -v 2>&1 \
+    -k "${TESTS_K:-not persistent_compiled}" ${TESTS_N:+-n "$TESTS_N"} --maxfail=4 -v 2>&1 \
     | tee "$OUT/gpu_pytest.txt" | grep -v "Warning\|rule(ctx" | tail -30  # -v: a run cut by the box still names what passed
   echo "pytest exit: ${PIPESTATUS[0]} (124 = cut at ${TESTS_S} s)"
 fi
