@@ -125,7 +125,7 @@ def counter_reset(arrive, done, g, n_ph: int, n: int) -> None:
 
 
 def _persistent(w: jax.Array, variant: str, interpret: bool) -> jax.Array:
-    """One launch of ``G`` CTAs running all ``P`` phases (``barrier``, ``overlap`` or ``stream``)."""
+    """One launch of ``G`` CTAs running all ``P`` phases (the barrier variants, or ``stream``)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     n_ph, n_cta, rows = _check(w)
