@@ -61,6 +61,7 @@ NO_TRITON = False  # --no-triton: skip the Triton-lowered kernel (gptq_matmul_gp
 NO_BF16 = False  # --no-baselines
 MGPU_FILTER: list[str] = []  # --mgpu-filter: only mgpu configs whose name holds all of these
 MGPU_EXCLUDE: list[str] = []  # --mgpu-exclude: drop mgpu configs whose name holds any of these
+MGPU_VARIANTS: list[dict] = []  # --mgpu-variants: field overrides of the default config, timed in its place
 _FULL_ERROR_SHOWN = [False]
 
 
@@ -125,6 +126,35 @@ def mgpu_candidates(m: int, packed, limit: int) -> list:
                                              and cfg.block_m * cfg.block_n <= 8192))):
             out.append((cfg, lay))
     return out[:limit]
+
+
+def parse_variants(spec: str) -> list[dict]:
+    """``--mgpu-variants``: ``"num_stages=3;block_n=64,split_k=8"`` -> one dict of field values per
+    ``;``-separated set (ints, ``True`` / ``False`` / ``None``, else strings)."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        kw = {}
+        for item in part.split(","):
+            key, sep, val = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--mgpu-variants: {item!r} is not FIELD=VALUE")
+            v = val.strip()
+            kw[key.strip()] = {"True": True, "False": False, "None": None}.get(v, int(v) if v.lstrip("-").isdigit() else v)
+        out.append(kw)
+    return out
+
+
+def variant_configs(base, variants: list[dict]) -> list:
+    """``base`` (an ``MgpuConfig``) with each dict's fields replaced; an unknown field is an error
+    naming it."""
+    fields = {f.name for f in dataclasses.fields(base)}
+    out = []
+    for kw in variants:
+        bad = sorted(set(kw) - fields)
+        if bad:
+            raise ValueError(f"--mgpu-variants: unknown MgpuConfig field(s) {bad}; fields: {sorted(fields)}")
+        out.append(dataclasses.replace(base, **kw))
+    return out
 
 
 def mgpu_name(cfg, layout: str = "frag") -> str:
@@ -339,6 +369,10 @@ def bench_mgpu(k, n, m, x, lins, c_q, io, rec, rows):
             rows.append(dict(K=k, N=n, M=m, variant="mgpu_layout_xla_dequant", error=report_failure("xla", e)))
     cands = [c for c in mgpu_candidates(m, p0, 64)
              if all(f in mgpu_name(*c) for f in MGPU_FILTER) and not any(f in mgpu_name(*c) for f in MGPU_EXCLUDE)]
+    if MGPU_VARIANTS:  # the default, then the default with each set of fields replaced (--mgpu-variants)
+        d = mg.default_config(m, p0)
+        cands = [(d, mg.default_layout(4))] + [(c, mg.default_layout(4)) for c in variant_configs(d, MGPU_VARIANTS)
+                                                if c != d]
     if "unpadded" in by_layout:
         cands.insert(2, (mg.default_config(m, by_layout["unpadded"][0]), "unpadded"))
     for i, (cfg, lay) in enumerate(cands[:MAX_MGPU_CFGS]):
@@ -1144,6 +1178,9 @@ def main() -> None:
     ap.add_argument("--max-mgpu-cfgs-rest", type=int, default=8, help="per point, other shapes")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton-lowered kernel")
     ap.add_argument("--mgpu-filter", default="", help="comma list: only mgpu configs whose name holds all")
+    ap.add_argument("--mgpu-variants", default="",
+                    help="';'-separated sets of MgpuConfig FIELD=VALUE (',' within a set): time the default config "
+                         "and each set applied to it, in place of the candidate list (e.g. 'num_stages=3;block_n=64')")
     ap.add_argument("--mgpu-exclude", default="", help="comma list: drop mgpu configs whose name holds any")
     ap.add_argument("--no-baselines", action="store_true", help="skip XLA bf16 (and torch) rows")
     ap.add_argument("--triton-default-only", action="store_true",
@@ -1235,6 +1272,7 @@ def main() -> None:
     MGPU_PARTS, NO_TRITON = args.mgpu_parts, args.no_triton
     MGPU_FILTER[:] = [f for f in args.mgpu_filter.split(",") if f]
     MGPU_EXCLUDE[:] = [f for f in args.mgpu_exclude.split(",") if f]
+    MGPU_VARIANTS[:] = parse_variants(args.mgpu_variants)
     global NO_BF16
     NO_BF16 = args.no_baselines
     if args.budget_s > 0:

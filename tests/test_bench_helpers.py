@@ -240,3 +240,23 @@ def test_persistent_phases_probe_variants(persistent_phases):
     row = pp.per_phase_row("overlap", (64, 132, 128, 64), 64 * 5e-6)
     assert row["phase_bytes"] == 132 * 128 * 256 and abs(row["us_per_phase"] - 5.0) < 1e-9
     assert abs(row["GBps"] - 132 * 128 * 256 / 5e3) < 1e-6
+
+
+def test_mgpu_variants_replace_fields_of_the_default_config(bench_kernels):
+    """--mgpu-variants: each ';' set replaces fields of the default config; values parse as int /
+    bool / None / str; a malformed item or an unknown field is refused by name."""
+    from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
+
+    sets = bench_kernels.parse_variants("num_stages=3; block_n=64,split_k=8 ;transpose_out=False;scale_mode=weights")
+    assert sets == [{"num_stages": 3}, {"block_n": 64, "split_k": 8}, {"transpose_out": False},
+                    {"scale_mode": "weights"}]
+    base = mg.MgpuConfig(block_m=16, split_k=16, num_stages=4, transpose_out=True)
+    out = bench_kernels.variant_configs(base, sets)
+    assert [c.num_stages for c in out] == [3, 4, 4, 4]
+    assert (out[1].block_n, out[1].split_k, out[1].block_m) == (64, 8, 16)
+    assert out[2].transpose_out is False and not out[2].writes_y and out[0].writes_y
+    assert out[3].scale_mode == "weights"
+    with pytest.raises(ValueError, match="'stages3'"):
+        bench_kernels.parse_variants("stages3")
+    with pytest.raises(ValueError, match="num_stage"):
+        bench_kernels.variant_configs(base, [{"num_stage": 3}])
