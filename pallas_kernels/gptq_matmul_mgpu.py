@@ -606,6 +606,12 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm:
                 split = d
                 if ctas * d >= target:
                     break
+    if 8 < m <= 16 and packed.n_pad >= 12288:
+        # wide layers at 9-16 tokens: 64-row N tiles under the split chosen for 128-row ones (twice the
+        # CTAs, each with half the weights): the 7B decode step at batch 16 took 2.98 (2.87-2.99) against
+        # 3.13 (3.09-3.28) ms on the H100 (fused q/k/v 22.0 -> 20.1 us, gate/up 28.9 -> 26.2 us
+        # standalone; 4096 x 4096 and 11008 x 4096 were slower, so they keep 128), session 18
+        bn = 64
     mode = "acc" if packed.group_size % bk == 0 and bm * bn <= 64 * 128 else "weights"
     # token-major partials at M <= 16: rows past M are not written (M = 1: 53 vs 58 us at
     # 8192 x 28672 on the H200 with TMA bounds), and the consumers take [M, N] rows as they are
@@ -653,8 +659,10 @@ def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
     # K blocks of 64 under 256-token tiles (201 vs 244+ us at M = 256), of 128 under whole 128-token
     # tiles (127 vs 145 us at M = 128; 8192 x 28672 on the H200)
     bk = 128 if schedule == "tiles" and bm == 128 else 64
-    return MgpuConfig(block_m=bm, block_n=64, block_k=bk, num_stages=4, scale_mode="weights", w_layout="upcast",
-                      schedule=schedule, ctas_per_sm=1, compute_wgs=2)
+    # 3 pipeline stages from 4096 tokens (8192 x 28672 on the H100, session 18: 2554 / 2662 against 2642 /
+    # 2706 us with 4 stages in two runs; at 1024 tokens 3 stages were slower, 659 against 623 us)
+    return MgpuConfig(block_m=bm, block_n=64, block_k=bk, num_stages=3 if m >= 4096 else 4, scale_mode="weights",
+                      w_layout="upcast", schedule=schedule, ctas_per_sm=1, compute_wgs=2)
 
 
 def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
@@ -1079,6 +1087,24 @@ def _make_kernel(body, *, out_type, scratch_types, grid, grid_names, interpret: 
     return call
 
 
+@dataclasses.dataclass(frozen=True)
+class _TileProgram:
+    """One ``"grid"`` work item as a function other kernels can call (:func:`_tile_program`).
+
+    ``run(ni, mi, si, x_gmem, w_gmem, sz_gmem, *rest, dst=None)`` computes the ``(N tile ni, M
+    tile mi, K split si)`` item and stores (or TMA-adds) it; ``rest`` as the grid kernel's body
+    takes it (prefetch views, x sums, the output ref, the output SMEM tile, the glu x tile).
+    ``dst(o_gmem, slot, ni, mi)`` (default: the grid kernel's ``[slot, rows, Np]`` / ``[slot, Np,
+    rows]`` window) picks where the tile goes. ``out_shape`` / ``scratch`` / ``grid`` /
+    ``reduce_into`` describe the grid kernel built from it."""
+
+    run: Any
+    grid: tuple[int, int, int]
+    out_shape: jax.ShapeDtypeStruct
+    scratch: tuple
+    reduce_into: bool
+
+
 def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, rows: int | None = None,
            glu: bool = False, pf_plan: tuple = ()):
     """``"grid"`` kernel: ``[split, rows, Np]`` (``transpose_out``) or ``[split, Np, rows]`` partial
@@ -1088,6 +1114,24 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
     ``silu(gu[:, 0]) * gu[:, 1]`` (:func:`_glu_tile`). ``pf_plan`` (:func:`_prefetch_plan`): two
     more operands after the scales (the next matmul's words and scales / zeros as 2-D views)
     whose planned rows the CTAs prefetch into L2 once their own output is on its way."""
+    prog = _tile_program(mp, packed, cfg, cdt, interpret, rows, glu=glu, pf_plan=pf_plan)
+
+    def body(*refs):
+        prog.run(jax.lax.axis_index("n"), jax.lax.axis_index("m"), jax.lax.axis_index("k"), *refs)
+
+    return _make_kernel(body, out_type=prog.out_shape, scratch_types=list(prog.scratch), grid=prog.grid,
+                        grid_names=("n", "m", "k"), interpret=interpret, reduce_into=prog.reduce_into)
+
+
+def _tile_program(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, rows: int | None = None,
+                  glu: bool = False, pf_plan: tuple = (), fp32_out: bool = False,
+                  glu_offset: int = 0) -> _TileProgram:
+    """The work item of :func:`_build`'s grid kernel (arguments as there), for that kernel and for
+    persistent kernels that run several items per CTA (``pallas_kernels/persistent_mlp.py``).
+    ``fp32_out``: the item stores fp32 even when K is not split (default: ``cdt`` then).
+    ``glu_offset`` (with ``glu``): x is a 2-D ``[rows, C]`` fp32 ref holding gate in its first
+    columns and up from column ``glu_offset * block_k`` on (a fused gate/up product as stored),
+    instead of ``[rows, 2, Kp]``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     bm, bn, bk, split = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
@@ -1096,7 +1140,7 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
     nk = packed.k_pad // bk
     steps_per_split = nk // split
     grid = (packed.n_pad // bn, mp // bm, split)
-    out_dt = jnp.float32 if split > 1 else cdt  # split-K: fp32 partials, summed in XLA ...
+    out_dt = jnp.float32 if split > 1 or fp32_out else cdt  # split-K: fp32 partials, summed in XLA ...
     reduce_into = _tma_reduces(cfg, interpret)  # ... or TMA-added into one fp32 buffer
     # K chunk per wgmma issue = the swizzle width of the x tile (in elements).
     x_sw, x_tr = _tiled(bk * 16, 16)
@@ -1113,13 +1157,10 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
 
     xsum = cfg.zero_mode == "xsum"
 
-    def body(x_gmem, w_gmem, sz_gmem, *rest):
+    def run(ni, mi, si, x_gmem, w_gmem, sz_gmem, *rest, dst=None):
         pf_views, rest = (rest[:2], rest[2:]) if pf_plan else ((), rest)
         xg_smem, rest = (rest[-1], rest[:-1]) if glu else (None, rest)
         xs_gmem, o_gmem, o_smem = rest if xsum else (None, *rest)
-        ni = jax.lax.axis_index("n")
-        mi = jax.lax.axis_index("m")
-        si = jax.lax.axis_index("k")
         k0 = si * steps_per_split
 
         def sz_index(ki):
@@ -1135,8 +1176,12 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
         gm = (w_gmem, x_gmem, sz_gmem)
         if glu:  # gate and up tiles (fp32) in place of the x tile
             f_tr = () if interpret else _tiled(bk * 32, 32)[1]
-            specs[1:2] = [plgpu.BlockSpec((bm, None, bk), lambda ki, h=h: (mi, h, k0 + ki), transforms=f_tr)
-                          for h in (0, 1)]
+            if glu_offset:  # x is [rows, >= 2 K] (gate | up): up's K block j is block glu_offset + j
+                specs[1:2] = [plgpu.BlockSpec((bm, bk), lambda ki, o=o: (mi, o + k0 + ki), transforms=f_tr)
+                              for o in (0, glu_offset)]
+            else:
+                specs[1:2] = [plgpu.BlockSpec((bm, None, bk), lambda ki, h=h: (mi, h, k0 + ki), transforms=f_tr)
+                              for h in (0, 1)]
             gm = (w_gmem, x_gmem, x_gmem, sz_gmem)
 
         def unfold(step):  # glu: the step's x tile made from its gate / up tiles
@@ -1195,23 +1240,24 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
         slot = 0 if reduce_into else si
         if not tr:
             o_smem[...] = acc.astype(out_dt)
-            dst = o_gmem.at[slot, pl.ds(ni * bn, bn), pl.ds(mi * bm, bm)]
+            window = o_gmem.at[slot, pl.ds(ni * bn, bn), pl.ds(mi * bm, bm)]
         else:
             _store_transposed(o_smem, acc.astype(out_dt), interpret)
-            dst = o_gmem.at[slot, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)]
+            window = o_gmem.at[slot, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)]
+        if dst is not None:
+            window = dst(o_gmem, slot, ni, mi)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, dst, **(dict(reduction_op="add") if reduce_into else {}))
+        plgpu.copy_smem_to_gmem(o_smem, window, **(dict(reduction_op="add") if reduce_into else {}))
         if pf_plan:  # CTA c of C (launch order: n fastest) takes chunks c, c + C, ...
             _issue_prefetches(pf_views, pf_plan, ni + grid[0] * (mi + grid[1] * si), math.prod(grid))
         plgpu.wait_smem_to_gmem(0)
 
     slots = 1 if reduce_into else split
-    return _make_kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((slots, rows, packed.n_pad) if tr else (slots, packed.n_pad, rows), out_dt),
-        scratch_types=[plgpu.SMEM((bm, bn) if tr else (bn, bm), out_dt, transforms=() if interpret else o_tr),
-                       *([plgpu.SMEM((bm, bk), cdt, transforms=() if interpret else x_tr)] if glu else [])],
-        grid=grid, grid_names=("n", "m", "k"), interpret=interpret, reduce_into=reduce_into,
+    return _TileProgram(
+        run=run, grid=grid, reduce_into=reduce_into,
+        out_shape=jax.ShapeDtypeStruct((slots, rows, packed.n_pad) if tr else (slots, packed.n_pad, rows), out_dt),
+        scratch=(plgpu.SMEM((bm, bn) if tr else (bn, bm), out_dt, transforms=() if interpret else o_tr),
+                 *([plgpu.SMEM((bm, bk), cdt, transforms=() if interpret else x_tr)] if glu else [])),
     )
 
 

@@ -121,8 +121,8 @@ def test_e2e_cache_fills_the_context_and_the_config_variants(bench_kernels):
     assert bench_kernels.E2E_CONFIGS["kblocks"][0] == {"layout": "kblocks"}
     assert bench_kernels.E2E_CONFIGS["major16"][1](default, 16, p).writes_y
     wide = mg.pack_mgpu_linear(random_gptq_linear(jax.random.key(1), 128, 12288), bits=4)
-    pick_wide = bench_kernels.E2E_CONFIGS["wide-bn64"][1]
-    assert pick_wide(default, 16, wide).block_n == 64 and default(16, wide).block_n == 128
+    pick_wide = bench_kernels.E2E_CONFIGS["bn128-wide"][1]
+    assert pick_wide(default, 16, wide).block_n == 128 and default(16, wide).block_n == 64
     assert pick_wide(default, 8, wide) == default(8, wide) and pick_wide(default, 16, p) == default(16, p)
     for m in (1, 16, 64):  # the kernel sweep's candidates build for decode, small-batch and stream M
         cands = bench_kernels.mgpu_candidates(m, p, 64)

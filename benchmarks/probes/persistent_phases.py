@@ -64,6 +64,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from jgptq.pallas_kernels.grid_sync import counter_barrier, counter_reset  # the library's barrier, timed here
+
 COLS = 64  # int32 words per row: 256-byte rows
 VARIANTS = ("chain", "chain_pf", "barrier", "overlap", "counter", "counter_ov", "stream")
 BARRIERS = ("barrier", "overlap", "counter", "counter_ov")
@@ -102,26 +104,6 @@ def grid_barrier(arrive, depart, k, g, n: int) -> None:
         plgpu.semaphore_signal(slot, n, memory_scope="gpu")
 
     plgpu.semaphore_wait(slot, 1, memory_scope="gpu")
-
-
-def counter_barrier(arrive, k, n: int) -> None:
-    """Barrier ``k`` across ``n`` CTAs on one counter that only grows (module docstring)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    plgpu.semaphore_signal(arrive, 1, memory_scope="gpu")
-    plgpu.semaphore_wait(arrive, (k + 1) * n, decrement=False, memory_scope="gpu")
-
-
-def counter_reset(arrive, done, g, n_ph: int, n: int) -> None:
-    """After a launch's last counter barrier: ``arrive`` and ``done`` back to 0 (module docstring)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    plgpu.semaphore_signal(done, 1, memory_scope="gpu")
-
-    @pl.when(g == 0)
-    def _reset():
-        plgpu.semaphore_wait(done, n, memory_scope="gpu")
-        plgpu.semaphore_wait(arrive, n_ph * n, memory_scope="gpu")
 
 
 def _persistent(w: jax.Array, variant: str, interpret: bool) -> jax.Array:

@@ -688,9 +688,15 @@ def test_default_configs_fit_every_layer(k, n, gs, monkeypatch):
     monkeypatch.setattr(mg, "_num_sms", lambda: 132)
     lin = random_gptq_linear(jax.random.key(k + n), k, n, bits=4, group_size=gs)
     p = mg.pack_mgpu_linear(lin, bits=4)
-    for m in (1, 8, 9, 16, 17, 33, 64, 65, 128, 256, 1000, 3000):
+    for m in (1, 8, 9, 16, 17, 33, 64, 65, 128, 256, 1000, 3000, 4096):
         cfg = mg.default_config(m, p)
         mg._validate(jnp.zeros((m, k), jnp.bfloat16), p, cfg)
+        if 8 < m <= 16:  # wide layers: 64-row N tiles, K split as for 128-row ones (H100 session 18)
+            assert cfg.block_n == (64 if p.n_pad >= 12288 else 128 if p.n_pad % 128 == 0 else 64), (m, cfg)
+            want_split = {(4096, 12288): 8, (8192, 28672): 16, (11008, 4096): 22}.get((k, n))
+            assert want_split is None or cfg.split_k == want_split, (m, cfg)
+        if m > 64:  # 3 pipeline stages from 4096 tokens on
+            assert cfg.num_stages == (3 if m >= 4096 else 4), (m, cfg)
         assert cfg.schedule == ("grid" if m <= 16 else "stream" if m <= 64 else cfg.schedule)
         # x unpadded on hardware; the decode grids (M <= 16) store token-major partials
         assert cfg.tma_bounds and cfg.writes_y == (True if m <= 16 else cfg.schedule == "tiles")
