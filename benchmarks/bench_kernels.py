@@ -742,16 +742,25 @@ def e2e_norm(variant: str):
     (``jgptq.models.llama.GLU_IN_DOWN`` True / False), ``-gsN`` inside it with N pipeline stages
     (``gptq_matmul_mgpu.glu_config``), ``-pf`` each decode matmul prefetching the next one's first
     weights into L2 (``jgptq.models.llama.PREFETCH_NEXT``), ``-pfN`` that with at most N MiB of
-    words per matmul (``gptq_matmul_mgpu.PREFETCH_MAX_BYTES``)."""
+    words per matmul (``gptq_matmul_mgpu.PREFETCH_MAX_BYTES``), ``-pmlp`` each block's MLP as one persistent
+    kernel (``jgptq.models.llama.PERSISTENT_MLP``), ``-pmlpN`` that with N CTAs per SM."""
     from jgptq.models import llama
     from jgptq.pallas_kernels import add_rms_norm as arn
     from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
 
     old_parts, old_cfg, old_glu = llama.NORM_MAX_PARTS, arn.default_config, llama.GLU_IN_DOWN
     old_glu_cfg, old_pf, old_pf_bytes = mg.glu_config, llama.PREFETCH_NEXT, mg.PREFETCH_MAX_BYTES
+    from jgptq.pallas_kernels import persistent_mlp as pm
+
+    old_pmlp, old_pm_cfg = llama.PERSISTENT_MLP, pm.default_config
     name, *opts = variant.split("-")
     for o in opts:
-        if o[:2] == "pf" and (o == "pf" or o[2:].isdigit()):
+        if o[:4] == "pmlp" and (o == "pmlp" or o[4:].isdigit()):
+            llama.PERSISTENT_MLP = True
+            if o != "pmlp":
+                pm.default_config = lambda *a, n=int(o[4:]), **kw: dataclasses.replace(old_pm_cfg(*a, **kw),
+                                                                                       ctas_per_sm=n)
+        elif o[:2] == "pf" and (o == "pf" or o[2:].isdigit()):
             llama.PREFETCH_NEXT = True
             if o != "pf":
                 mg.PREFETCH_MAX_BYTES = int(o[2:]) << 20
@@ -766,12 +775,13 @@ def e2e_norm(variant: str):
             arn.default_config = lambda m, d, n, w=int(o[1:]): dataclasses.replace(old_cfg(m, d, n), num_warps=w)
         else:
             raise SystemExit(f"--e2e-norm: unknown suffix {o!r} in {variant!r} (-pN, -wN, -glu, -gsN, -xact, -pf, "
-                             "-pfN)")
+                             "-pfN, -pmlp, -pmlpN)")
     try:
         yield name
     finally:
         llama.NORM_MAX_PARTS, arn.default_config, llama.GLU_IN_DOWN = old_parts, old_cfg, old_glu
         mg.glu_config, llama.PREFETCH_NEXT, mg.PREFETCH_MAX_BYTES = old_glu_cfg, old_pf, old_pf_bytes
+        llama.PERSISTENT_MLP, pm.default_config = old_pmlp, old_pm_cfg
 
 
 @contextlib.contextmanager

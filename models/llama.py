@@ -29,7 +29,7 @@ from jgptq.models.config import LlamaConfig
 from jgptq.pallas_kernels import add_rms_norm as _add_rms_norm
 from jgptq.pallas_kernels import decode_attention as _decode_attn
 from jgptq.pallas_kernels import dispatch as _dispatch
-from jgptq.models.quant_linear import Linear, QuantLinear, fuse_quantized, linear, linear_from_params
+from jgptq.models.quant_linear import Linear, QuantLinear, fuse_quantized, linear, linear_from_params, prepared_of
 
 __all__ = [
     "LINEAR_GROUPS", "LINEAR_INPUT", "LINEAR_NAMES", "embed", "decoder_block", "final_logits",
@@ -222,6 +222,13 @@ GLU_IN_DOWN = False
 # 7B decode matmul between cold and L2-resident weights (benchmarks/RESULTS.md, sessions 13 and 16).
 PREFETCH_NEXT = False
 
+# True: with the norm kernels on, a quantized gated MLP (fused gate/up, no biases) whose layers run on
+# the Mosaic kernel runs its decode step as one persistent kernel: gate/up, a grid barrier, then
+# down with silu(gate) * up made in its x tiles (pallas_kernels.persistent_mlp; no SiLU kernel, one
+# launch instead of two). Off until timed on a GPU: built in session 18, checked in the interpreter
+# and lowered for CUDA, but no GPU was left to run it (benchmarks/RESULTS.md, session 18).
+PERSISTENT_MLP = False
+
 
 def _norm_path(norm: str, h: jax.Array, config: LlamaConfig) -> str:
     """``"xla"`` or ``"pallas"``: how this one-token step's residual adds + RMSNorms run."""
@@ -262,6 +269,18 @@ def _glu_in_down(mlp: Mapping[str, Any], x2: jax.Array, config: LlamaConfig) -> 
         return False
     f = getattr(down, "glu_in_kernel", None)
     return callable(f) and f((*x2.shape[:-1], config.intermediate_size), x2.dtype)
+
+
+def _persistent_mlp(mlp: Mapping[str, Any], x: jax.Array, config: LlamaConfig) -> tuple[Any, Any] | None:
+    """The two layers' kernel weights (``dispatch.Prepared``) when this block's MLP runs as one
+    persistent kernel (:data:`PERSISTENT_MLP`), else None."""
+    gu, down = mlp.get("gate_up_proj"), mlp["down_proj"]
+    if not PERSISTENT_MLP or gu is None or getattr(gu, "has_bias", True) or getattr(down, "bias", None) is not None:
+        return None
+    if tuple(getattr(gu, "sizes", ())) != (config.intermediate_size,) * 2:
+        return None
+    pg, pd = prepared_of(gu), prepared_of(down)
+    return (pg, pd) if _dispatch.mlp_in_kernel(tuple(x.shape), x.dtype, pg, pd) else None
 
 
 def _acc_shape(lin: Any, x_shape: tuple[int, ...], dtype: Any) -> tuple[int, ...] | None:
@@ -386,16 +405,23 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
             o = _attention(q, kq, vq, q_slot, k_valid, q_pos, k_pos, config)
         new_kv = (kc, vc)
     z_gu = z_down = None
+    pmlp = _persistent_mlp(mlp, x, config) if next_scale is not None and not capture else None
     if next_scale is not None:
         gu = mlp["gate_up_proj"] if "gate_up_proj" in mlp else None
         shapes = [_acc_shape(gu, x.shape, x.dtype) if gu is not None else None,
                   _acc_shape(mlp["down_proj"], (*x.shape[:-1], config.intermediate_size), x.dtype)]
+        if pmlp is not None:  # the persistent kernel's gate/up and output buffers
+            shapes = list(_dispatch.mlp_accumulators(tuple(x.shape), x.dtype, *pmlp))
         h, x2, (z_gu, z_down) = _add_norm(attn["o_proj"], o, h, lp["post_attention_layernorm"]["scale"], config,
                                           acc=accs.get("o"), zeros=shapes,
                                           prefetch=hint(mlp.get("gate_up_proj", mlp.get("gate_proj"))))
     else:
         h = attention_residual(lp, h, o)
         x2 = mlp_input(lp, h, config)
+    if pmlp is not None:  # gate/up, barrier, down (activation in its x tiles): one launch
+        y = _dispatch.matmul_mlp(x2, *pmlp, gu=z_gu, acc=z_down)
+        h, x_next, *made = _add_norm(None, None, h, next_scale, config, zeros=next_accs, addends=y)
+        return h, new_kv, None, x_next, (made[0] if made else [])
     if next_scale is not None and not capture and _glu_in_down(mlp, x2, config):
         # the fused gate/up matmul's output, fp32, straight into the down projection's kernel,
         # which makes silu(gate) * up itself

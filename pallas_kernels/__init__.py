@@ -12,6 +12,10 @@ Uses only JAX and NumPy (no jgptq core imports). Modules:
 - :mod:`.gptq_matmul_mgpu` — Pallas Mosaic GPU (Hopper wgmma) dequant-matmul, 4/8-bit, own layout
   (:func:`~.gptq_matmul_mgpu.pack_mgpu`); what ``dispatch.prepare`` picks on Hopper by default
   (``gpu_kernel="auto"``; the Triton-lowered kernel on other GPUs and for 2-bit).
+- :mod:`.persistent_mlp` — a gated MLP's decode step (gate/up, grid barrier, down with
+  ``silu(gate) * up`` in its x tiles) as one persistent Mosaic GPU kernel; behind
+  ``jgptq.models.llama.PERSISTENT_MLP`` (off until timed on a GPU).
+- :mod:`.grid_sync` — the grid-wide counter barrier and proxy fences persistent kernels use.
 - :mod:`.gptq_matmul_tpu` — Pallas TPU dequant-matmul (tested in interpret mode).
 - :mod:`.decode_attention` — Pallas (Triton lowering) attention of one new token per row over a
   KV cache (grouped-query heads, per-slot validity, sequence splits combined in XLA); what

@@ -354,3 +354,48 @@ def matmul_glu_parts(gu: jax.Array, prepared: Prepared, dtype: Any, acc: jax.Arr
     from .gptq_matmul_mgpu import glu_activation
 
     return matmul_parts(glu_activation(gu, dtype), prepared, acc=acc, prefetch=prefetch)
+
+
+def mlp_in_kernel(x_shape: tuple[int, ...], dtype: Any, gate_up: Any, down: Any) -> bool:
+    """Whether :func:`matmul_mlp` runs a gated MLP's decode step as one persistent Mosaic kernel
+    (:func:`jgptq.pallas_kernels.persistent_mlp.gptq_mlp_mgpu`) for an activation of ``x_shape``
+    (``[..., K]``): both layers on the Mosaic kernel, 1 to 16 tokens, ``gate_up`` the fused
+    ``[gate | up]`` of ``down``'s input size (see ``persistent_mlp.supported``)."""
+    if not (isinstance(gate_up, Prepared) and isinstance(down, Prepared)):
+        return False
+    x_shape, dt = tuple(x_shape), jnp.dtype(dtype)
+    if not (_parts_on_mgpu(x_shape, dt, gate_up) and _parts_on_mgpu((*x_shape[:-1], down.packed.k), dt, down)):
+        return False
+    from .persistent_mlp import supported
+
+    return supported(math.prod(x_shape[:-1]), gate_up.packed, down.packed, dt, interpret=gate_up.interpret) is None
+
+
+def mlp_accumulators(x_shape: tuple[int, ...], dtype: Any, gate_up: Prepared,
+                     down: Prepared) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The float32 zero buffers :func:`matmul_mlp` takes (``gu``, ``acc``) for that input, or None
+    where :func:`mlp_in_kernel` does not hold."""
+    if not mlp_in_kernel(x_shape, dtype, gate_up, down):
+        return None
+    from .persistent_mlp import accumulator_shapes
+
+    return accumulator_shapes(math.prod(tuple(x_shape)[:-1]), gate_up.packed, down.packed,
+                              interpret=gate_up.interpret)
+
+
+def matmul_mlp(x: jax.Array, gate_up: Prepared, down: Prepared, gu: jax.Array | None = None,
+               acc: jax.Array | None = None) -> jax.Array:
+    """``down(silu(gate(x)) * up(x))`` as one fp32 addend ``[1, ..., N]`` (plus ``acc``), through
+    the persistent decode MLP kernel; ``gu`` / ``acc``: zeros of :func:`mlp_accumulators`' shapes
+    made elsewhere. Only where :func:`mlp_in_kernel` holds (else a ValueError naming why)."""
+    if not mlp_in_kernel(tuple(x.shape), x.dtype, gate_up, down):
+        from .persistent_mlp import supported
+
+        why = (supported(math.prod(x.shape[:-1]), getattr(gate_up, "packed", None), getattr(down, "packed", None),
+                         x.dtype) if isinstance(gate_up, Prepared) and isinstance(down, Prepared) else None)
+        raise ValueError("matmul_mlp: the persistent MLP kernel does not apply here"
+                         + (f": {why}" if why else " (both layers must be prepared for the Mosaic GPU kernel, "
+                            "with a bf16 / fp16 input of 1 to 16 tokens)"))
+    from .persistent_mlp import gptq_mlp_mgpu
+
+    return gptq_mlp_mgpu(x, gate_up.packed, down.packed, gu=gu, acc=acc, interpret=gate_up.interpret)

@@ -133,6 +133,22 @@ def _validate(h: jax.Array, gate_up: Any, down: Any, cfg: MlpConfig, interpret: 
                          f"memory (> {SMEM_BYTES}); use fewer pipeline stages or ctas_per_sm=1.")
 
 
+def supported(m: int, gate_up: Any, down: Any, dtype: Any, *, interpret: bool = False) -> str | None:
+    """Why :func:`gptq_mlp_mgpu` cannot run ``m`` tokens of ``dtype`` through these layers with its
+    default config, or None when it can (the callers' switch: the model falls back to its
+    per-op path)."""
+    if not isinstance(gate_up, mg.MgpuPacked) or not isinstance(down, mg.MgpuPacked):
+        return "the layers are not MgpuPacked"
+    if not 1 <= m <= MAX_TOKENS:
+        return f"{m} tokens (1 to {MAX_TOKENS})"
+    try:
+        _validate(jax.ShapeDtypeStruct((m, gate_up.k), jnp.dtype(dtype)), gate_up, down,
+                  default_config(m, gate_up, down, interpret=interpret), interpret)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def accumulator_shapes(m: int, gate_up: mg.MgpuPacked, down: mg.MgpuPacked, *,
                        interpret: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The fp32 buffers :func:`gptq_mlp_mgpu` adds into for ``m`` tokens: ``gu [1, rows, I + Ip]``

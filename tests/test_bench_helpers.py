@@ -140,6 +140,21 @@ def test_e2e_norm_variants_set_and_restore_the_model_knobs(bench_kernels):
     assert (llama.NORM_MAX_PARTS, llama.GLU_IN_DOWN) == (parts, glu)
     with bench_kernels.e2e_norm("auto-glu") as name:
         assert (name, llama.GLU_IN_DOWN) == ("auto", True)
+    import jax
+
+    from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
+    from jgptq.pallas_kernels import persistent_mlp as pm
+    from jgptq.pallas_kernels.gptq_matmul_gpu import random_gptq_linear
+
+    pm_cfg = pm.default_config
+    with bench_kernels.e2e_norm("auto-pmlp") as name:
+        assert (name, llama.PERSISTENT_MLP, pm.default_config) == ("auto", True, pm_cfg)
+    gu = mg.pack_mgpu_linear(random_gptq_linear(jax.random.key(5), 128, 256, bits=4, group_size=128), bits=4)
+    dn = mg.pack_mgpu_linear(random_gptq_linear(jax.random.key(6), 128, 128, bits=4, group_size=128), bits=4)
+    with bench_kernels.e2e_norm("pallas-pmlp1"):
+        assert llama.PERSISTENT_MLP and pm.default_config(1, gu, dn).ctas_per_sm == 1
+    assert pm.default_config(1, gu, dn).ctas_per_sm == 2
+    assert (llama.PERSISTENT_MLP, pm.default_config) == (False, pm_cfg)
     from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
     from jgptq.pallas_kernels.gptq_matmul_gpu import random_gptq_linear
 

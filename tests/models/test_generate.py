@@ -434,36 +434,49 @@ def test_decode_zero_accumulators_come_from_the_norm_kernels(tiny_hf_model, monk
     assert err < 0.02, err
 
 
+def _mosaic_tiny_model(tiny_hf_model, monkeypatch, seed: int, **quant_kw):
+    """The tiny SmolLM2-shaped model (head_dim 64), GPTQ-quantized with ``seed``, its layers
+    prepared for the Mosaic GPU kernels run through the interpreter: ``(config, model tree)``."""
+    from test_quant_linear import quantize_params
+
+    from jgptq.pallas_kernels import dispatch
+
+    real_prepare = dispatch.prepare
+    monkeypatch.setattr(dispatch, "prepare", lambda l, *, bits, backend=None: real_prepare(
+        l, bits=bits, backend="gpu", interpret=True, gpu_kernel="mgpu"))
+    cfg, params, _ = load_hf(tiny_hf_model("smollm2_hd64").folder)
+    qparams, _ = quantize_params(params, np.random.default_rng(seed), **quant_kw)
+    return cfg, LlamaForCausalLM.from_params(cfg, qparams, dtype=jnp.bfloat16)
+
+
+def _one_step_inputs(tree, model, cfg, seed: int):
+    """A 5-token prefill of 2 rows (XLA path) and the next token: ``(cache, tok, valid)``."""
+    from jgptq.models import llama
+
+    rng = np.random.default_rng(seed)
+    ids = jnp.asarray(rng.integers(3, 256, size=(2, 5)), jnp.int32)
+    _, cache0 = llama.forward_step(tree, ids, jnp.ones((2, 5), bool), model.init_cache(2, 16), cfg, True, "xla",
+                                   "xla")
+    return cache0, jnp.asarray(rng.integers(3, 256, size=(2, 1)), jnp.int32), jnp.ones((2, 1), bool)
+
+
 def test_down_projection_makes_silu_up_in_its_kernel(tiny_hf_model, monkeypatch):
     """With llama.GLU_IN_DOWN on (off by default), norm="pallas" and the Mosaic decode grid
     (interpreted here) each block's down projection takes the fused gate/up matmul's output (its
     fp32 partial sum, or its one finished addend) and makes silu(gate) * up in its own kernel (no
     separate activation op); the logits stay as close to the XLA path's as with the activation
     made by XLA (llama.GLU_IN_DOWN = False, the default), which calls no such kernel."""
-    from test_quant_linear import quantize_params
-
     from jgptq.models import llama
-    from jgptq.pallas_kernels import dispatch
     from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
 
-    real_prepare = dispatch.prepare
-    monkeypatch.setattr(dispatch, "prepare", lambda l, *, bits, backend=None: real_prepare(
-        l, bits=bits, backend="gpu", interpret=True, gpu_kernel="mgpu"))
-    cfg, params, _ = load_hf(tiny_hf_model("smollm2_hd64").folder)
-    qparams, _ = quantize_params(params, np.random.default_rng(11))
-    model = LlamaForCausalLM.from_params(cfg, qparams, dtype=jnp.bfloat16)
+    cfg, model = _mosaic_tiny_model(tiny_hf_model, monkeypatch, 11)
     tree = model.tree()
     calls = []
     real_glu = mg.gptq_matmul_mgpu_glu_parts
     monkeypatch.setattr(llama, "GLU_IN_DOWN", True)
     monkeypatch.setattr(mg, "gptq_matmul_mgpu_glu_parts",
                         lambda gu, p, **kw: (calls.append(gu.dtype), real_glu(gu, p, **kw))[1])
-    rng = np.random.default_rng(12)
-    ids = jnp.asarray(rng.integers(3, 256, size=(2, 5)), jnp.int32)
-    _, cache0 = llama.forward_step(tree, ids, jnp.ones((2, 5), bool), model.init_cache(2, 16), cfg, True, "xla",
-                                   "xla")
-    tok = jnp.asarray(rng.integers(3, 256, size=(2, 1)), jnp.int32)
-    one = jnp.ones((2, 1), bool)
+    cache0, tok, one = _one_step_inputs(tree, model, cfg, 12)
     got, _ = llama.forward_step(tree, tok, one, cache0, cfg, True, "fused", "pallas")
     # gu: the gate/up kernel's fp32 partial sum, or its finished product in bf16 (one addend)
     assert len(calls) == len(tree["layers"]) and set(calls) <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}, calls
@@ -478,6 +491,42 @@ def test_down_projection_makes_silu_up_in_its_kernel(tiny_hf_model, monkeypatch)
     assert np.abs(np.asarray(got) - np.asarray(act_xla)).max() / scale < 0.02
 
 
+def test_persistent_mlp_runs_each_blocks_mlp_in_one_kernel(tiny_hf_model, monkeypatch):
+    """With llama.PERSISTENT_MLP on (off by default), norm="pallas" and the Mosaic kernels
+    (interpreted here: one CTA, no barrier) each block's gated MLP is one persistent_mlp kernel
+    call (gate/up, then down with silu(gate) * up in its x tiles) taking the zero buffers the
+    norm kernel made; no gate/up or down matmul runs on its own. The logits stay as close to the
+    XLA path's as the default path's are, and the default calls no such kernel."""
+    from jgptq.models import llama
+    from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
+    from jgptq.pallas_kernels import persistent_mlp as pm
+
+    cfg, model = _mosaic_tiny_model(tiny_hf_model, monkeypatch, 13)
+    tree = model.tree()
+    calls, matmuls = [], []
+    real_mlp, real_parts = pm.gptq_mlp_mgpu, mg.gptq_matmul_mgpu_parts
+    monkeypatch.setattr(pm, "gptq_mlp_mgpu", lambda h, gup, dn, **kw: (
+        calls.append((kw.get("gu") is not None, kw.get("acc") is not None)), real_mlp(h, gup, dn, **kw))[1])
+    monkeypatch.setattr(mg, "gptq_matmul_mgpu_parts", lambda x, p, **kw: (matmuls.append(p.n), real_parts(x, p, **kw))[1])
+    cache0, tok, one = _one_step_inputs(tree, model, cfg, 14)
+    monkeypatch.setattr(llama, "PERSISTENT_MLP", True)
+    got, _ = llama.forward_step(tree, tok, one, cache0, cfg, True, "fused", "pallas")
+    assert calls == [(True, True)] * len(tree["layers"]), calls  # both buffers from the norm kernel
+    inter = cfg.intermediate_size
+    assert matmuls.count(2 * inter) == 0, matmuls  # no gate/up matmul of its own
+    calls.clear()
+    monkeypatch.setattr(llama, "PERSISTENT_MLP", False)
+    default, _ = llama.forward_step(tree, tok, one, cache0, cfg, True, "fused", "pallas")
+    assert not calls
+    xla, _ = llama.forward_step(tree, tok, one, cache0, cfg, True, "xla", "xla")
+    scale = np.abs(np.asarray(xla)).max()
+    err = [float(np.abs(np.asarray(o) - np.asarray(xla)).max() / scale) for o in (got, default)]
+    assert np.all(np.isfinite(np.asarray(got))) and err[1] < 0.04, err
+    # as close to the XLA path as the per-op kernels are (both round the same bf16 activations)
+    assert err[0] <= 1.25 * err[1] + 0.005, err
+    assert np.abs(np.asarray(got) - np.asarray(default)).max() / scale < 0.03
+
+
 @pytest.mark.parametrize("glu", [False, True])
 def test_decode_matmuls_prefetch_the_next_one(tiny_hf_model, monkeypatch, glu):
     """With llama.PREFETCH_NEXT on (off by default) and the decode kernels (Mosaic grids through the
@@ -486,20 +535,12 @@ def test_decode_matmuls_prefetch_the_next_one(tiny_hf_model, monkeypatch, glu):
     projection nothing (lm_head is float). The interpreter has no L2, so the logits are those of
     the same step without hints, bit for bit. glu: the down projection made silu(gate) * up in its
     kernel (llama.GLU_IN_DOWN), which hints the same way."""
-    from test_quant_linear import quantize_params
-
     from jgptq.models import llama
     from jgptq.models.quant_linear import prepared_of
-    from jgptq.pallas_kernels import dispatch
     from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
 
-    real_prepare = dispatch.prepare
-    monkeypatch.setattr(dispatch, "prepare", lambda l, *, bits, backend=None: real_prepare(
-        l, bits=bits, backend="gpu", interpret=True, gpu_kernel="mgpu"))
     monkeypatch.setattr(llama, "GLU_IN_DOWN", glu)
-    cfg, params, _ = load_hf(tiny_hf_model("smollm2_hd64").folder)
-    qparams, _ = quantize_params(params, np.random.default_rng(12), shared_perm=True)
-    model = LlamaForCausalLM.from_params(cfg, qparams, dtype=jnp.bfloat16)
+    cfg, model = _mosaic_tiny_model(tiny_hf_model, monkeypatch, 12, shared_perm=True)
     tree = model.tree()
     order = []
     for lp in tree["layers"]:

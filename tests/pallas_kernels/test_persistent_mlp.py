@@ -158,3 +158,32 @@ def test_compiled_on_gpu_matches_float64(m):
         for y in ys:
             assert rel_err(y, ref) < 8e-3, cps
         np.testing.assert_allclose(ys[1], ys[0], rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_dispatch_switch_and_refusals():
+    """dispatch.mlp_in_kernel: on for two Mosaic-prepared layers of a fused MLP at 1-16 tokens,
+    off for the Triton kernel, 17 tokens, float32 or mismatched layers; matmul_mlp then refuses
+    with the reason; where on it gives the kernel's result with the accumulators' shapes."""
+    from jgptq.pallas_kernels import dispatch
+
+    gu = random_gptq_linear(jax.random.key(31), 256, 768, bits=4, group_size=128)
+    dn = random_gptq_linear(jax.random.key(32), 384, 256, bits=4, group_size=128)
+    prep = lambda lin, kernel="mgpu": dispatch.prepare(lin, bits=4, backend="gpu", interpret=True,  # noqa: E731
+                                                        gpu_kernel=kernel)
+    pg, pd = prep(gu), prep(dn)
+    assert dispatch.mlp_in_kernel((2, 1, 256), jnp.bfloat16, pg, pd)
+    assert not dispatch.mlp_in_kernel((17, 256), jnp.bfloat16, pg, pd)
+    assert not dispatch.mlp_in_kernel((2, 256), jnp.float32, pg, pd)
+    assert not dispatch.mlp_in_kernel((2, 256), jnp.bfloat16, prep(gu, "triton"), pd)
+    assert not dispatch.mlp_in_kernel((2, 256), jnp.bfloat16, pd, pg)
+    assert dispatch.mlp_accumulators((17, 256), jnp.bfloat16, pg, pd) is None
+    gs, ys = dispatch.mlp_accumulators((2, 1, 256), jnp.bfloat16, pg, pd)
+    assert gs == pm.accumulator_shapes(2, pg.packed, pd.packed, interpret=True)[0] and ys[-1] == 256
+    h = jax.random.normal(jax.random.key(33), (2, 1, 256), jnp.float32).astype(jnp.bfloat16)
+    y = dispatch.matmul_mlp(h, pg, pd, gu=jnp.zeros(gs, jnp.float32), acc=jnp.zeros(ys, jnp.float32))
+    assert y.shape == (1, 2, 1, 256)
+    assert rel_err(y[0].reshape(2, 256), np_mlp(h, np_dequant(gu, 4), np_dequant(dn, 4))) < 8e-3
+    with pytest.raises(ValueError, match=r"17 tokens \(1 to 16\)"):
+        dispatch.matmul_mlp(jnp.ones((17, 256), jnp.bfloat16), pg, pd)
+    with pytest.raises(ValueError, match="persistent MLP kernel does not apply"):
+        dispatch.matmul_mlp(h, prep(gu, "triton"), pd)
