@@ -58,11 +58,16 @@ class MlpConfig:
       ctas_per_sm: CTAs per SM, 1 or 2. All CTAs must be resident at once for the grid barrier:
         two CTAs of 128 threads fit the register file whatever their register count, and
         :func:`gptq_mlp_mgpu` checks shared memory.
+      prefetch: before each work item a CTA issues TMA prefetches into L2 of the weight words of
+        its next one (after its last gate/up item: its first down item, so those loads are on
+        their way through the barrier), hiding the pipeline drain between items. ``"frag"``
+        layouts on hardware only (the interpreter has no L2); a hint, results do not change.
     """
 
     gate_up: mg.MgpuConfig
     down: mg.MgpuConfig
     ctas_per_sm: int = 2
+    prefetch: bool = True
 
 
 def default_config(m: int, gate_up: mg.MgpuPacked, down: mg.MgpuPacked, *, interpret: bool = False) -> MlpConfig:
@@ -226,15 +231,35 @@ def _forward(h2, gate_up, down, gu, acc, cfg: MlpConfig, ctas: int, interpret: b
     prog1 = mg._tile_program(mp, gate_up, cfg.gate_up, cdt, interpret, rows, fp32_out=True)
     prog2 = mg._tile_program(mp, down, cfg.down, cdt, interpret, rows, glu=True, fp32_out=True,
                              glu_offset=down.k // cfg.down.block_k)
-    run = _kernel(prog1, prog2, gate_up, down, cfg, ctas, interpret)
+    pf = _prefetches(cfg, gate_up, down, interpret)
+    run = _kernel(prog1, prog2, gate_up, down, cfg, ctas, interpret, pf)
     # a phase whose K is not split stores its tiles (no TMA add): gu must then start at zero (the
     # caller's contract) and acc's addends are added here
     adds = prog2.reduce_into
-    _, y = run(h2, gate_up.w, sz1, down.w, sz2, gu, acc if adds else jnp.zeros_like(acc))
+    views = (gate_up.w.reshape(-1, 256), down.w.reshape(-1, 256)) if pf else ()
+    _, y = run(h2, gate_up.w, sz1, down.w, sz2, *views, gu, acc if adds else jnp.zeros_like(acc))
     return y if adds else acc + y
 
 
-def _kernel(prog1, prog2, gate_up: mg.MgpuPacked, down: mg.MgpuPacked, cfg: MlpConfig, ctas: int, interpret: bool):
+def _prefetches(cfg: MlpConfig, gate_up: mg.MgpuPacked, down: mg.MgpuPacked, interpret: bool) -> bool:
+    """Whether the kernel prefetches its next work item's weights (:attr:`MlpConfig.prefetch`)."""
+    return cfg.prefetch and not interpret and gate_up.layout == down.layout == "frag"
+
+
+def _item_prefetch(view, p: mg.MgpuPacked, c: mg.MgpuConfig, ni, si) -> None:
+    """TMA prefetches into L2 of the ``"frag"`` words of work item ``(ni, si)``: the 128-column K
+    blocks of its split, ``block_n / 16`` rows of the ``[Kp/128 * Np/16, 256]`` view each."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    n16, rows = p.n_pad // 16, c.block_n // 16
+    cols = p.k_pad // c.split_k  # K columns per split, a multiple of 128 (split_k divides Kp / block_k)
+    for j in range(max(1, cols // mg.W_KBLOCK)):
+        kb = si * cols // mg.W_KBLOCK + j
+        plgpu.async_prefetch(view.at[pl.ds(kb * n16 + ni * rows, rows)])
+
+
+def _kernel(prog1, prog2, gate_up: mg.MgpuPacked, down: mg.MgpuPacked, cfg: MlpConfig, ctas: int, interpret: bool,
+            prefetch: bool = False):
     """The launch: ``(h, w1, sz1, w2, sz2, gu, y) -> (gu, y)``, ``gu`` / ``y`` aliased in and out:
     a phase with split K TMA-adds its partials into them, one with whole K (always in the
     interpreter, which has no TMA reduction) stores its tiles."""
@@ -243,29 +268,58 @@ def _kernel(prog1, prog2, gate_up: mg.MgpuPacked, down: mg.MgpuPacked, cfg: MlpC
     items1, items2 = math.prod(prog1.grid), math.prod(prog2.grid)
     sync = not interpret and ctas > 1
 
-    def phase(c, prog, total, call):
+    def split(prog, idx):
         n_t, m_t, _ = prog.grid
+        return idx % n_t, (idx // n_t) % m_t, idx // (n_t * m_t)
+
+    def phase(c, prog, total, call, pf_here=None, pf_next=None):
+        """CTA ``c``'s items ``c, c + G, ...`` of one phase; ``pf_here(ni, si)`` prefetches an item
+        of this phase, ``pf_next()`` this CTA's first item of the next one."""
 
         def one(t, carry):
             idx = c + t * ctas
+            if pf_here is not None:  # the next item's weights, while this one streams its own
+                nxt = idx + ctas
+
+                @pl.when(nxt < total)
+                def _pf_here():
+                    ni, _, si = split(prog, nxt)
+                    pf_here(ni, si)
+
+                if pf_next is not None:
+                    @pl.when((nxt >= total) & (idx < total))
+                    def _pf_next():
+                        pf_next()
 
             @pl.when(idx < total)
             def _item():
-                call(idx % n_t, (idx // n_t) % m_t, idx // (n_t * m_t))
+                call(*split(prog, idx))
 
             return carry
 
         jax.lax.fori_loop(0, -(-total // ctas), one, 0)
 
-    def body(x, w1, sz1, w2, sz2, gu, y, o1, o2, xg):
+    def body(x, w1, sz1, w2, sz2, *rest):
+        v1, v2, gu, y, o1, o2, xg = rest if prefetch else (None, None, *rest)
         c = jax.lax.axis_index("c")
-        phase(c, prog1, items1, lambda ni, mi, si: prog1.run(ni, mi, si, x, w1, sz1, gu, o1))
+        pf1 = pf2 = pf12 = None
+        if prefetch:
+            pf1 = lambda ni, si: _item_prefetch(v1, gate_up, cfg.gate_up, ni, si)  # noqa: E731
+            pf2 = lambda ni, si: _item_prefetch(v2, down, cfg.down, ni, si)  # noqa: E731
+
+            def pf12():
+                @pl.when(c < items2)
+                def _first_down():
+                    ni, _, si = split(prog2, c)
+                    pf2(ni, si)
+
+        phase(c, prog1, items1, lambda ni, mi, si: prog1.run(ni, mi, si, x, w1, sz1, gu, o1), pf1, pf12)
         if sync:
             arrive, done = grid_sync.semaphores()
             grid_sync.fence_async_global()  # this CTA's TMA adds into gu (completed) before the signal
             grid_sync.counter_barrier(arrive, 0, ctas)
             grid_sync.fence_async_global()  # ... and the other CTAs' before this CTA's TMA loads of gu
-        phase(c, prog2, items2, lambda ni, mi, si: prog2.run(ni, mi, si, gu.at[0], w2, sz2, y, o2, xg))
+        phase(c, prog2, items2, lambda ni, mi, si: prog2.run(ni, mi, si, gu.at[0], w2, sz2, y, o2, xg), pf2)
         if sync:
             grid_sync.counter_reset(arrive, done, c, 1, ctas)
 
@@ -289,9 +343,10 @@ def _kernel(prog1, prog2, gate_up: mg.MgpuPacked, down: mg.MgpuPacked, cfg: MlpC
     run = pl.kernel(scoped, out_type=(), mesh=plgpu.Mesh(grid=(ctas,), grid_names=("c",)),
                     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
 
-    def call(h, w1, sz1, w2, sz2, gu, y):
+    def call(h, w1, sz1, w2, sz2, *rest):
+        *views, gu, y = rest
         gu_ref, y_ref = jax.new_ref(gu), jax.new_ref(y)
-        run(h, w1, sz1, w2, sz2, gu_ref, y_ref)
+        run(h, w1, sz1, w2, sz2, *views, gu_ref, y_ref)
         return gu_ref[...], y_ref[...]
 
     return call
@@ -328,7 +383,8 @@ def main() -> None:  # pragma: no cover - GPU timing
     ap.add_argument("--ms", default="1,8,16")
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--reps", type=int, default=24)
-    ap.add_argument("--ctas-per-sm", default="1,2")
+    ap.add_argument("--variants", default="2,1,2nopf",
+                    help="comma list: CTAs per SM, 'nopf' suffix: without the next item's L2 prefetch")
     args = ap.parse_args()
     d, i = args.hidden, args.inter
 
@@ -363,13 +419,15 @@ def main() -> None:  # pragma: no cover - GPU timing
         scale = float(jnp.linalg.norm(ref))
         row = {"M": m, "two_launches_us": timed(two, h)}
         row["two_launches_err"] = float(jnp.linalg.norm(two(h, *models[0]) - ref)) / scale
-        for cps in map(int, args.ctas_per_sm.split(",")):
-            cfg = dataclasses.replace(default_config(m, *models[0]), ctas_per_sm=cps)
+        for v in args.variants.split(","):
+            cfg = dataclasses.replace(default_config(m, *models[0]), ctas_per_sm=int(v.removesuffix("nopf")),
+                                      prefetch=not v.endswith("nopf"))
+
             def f(h, gup, dn, cfg=cfg):
                 return gptq_mlp_mgpu(h, gup, dn, config=cfg)[0]
 
-            row[f"persistent_cps{cps}_us"] = timed(f, h)
-            row[f"persistent_cps{cps}_err"] = float(jnp.linalg.norm(f(h, *models[0]) - ref)) / scale
+            row[f"persistent_cps{v}_us"] = timed(f, h)
+            row[f"persistent_cps{v}_err"] = float(jnp.linalg.norm(f(h, *models[0]) - ref)) / scale
         print(row, flush=True)
 
 

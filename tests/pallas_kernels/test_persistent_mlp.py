@@ -140,6 +140,11 @@ def test_hardware_kernel_lowers_for_cuda(m, monkeypatch):
         assert ptx in text, ptx
     one = pm._forward.trace(*args, 1, False).lower(lowering_platforms=("cuda",)).as_text()
     assert "fence.proxy.async.global" not in one and "red.release.gpu" not in one
+    # the next work item's weights are prefetched into L2 (frag layouts), unless turned off
+    for pf in (True, False):
+        c = dataclasses.replace(cfg, prefetch=pf)
+        jaxpr = str(jax.make_jaxpr(lambda h, c=c: pm._forward(h, *args[1:5], c, 264, False))(h))
+        assert ("async_prefetch" in jaxpr) == pf
 
 
 @pytest.mark.gpu
