@@ -373,6 +373,7 @@ def main() -> None:  # pragma: no cover - GPU timing
     activation in its kernel) at the Llama-2-7B MLP shapes, weights rotated over copies larger
     than L2; prints µs and checks both against :func:`reference`."""
     import argparse
+    import json
     import time
 
     from .gptq_matmul_gpu import random_gptq_linear
@@ -383,6 +384,8 @@ def main() -> None:  # pragma: no cover - GPU timing
     ap.add_argument("--ms", default="1,8,16")
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--reps", type=int, default=24)
+    ap.add_argument("--interpret", action="store_true",
+                    help="CPU smoke run through the interpreter (its times mean nothing)")
     ap.add_argument("--variants", default="2,1,2nopf",
                     help="comma list: CTAs per SM, 'nopf' suffix: without the next item's L2 prefetch")
     args = ap.parse_args()
@@ -410,8 +413,11 @@ def main() -> None:  # pragma: no cover - GPU timing
             best = min(best, time.perf_counter() - t0)
         return best / args.reps * 1e6
 
+    ip = args.interpret
+
     def two(h, gup, dn):
-        return mg.gptq_matmul_mgpu_glu_parts(mg.gptq_matmul_mgpu_parts(h, gup).sum(0), dn).sum(0)
+        gu = mg.gptq_matmul_mgpu_parts(h, gup, interpret=ip).sum(0)
+        return mg.gptq_matmul_mgpu_glu_parts(gu, dn, interpret=ip).sum(0)
 
     for m in map(int, args.ms.split(",")):
         h = (jax.random.normal(jax.random.key(m), (m, d), jnp.float32) * 0.5).astype(jnp.bfloat16)
@@ -420,15 +426,15 @@ def main() -> None:  # pragma: no cover - GPU timing
         row = {"M": m, "two_launches_us": timed(two, h)}
         row["two_launches_err"] = float(jnp.linalg.norm(two(h, *models[0]) - ref)) / scale
         for v in args.variants.split(","):
-            cfg = dataclasses.replace(default_config(m, *models[0]), ctas_per_sm=int(v.removesuffix("nopf")),
-                                      prefetch=not v.endswith("nopf"))
+            cfg = dataclasses.replace(default_config(m, *models[0], interpret=ip),
+                                      ctas_per_sm=int(v.removesuffix("nopf")), prefetch=not v.endswith("nopf"))
 
             def f(h, gup, dn, cfg=cfg):
-                return gptq_mlp_mgpu(h, gup, dn, config=cfg)[0]
+                return gptq_mlp_mgpu(h, gup, dn, config=cfg, interpret=ip)[0]
 
             row[f"persistent_cps{v}_us"] = timed(f, h)
             row[f"persistent_cps{v}_err"] = float(jnp.linalg.norm(f(h, *models[0]) - ref)) / scale
-        print(row, flush=True)
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

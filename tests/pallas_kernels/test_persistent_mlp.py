@@ -192,3 +192,20 @@ def test_dispatch_switch_and_refusals():
         dispatch.matmul_mlp(jnp.ones((17, 256), jnp.bfloat16), pg, pd)
     with pytest.raises(ValueError, match="persistent MLP kernel does not apply"):
         dispatch.matmul_mlp(h, prep(gu, "triton"), pd)
+
+
+def test_benchmark_main_runs_in_the_interpreter(monkeypatch, capsys):
+    """``python -m jgptq.pallas_kernels.persistent_mlp`` (the GPU timing) on tiny shapes through the
+    interpreter: one JSON row per M, both paths within fp32 / bf16 rounding of the reference."""
+    import json
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["persistent_mlp", "--interpret", "--hidden", "128", "--inter", "256",
+                                      "--ms", "1,3", "--copies", "2", "--reps", "2", "--variants", "2,1nopf"])
+    pm.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["M"] for r in rows] == [1, 3]
+    for r in rows:
+        for key in ("two_launches_err", "persistent_cps2_err", "persistent_cps1nopf_err"):
+            assert 0 <= r[key] < 8e-3, (key, r)
+        assert r["persistent_cps2_us"] > 0 and r["two_launches_us"] > 0
