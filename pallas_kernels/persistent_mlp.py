@@ -252,7 +252,7 @@ def _item_prefetch(view, p: mg.MgpuPacked, c: mg.MgpuConfig, ni, si) -> None:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     n16, rows = p.n_pad // 16, c.block_n // 16
-    cols = p.k_pad // c.split_k  # K columns per split, a multiple of 128 (split_k divides Kp / block_k)
+    cols = p.k_pad // c.split_k  # K columns per split; with 64-column K blocks a split may end mid-block (a hint)
     for j in range(max(1, cols // mg.W_KBLOCK)):
         kb = si * cols // mg.W_KBLOCK + j
         plgpu.async_prefetch(view.at[pl.ds(kb * n16 + ni * rows, rows)])
