@@ -1091,12 +1091,11 @@ def _make_kernel(body, *, out_type, scratch_types, grid, grid_names, interpret: 
 class _TileProgram:
     """One ``"grid"`` work item as a function other kernels can call (:func:`_tile_program`).
 
-    ``run(ni, mi, si, x_gmem, w_gmem, sz_gmem, *rest, dst=None)`` computes the ``(N tile ni, M
-    tile mi, K split si)`` item and stores (or TMA-adds) it; ``rest`` as the grid kernel's body
-    takes it (prefetch views, x sums, the output ref, the output SMEM tile, the glu x tile).
-    ``dst(o_gmem, slot, ni, mi)`` (default: the grid kernel's ``[slot, rows, Np]`` / ``[slot, Np,
-    rows]`` window) picks where the tile goes. ``out_shape`` / ``scratch`` / ``grid`` /
-    ``reduce_into`` describe the grid kernel built from it."""
+    ``run(ni, mi, si, x_gmem, w_gmem, sz_gmem, *rest)`` computes the ``(N tile ni, M tile mi, K
+    split si)`` item and stores (or TMA-adds) it into the grid kernel's ``[slot, rows, Np]`` /
+    ``[slot, Np, rows]`` output window; ``rest`` as the grid kernel's body takes it (prefetch
+    views, x sums, the output ref, the output SMEM tile, the glu x tile). ``out_shape`` /
+    ``scratch`` / ``grid`` / ``reduce_into`` describe the grid kernel built from it."""
 
     run: Any
     grid: tuple[int, int, int]
@@ -1157,7 +1156,7 @@ def _tile_program(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
 
     xsum = cfg.zero_mode == "xsum"
 
-    def run(ni, mi, si, x_gmem, w_gmem, sz_gmem, *rest, dst=None):
+    def run(ni, mi, si, x_gmem, w_gmem, sz_gmem, *rest):
         pf_views, rest = (rest[:2], rest[2:]) if pf_plan else ((), rest)
         xg_smem, rest = (rest[-1], rest[:-1]) if glu else (None, rest)
         xs_gmem, o_gmem, o_smem = rest if xsum else (None, *rest)
@@ -1244,8 +1243,6 @@ def _tile_program(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
         else:
             _store_transposed(o_smem, acc.astype(out_dt), interpret)
             window = o_gmem.at[slot, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)]
-        if dst is not None:
-            window = dst(o_gmem, slot, ni, mi)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, window, **(dict(reduction_op="add") if reduce_into else {}))
         if pf_plan:  # CTA c of C (launch order: n fastest) takes chunks c, c + C, ...
