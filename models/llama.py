@@ -408,10 +408,11 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
     pmlp = _persistent_mlp(mlp, x, config) if next_scale is not None and not capture else None
     if next_scale is not None:
         gu = mlp["gate_up_proj"] if "gate_up_proj" in mlp else None
-        shapes = [_acc_shape(gu, x.shape, x.dtype) if gu is not None else None,
-                  _acc_shape(mlp["down_proj"], (*x.shape[:-1], config.intermediate_size), x.dtype)]
         if pmlp is not None:  # the persistent kernel's gate/up and output buffers
             shapes = list(_dispatch.mlp_accumulators(tuple(x.shape), x.dtype, *pmlp))
+        else:
+            shapes = [_acc_shape(gu, x.shape, x.dtype) if gu is not None else None,
+                      _acc_shape(mlp["down_proj"], (*x.shape[:-1], config.intermediate_size), x.dtype)]
         h, x2, (z_gu, z_down) = _add_norm(attn["o_proj"], o, h, lp["post_attention_layernorm"]["scale"], config,
                                           acc=accs.get("o"), zeros=shapes,
                                           prefetch=hint(mlp.get("gate_up_proj", mlp.get("gate_proj"))))

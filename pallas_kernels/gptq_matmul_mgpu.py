@@ -1783,11 +1783,20 @@ def accumulator_shape(m: int, packed: MgpuPacked, *, config: MgpuConfig | None =
         return None
     if not cfg.writes_y:
         return (1, packed.n_pad, -(-m // cfg.block_m) * cfg.block_m)
+    return (1, _x_geometry(m, packed, cfg, interpret)[0], packed.n_pad)
+
+
+def _x_geometry(m: int, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool) -> tuple[int, int]:
+    """``(rows, pad_k)``: the token rows of x (and of token-major outputs) for ``m`` tokens and
+    the K columns XLA pads x by. With TMA bounds (hardware) the TMA zero-fills the tile rows / K
+    columns past x's end and drops output rows past its end; Mosaic's tiled GMEM views need the
+    row count below or a multiple of the 8-row tiling (and K of the x tile's 64-column tiling), so
+    M pads to a multiple of 8 at most. Otherwise (the interpreter, ``zero_mode="xsum"``) whole
+    token tiles and K blocks."""
     if cfg.tma_bounds and not interpret and cfg.zero_mode != "xsum":
-        rows = m if m < 8 else -(-m // 8) * 8
-    else:
-        rows = -(-m // cfg.block_m) * cfg.block_m
-    return (1, rows, packed.n_pad)
+        x_cols = _swizzle(cfg.block_k * 16) * 8 // 16
+        return (m if m < 8 else -(-m // 8) * 8), (0 if packed.k % x_cols == 0 else packed.k_pad - packed.k)
+    return -(-m // cfg.block_m) * cfg.block_m, packed.k_pad - packed.k
 
 
 def _plan_for(prefetch: MgpuPacked | None, cfg: MgpuConfig, interpret: bool) -> tuple:
@@ -1816,15 +1825,8 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
                          "zero_mode='regs'")
     if packed.perm is not None:
         x2 = jnp.take(x2, packed.perm, axis=1)
-    if cfg.tma_bounds and not interpret and cfg.zero_mode != "xsum":
-        # hardware TMA zero-fills the tile rows / K columns past x's end and drops output rows
-        # past its end; Mosaic's tiled GMEM views need the row count below or a multiple of the
-        # 8-row tiling (and K of the x tile's 64-column tiling), so M pads to a multiple of 8 at most
-        rows = m if m < 8 else -(-m // 8) * 8
-        x_cols = _swizzle(cfg.block_k * 16) * 8 // 16
-        pad_m, pad_k = rows - m, 0 if packed.k % x_cols == 0 else packed.k_pad - packed.k
-    else:
-        rows, pad_m, pad_k = mp, mp - m, packed.k_pad - packed.k
+    rows, pad_k = _x_geometry(m, packed, cfg, interpret)  # rows == mp without TMA bounds
+    pad_m = rows - m
     if pad_m or pad_k:
         x2 = jnp.pad(x2, ((0, pad_m), (0, 0), (0, pad_k)) if glu else ((0, pad_m), (0, pad_k)))
     sz = packed.sz if packed.sz.dtype == cdt else packed.sz.astype(cdt)

@@ -154,23 +154,16 @@ def supported(m: int, gate_up: Any, down: Any, dtype: Any, *, interpret: bool = 
     return None
 
 
-def accumulator_shapes(m: int, gate_up: mg.MgpuPacked, down: mg.MgpuPacked, *,
+def accumulator_shapes(m: int, gate_up: mg.MgpuPacked, down: mg.MgpuPacked, *, config: MlpConfig | None = None,
                        interpret: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The fp32 buffers :func:`gptq_mlp_mgpu` adds into for ``m`` tokens: ``gu [1, rows, I + Ip]``
-    (the gate/up product as its grid stores it, ``[gate | up]``, then ``Ip - I`` zero columns, so
-    that the down phase's K blocks past ``I`` read zeros: ``Ip`` is down's padded K) and
-    ``y [1, rows, N]``. ``gu`` must be zeros; ``y`` may hold addends."""
-    rows = _rows(m, interpret)
+    """The fp32 buffers :func:`gptq_mlp_mgpu` adds into for ``m`` tokens (``config``: default
+    :func:`default_config`): ``gu [1, rows, I + Ip]`` (the gate/up product as its grid stores it,
+    ``[gate | up]``, then ``Ip - I`` zero columns, so that the down phase's K blocks past ``I`` read
+    zeros: ``Ip`` is down's padded K) and ``y [1, rows, N]``. ``gu`` must be zeros; ``y`` may hold
+    addends."""
+    cfg = config or default_config(max(m, 1), gate_up, down, interpret=interpret)
+    rows = mg._x_geometry(m, gate_up, cfg.gate_up, interpret)[0]
     return (1, rows, down.k + down.k_pad), (1, rows, down.n_pad)
-
-
-def _rows(m: int, interpret: bool) -> int:
-    """Token rows of the buffers: the hardware TMA drops rows past M (below 8 rows the buffers
-    have exactly M); the interpreter works on whole token tiles."""
-    bm = 8 if m <= 8 else 16
-    if interpret:
-        return -(-m // bm) * bm
-    return m if m < 8 else -(-m // 8) * 8
 
 
 def gptq_mlp_mgpu(
@@ -202,7 +195,7 @@ def gptq_mlp_mgpu(
     m = math.prod(h.shape[:-1]) if h.ndim >= 1 else 0
     cfg = config or default_config(max(m, 1), gate_up, down, interpret=interpret)
     _validate(h, gate_up, down, cfg, interpret)
-    gu_shape, y_shape = accumulator_shapes(m, gate_up, down, interpret=interpret)
+    gu_shape, y_shape = accumulator_shapes(m, gate_up, down, config=cfg, interpret=interpret)
     for name, buf, want in (("gu", gu, gu_shape), ("acc", acc, y_shape)):
         if buf is not None and (tuple(buf.shape) != want or buf.dtype != jnp.float32):
             raise ValueError(f"gptq_mlp_mgpu: {name} must be float32 {want} (accumulator_shapes); got "
@@ -218,11 +211,9 @@ def gptq_mlp_mgpu(
 def _forward(h2, gate_up, down, gu, acc, cfg: MlpConfig, ctas: int, interpret: bool) -> jax.Array:
     m = h2.shape[0]
     cdt = h2.dtype
-    rows = _rows(m, interpret)
+    rows, pad_k = mg._x_geometry(m, gate_up, cfg.gate_up, interpret)
     if gate_up.perm is not None:
         h2 = jnp.take(h2, gate_up.perm, axis=1)
-    x_cols = mg._swizzle(cfg.gate_up.block_k * 16) * 8 // 16
-    pad_k = 0 if not interpret and gate_up.k % x_cols == 0 else gate_up.k_pad - gate_up.k
     if rows - m or pad_k:
         h2 = jnp.pad(h2, ((0, rows - m), (0, pad_k)))
     sz1 = gate_up.sz if gate_up.sz.dtype == cdt else gate_up.sz.astype(cdt)
