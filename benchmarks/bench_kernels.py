@@ -743,7 +743,8 @@ def e2e_norm(variant: str):
     (``gptq_matmul_mgpu.glu_config``), ``-pf`` each decode matmul prefetching the next one's first
     weights into L2 (``jgptq.models.llama.PREFETCH_NEXT``), ``-pfN`` that with at most N MiB of
     words per matmul (``gptq_matmul_mgpu.PREFETCH_MAX_BYTES``), ``-pmlp`` each block's MLP as one persistent
-    kernel (``jgptq.models.llama.PERSISTENT_MLP``), ``-pmlpN`` that with N CTAs per SM."""
+    kernel (``jgptq.models.llama.PERSISTENT_MLP``), ``-pmlpV`` that with the timing variant V of
+    ``python -m jgptq.pallas_kernels.persistent_mlp`` (CTAs per SM, gate/up split, stage cap: 1, 3s2, 2k4)."""
     from jgptq.models import llama
     from jgptq.pallas_kernels import add_rms_norm as arn
     from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
@@ -754,29 +755,36 @@ def e2e_norm(variant: str):
 
     old_pmlp, old_pm_cfg = llama.PERSISTENT_MLP, pm.default_config
     name, *opts = variant.split("-")
-    for o in opts:
-        if o[:4] == "pmlp" and (o == "pmlp" or o[4:].isdigit()):
-            llama.PERSISTENT_MLP = True
-            if o != "pmlp":
-                pm.default_config = lambda *a, n=int(o[4:]), **kw: dataclasses.replace(old_pm_cfg(*a, **kw),
-                                                                                       ctas_per_sm=n)
-        elif o[:2] == "pf" and (o == "pf" or o[2:].isdigit()):
-            llama.PREFETCH_NEXT = True
-            if o != "pf":
-                mg.PREFETCH_MAX_BYTES = int(o[2:]) << 20
-        elif o in ("glu", "xact"):
-            llama.GLU_IN_DOWN = o == "glu"
-        elif o[:2] == "gs" and o[2:].isdigit():
-            llama.GLU_IN_DOWN = True
-            mg.glu_config = lambda m, p, n=int(o[2:]): dataclasses.replace(old_glu_cfg(m, p), num_stages=n)
-        elif o[:1] == "p" and o[1:].isdigit():
-            llama.NORM_MAX_PARTS = int(o[1:])
-        elif o[:1] == "w" and o[1:].isdigit():
-            arn.default_config = lambda m, d, n, w=int(o[1:]): dataclasses.replace(old_cfg(m, d, n), num_warps=w)
-        else:
-            raise SystemExit(f"--e2e-norm: unknown suffix {o!r} in {variant!r} (-pN, -wN, -glu, -gsN, -xact, -pf, "
-                             "-pfN, -pmlp, -pmlpN)")
-    try:
+    try:  # a bad suffix raises inside: the knobs already set are put back
+        for o in opts:
+            if o[:4] == "pmlp":
+                llama.PERSISTENT_MLP = True
+                if o != "pmlp":
+                    spec = o[4:]
+                    if not pm._VARIANT.fullmatch(spec):
+                        raise SystemExit(f"--e2e-norm: -pmlp{spec} in {variant!r}: want -pmlp<CTAs per SM 1-4>"
+                                         "[k<gate/up split>][s<max stages>][nopf], e.g. -pmlp3s2")
+
+                    def cfg_of(m, gate_up, down, spec=spec, **kw):
+                        return pm._variant(spec, old_pm_cfg(m, gate_up, down, **kw), gate_up)
+
+                    pm.default_config = cfg_of
+            elif o[:2] == "pf" and (o == "pf" or o[2:].isdigit()):
+                llama.PREFETCH_NEXT = True
+                if o != "pf":
+                    mg.PREFETCH_MAX_BYTES = int(o[2:]) << 20
+            elif o in ("glu", "xact"):
+                llama.GLU_IN_DOWN = o == "glu"
+            elif o[:2] == "gs" and o[2:].isdigit():
+                llama.GLU_IN_DOWN = True
+                mg.glu_config = lambda m, p, n=int(o[2:]): dataclasses.replace(old_glu_cfg(m, p), num_stages=n)
+            elif o[:1] == "p" and o[1:].isdigit():
+                llama.NORM_MAX_PARTS = int(o[1:])
+            elif o[:1] == "w" and o[1:].isdigit():
+                arn.default_config = lambda m, d, n, w=int(o[1:]): dataclasses.replace(old_cfg(m, d, n), num_warps=w)
+            else:
+                raise SystemExit(f"--e2e-norm: unknown suffix {o!r} in {variant!r} (-pN, -wN, -glu, -gsN, -xact, -pf, "
+                                 "-pfN, -pmlp, -pmlpV)")
         yield name
     finally:
         llama.NORM_MAX_PARTS, arn.default_config, llama.GLU_IN_DOWN = old_parts, old_cfg, old_glu

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any
 
 import jax
@@ -55,9 +56,10 @@ class MlpConfig:
     Attributes:
       gate_up: the gate/up phase's :class:`~.gptq_matmul_mgpu.MgpuConfig` (``"grid"``, token-major).
       down: the down phase's (``"grid"``, token-major; its x tiles are made from fp32 gate / up).
-      ctas_per_sm: CTAs per SM, 1 or 2. All CTAs must be resident at once for the grid barrier:
-        two CTAs of 128 threads fit the register file whatever their register count, and
-        :func:`gptq_mlp_mgpu` checks shared memory.
+      ctas_per_sm: CTAs per SM, 1 to 4. All CTAs must be resident at once for the grid barrier:
+        two CTAs of 128 threads fit the register file whatever their register count (3: up to
+        170 registers per thread, 4: up to 128; the configs timed on an H100 in
+        benchmarks/RESULTS.md, session 19), and :func:`gptq_mlp_mgpu` checks shared memory.
       prefetch: before each work item a CTA issues TMA prefetches into L2 of the weight words of
         its next one (after its last gate/up item: its first down item, so those loads are on
         their way through the barrier), hiding the pipeline drain between items. ``"frag"``
@@ -130,8 +132,8 @@ def _validate(h: jax.Array, gate_up: Any, down: Any, cfg: MlpConfig, interpret: 
     if down.k % cfg.down.block_k:
         raise ValueError(f"gptq_mlp_mgpu: the intermediate size {down.k} must be a multiple of down's block_k="
                          f"{cfg.down.block_k} (up's columns start a K block of the down phase).")
-    if cfg.ctas_per_sm not in (1, 2):
-        raise ValueError(f"gptq_mlp_mgpu: ctas_per_sm must be 1 or 2 (all CTAs resident); got {cfg.ctas_per_sm}.")
+    if cfg.ctas_per_sm not in (1, 2, 3, 4):
+        raise ValueError(f"gptq_mlp_mgpu: ctas_per_sm must be 1 to 4 (all CTAs resident); got {cfg.ctas_per_sm}.")
     smem = _smem_bytes(cfg, gate_up, down, h.dtype)
     if cfg.ctas_per_sm * smem > SMEM_BYTES:
         raise ValueError(f"gptq_mlp_mgpu: {cfg.ctas_per_sm} CTAs per SM need {cfg.ctas_per_sm * smem} bytes of shared "
@@ -359,6 +361,30 @@ def reference(h: jax.Array, gate_up: mg.MgpuPacked, down: mg.MgpuPacked) -> jax.
     return y[:, : down.n].reshape(*h.shape[:-1], down.n)
 
 
+_VARIANT = re.compile(r"([1-4])(?:k([0-9]+))?(?:s([1-9]))?(nopf)?")  # main()'s timing variants
+
+
+def _variant(spec: str, cfg: MlpConfig, gate_up: mg.MgpuPacked | None = None) -> MlpConfig:
+    """``cfg`` changed by a timing variant ``<ctas per SM>[k<split>][s<max stages>][nopf]``
+    (:func:`main`): ``k``: the gate/up phase's K split (its items then have more K steps, and it
+    gets as many pipeline stages as it has steps, at most 8; needs ``gate_up``), ``s``: at most
+    that many stages in both phases, ``nopf``: no L2 prefetch of the next item."""
+    mt = _VARIANT.fullmatch(spec)
+    if not mt or (mt[2] and gate_up is None):
+        raise ValueError(f"variant {spec!r}: want <ctas per SM 1-4>[k<gate/up split>][s<max stages>][nopf], "
+                         "e.g. 2, 4s2, 2k4, 2nopf")
+    out = dataclasses.replace(cfg, ctas_per_sm=int(mt[1]), prefetch=mt[4] is None)
+    if mt[2]:
+        split = int(mt[2])
+        steps = gate_up.k_pad // out.gate_up.block_k // split
+        out = dataclasses.replace(out, gate_up=dataclasses.replace(out.gate_up, split_k=split,
+                                                                   num_stages=max(1, min(8, steps))))
+    if mt[3]:
+        out = dataclasses.replace(out, **{name: dataclasses.replace(c, num_stages=min(c.num_stages, int(mt[3])))
+                                          for name, c in (("gate_up", out.gate_up), ("down", out.down))})
+    return out
+
+
 def main() -> None:  # pragma: no cover - GPU timing
     """Time the kernel against the two-launch path (gate/up grid, then the down grid with the
     activation in its kernel) at the Llama-2-7B MLP shapes, weights rotated over copies larger
@@ -378,7 +404,9 @@ def main() -> None:  # pragma: no cover - GPU timing
     ap.add_argument("--interpret", action="store_true",
                     help="CPU smoke run through the interpreter (its times mean nothing)")
     ap.add_argument("--variants", default="2,1,2nopf",
-                    help="comma list: CTAs per SM, 'nopf' suffix: without the next item's L2 prefetch")
+                    help="comma list: CTAs per SM, then optionally 'kN' (gate/up split N ways, as many stages "
+                         "as its items have K steps, up to 8), 'sS' (at most S pipeline stages in both phases) "
+                         "and 'nopf' (without the next item's L2 prefetch), e.g. 4s2, 2k4")
     args = ap.parse_args()
     d, i = args.hidden, args.inter
 
@@ -394,8 +422,17 @@ def main() -> None:  # pragma: no cover - GPU timing
 
     def timed(f, h):
         """µs per call: ``reps`` calls rotating over the copies inside one jitted function (device
-        time dominates; the host issues one executable), best of 3."""
-        many = jax.jit(lambda h, ms: [f(h, *ms[r % len(ms)]) for r in range(args.reps)])
+        time dominates; the host issues one executable), best of 3. Each call's input depends on
+        the previous output (as in a model: independent calls could overlap on the GPU), through
+        one small elementwise op."""
+
+        def chain(h, ms):
+            for r in range(args.reps):
+                y = f(h, *ms[r % len(ms)])
+                h = (h.astype(jnp.float32) + 1e-30 * y[:, :d]).astype(h.dtype)
+            return h
+
+        many = jax.jit(chain)
         jax.block_until_ready(many(h, models))
         best = float("inf")
         for _ in range(3):
@@ -417,8 +454,12 @@ def main() -> None:  # pragma: no cover - GPU timing
         row = {"M": m, "two_launches_us": timed(two, h)}
         row["two_launches_err"] = float(jnp.linalg.norm(two(h, *models[0]) - ref)) / scale
         for v in args.variants.split(","):
-            cfg = dataclasses.replace(default_config(m, *models[0], interpret=ip),
-                                      ctas_per_sm=int(v.removesuffix("nopf")), prefetch=not v.endswith("nopf"))
+            cfg = _variant(v, default_config(m, *models[0], interpret=ip), models[0][0])
+            try:
+                _validate(h, *models[0], cfg, ip)
+            except ValueError as e:  # e.g. too much shared memory for that many CTAs per SM
+                row[f"persistent_cps{v}_skipped"] = str(e)
+                continue
 
             def f(h, gup, dn, cfg=cfg):
                 return gptq_mlp_mgpu(h, gup, dn, config=cfg, interpret=ip)[0]

@@ -154,6 +154,13 @@ def test_e2e_norm_variants_set_and_restore_the_model_knobs(bench_kernels):
     with bench_kernels.e2e_norm("pallas-pmlp1"):
         assert llama.PERSISTENT_MLP and pm.default_config(1, gu, dn).ctas_per_sm == 1
     assert pm.default_config(1, gu, dn).ctas_per_sm == 2
+    with bench_kernels.e2e_norm("auto-pmlp3s2"):
+        c, d = pm.default_config(1, gu, dn), pm_cfg(1, gu, dn)
+        assert (c.ctas_per_sm, c.gate_up.num_stages, c.down.num_stages) == (
+            3, min(2, d.gate_up.num_stages), min(2, d.down.num_stages))
+    with pytest.raises(SystemExit, match="-pmlp9x"):
+        with bench_kernels.e2e_norm("auto-pmlp9x"):
+            pass
     assert (llama.PERSISTENT_MLP, pm.default_config) == (False, pm_cfg)
     from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
     from jgptq.pallas_kernels.gptq_matmul_gpu import random_gptq_linear

@@ -107,8 +107,8 @@ def test_bad_inputs_are_refused_by_name():
     with pytest.raises(ValueError, match=r"acc must be float32 \(1, 8, 256\)"):
         pm.gptq_mlp_mgpu(h, gup, dn, acc=jnp.zeros((1, 2, 256), jnp.float32), interpret=True)
     cfg = pm.default_config(2, gup, dn, interpret=True)
-    with pytest.raises(ValueError, match="ctas_per_sm must be 1 or 2"):
-        pm.gptq_mlp_mgpu(h, gup, dn, config=dataclasses.replace(cfg, ctas_per_sm=3), interpret=True)
+    with pytest.raises(ValueError, match="ctas_per_sm must be 1 to 4"):
+        pm.gptq_mlp_mgpu(h, gup, dn, config=dataclasses.replace(cfg, ctas_per_sm=5), interpret=True)
     with pytest.raises(ValueError, match="split_k=1"):  # the interpreter has no TMA reduction
         pm.gptq_mlp_mgpu(h, gup, dn, interpret=True,
                          config=dataclasses.replace(cfg, gate_up=dataclasses.replace(cfg.gate_up, split_k=2)))
@@ -151,18 +151,42 @@ def test_hardware_kernel_lowers_for_cuda(m, monkeypatch):
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_compiled_on_gpu_matches_float64(m):
-    """Real launches (every CTA resident, the barrier between the phases), 1 and 2 CTAs per SM,
-    three launches in a row with the same result up to the fp32 order of the TMA adds."""
+    """Real launches (every CTA resident, the barrier between the phases), 1 to 4 CTAs per SM
+    (3 and 4 with fewer pipeline stages, as timed), three launches in a row with the same result up
+    to the fp32 order of the TMA adds."""
     w_gu, w_d, gup, dn = mlp(21 + m, 1024, 2816)
     h = jax.random.normal(jax.random.key(m), (m, 1024), jnp.float32).astype(jnp.bfloat16)
     ref = np_mlp(h, w_gu, w_d)
-    for cps in (1, 2):
-        cfg = dataclasses.replace(pm.default_config(m, gup, dn), ctas_per_sm=cps)
+    for cps in ("1", "2", "3s2", "4s2", "2k4"):
+        cfg = pm._variant(cps, pm.default_config(m, gup, dn), gup)
+        if m == 16 and cps == "4s2":  # its down phase's fp32 x tiles: too much shared memory for 4
+            with pytest.raises(ValueError, match="shared memory"):
+                pm.gptq_mlp_mgpu(h, gup, dn, config=cfg)
+            continue
         f = jax.jit(lambda h, cfg=cfg: pm.gptq_mlp_mgpu(h, gup, dn, config=cfg))
         ys = [np.asarray(f(h)[0], np.float64) for _ in range(3)]
         for y in ys:
             assert rel_err(y, ref) < 8e-3, cps
         np.testing.assert_allclose(ys[1], ys[0], rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_timing_variants():
+    """main()'s variant specs: CTAs per SM, a cap on both phases' pipeline stages, no prefetch;
+    a bad spec is refused by name."""
+    gup, dn = mlp(5, 256, 384)[2:]
+    cfg = pm.default_config(16, gup, dn)
+    v = pm._variant("4s2nopf", cfg)
+    assert (v.ctas_per_sm, v.prefetch) == (4, False)
+    assert v.gate_up.num_stages == min(2, cfg.gate_up.num_stages) and v.down.num_stages == min(2, cfg.down.num_stages)
+    assert dataclasses.replace(v, ctas_per_sm=2, prefetch=True, gate_up=cfg.gate_up, down=cfg.down) == cfg
+    assert pm._variant("2", cfg) == cfg
+    k = pm._variant("2k2", cfg, gup)
+    assert k.gate_up.split_k == 2 and k.gate_up.num_stages == min(8, gup.k_pad // cfg.gate_up.block_k // 2)
+    assert k.down == cfg.down
+    with pytest.raises(ValueError, match="variant '5'"):
+        pm._variant("5", cfg)
+    with pytest.raises(ValueError, match="variant '2k2'"):  # a split needs the gate/up layer
+        pm._variant("2k2", cfg)
 
 
 def test_dispatch_switch_and_refusals():
