@@ -218,15 +218,18 @@ GLU_IN_DOWN = False
 # True: with the norm kernels on, each quantized decode matmul whose kernel is a Mosaic decode grid
 # also prefetches into L2 the first weights of the matmul that runs after it (q/k/v -> o_proj ->
 # gate/up -> down -> the next block's q/k/v), so that kernel's first loads find them there
-# (gptq_matmul_mgpu_parts(prefetch=)). Off until timed on a GPU: session 13 measured 0.6-2.4 us per
-# 7B decode matmul between cold and L2-resident weights (benchmarks/RESULTS.md, sessions 13 and 16).
+# (gptq_matmul_mgpu_parts(prefetch=)). Off: session 13 bounded the gain at 0.6-2.4 us per 7B decode
+# matmul (cold against L2-resident weights), and on the H100 (session 17, scan of 20) it gained
+# nothing beyond the rounds' spread (2.47 against 2.48 ms at batch 1; benchmarks/RESULTS.md).
 PREFETCH_NEXT = False
 
 # True: with the norm kernels on, a quantized gated MLP (fused gate/up, no biases) whose layers run on
 # the Mosaic kernel runs its decode step as one persistent kernel: gate/up, a grid barrier, then
 # down with silu(gate) * up made in its x tiles (pallas_kernels.persistent_mlp; no SiLU kernel, one
-# launch instead of two). Off until timed on a GPU: built in session 18, checked in the interpreter
-# and lowered for CUDA, but no GPU was left to run it (benchmarks/RESULTS.md, session 18).
+# launch instead of two). Off: correct on an H100 but slower (session 19, 7B shapes, scan of 20:
+# 2.62 against 2.27 ms per step at batch 1, 3.62 against 3.01 at batch 16; the kernel takes 42.5 us
+# where the three kernels take 32.9), as its few resident CTAs keep fewer loads in flight
+# (benchmarks/RESULTS.md, session 19).
 PERSISTENT_MLP = False
 
 
