@@ -426,8 +426,8 @@ def main() -> None:  # pragma: no cover - GPU timing
     def timed(f, h):
         """µs per call: ``reps`` calls rotating over the copies inside one jitted function (device
         time dominates; the host issues one executable), best of 3. Each call's input depends on
-        the previous output (as in a model: independent calls could overlap on the GPU), through
-        one small elementwise op."""
+        the previous output, as in a model, through one small elementwise op (independent calls
+        repeat identical inputs, which XLA may compute once or overlap: session 19's run 1)."""
 
         def chain(h, ms):
             for r in range(args.reps):
