@@ -26,6 +26,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -526,6 +527,45 @@ E2E_CONFIGS = {
 }
 
 
+_GRID_SPEC = re.compile(r"g((?:-(?:s|c|x|bn|st|k)\d+)+)(?:@(\d+x\d+(?:\+\d+x\d+)*))?")
+_GRID_KNOBS = {"s": "min_steps", "c": "ctas_per_sm", "x": "max_split", "bn": "block_n"}
+
+
+def e2e_config(name: str):
+    """``--e2e-configs`` entry ``name`` as ``(pack_mgpu keyword arguments, config(default, m, packed))``:
+    a name of :data:`E2E_CONFIGS`, or a decode-grid spec ``g-<knob><N>...[@KxN[+KxN...]]`` whose knobs
+    are ``s`` (min_steps), ``c`` (ctas_per_sm), ``x`` (max_split), ``bn`` (the N tile), ``st``
+    (pipeline stages) and ``k`` (split-K forced, a divisor of the K blocks), applied at M <= 16 to the
+    layers of those K x N shapes only (all layers without ``@``): e.g. ``g-s2@4096x4096`` splits
+    o_proj of the 7B step into CTAs of 2 K blocks and leaves the other layers alone."""
+    if name in E2E_CONFIGS:
+        return E2E_CONFIGS[name]
+    match = _GRID_SPEC.fullmatch(name)
+    if match is None:
+        raise SystemExit(f"--e2e-configs: unknown variant {name!r}; known: {', '.join(E2E_CONFIGS)}, or a grid "
+                         "spec g-<knob><N>...[@KxN+...] with knobs s, c, x, bn, st, k (e.g. g-s2-bn64@4096x4096)")
+    knobs = dict(re.findall(r"-([a-z]+)(\d+)", match.group(1)))
+    if len(knobs) != len(re.findall(r"-", match.group(1))):
+        raise SystemExit(f"--e2e-configs: {name!r} sets a knob twice")
+    shapes = {tuple(int(v) for v in s.split("x")) for s in match.group(2).split("+")} if match.group(2) else None
+    grid_kw = {_GRID_KNOBS[k]: int(v) for k, v in knobs.items() if k in _GRID_KNOBS}
+
+    def pick(default, m, p):
+        if m > 16 or (shapes is not None and (p.k, p.n) not in shapes):
+            return default(m, p)
+        cfg = mg._grid_config(m, p, **grid_kw)
+        if "st" in knobs:
+            cfg = dataclasses.replace(cfg, num_stages=int(knobs["st"]))
+        if "k" in knobs:
+            split, nk = int(knobs["k"]), p.k_pad // cfg.block_k
+            if split < 1 or nk % split:
+                raise ValueError(f"{name}: split {split} does not divide the {nk} K blocks of {p.k} x {p.n}")
+            cfg = dataclasses.replace(cfg, split_k=split, split_reduce="tma" if split > 1 else "xla")
+        return cfg
+
+    return {}, pick
+
+
 def decode_attn_points(args, interp: bool) -> list[tuple[str, tuple[int, int, int, int, int]]]:
     """``--decode-attn-shapes`` as ``(spec, (B, H, KV, hd, S))``; tiny stand-ins in the interpreter."""
     out = []
@@ -900,9 +940,8 @@ def bench_e2e(args) -> list[dict]:
         runs.append(("gptq4_g128[mgpu,nk]", quant_lin, "mgpu", True, "nk"))
         runs.append(("gptq4_g128[mgpu,session4]", quant_lin, "mgpu", True, "session4"))
         runs.append(("gptq4_g128[mgpu,unpadded]", quant_lin, "mgpu", True, "unpadded"))
-    for name in filter(None, args.e2e_configs.split(",")):
-        if name not in E2E_CONFIGS:
-            raise SystemExit(f"--e2e-configs: unknown variant {name!r}; known: {', '.join(E2E_CONFIGS)}")
+    configs = {name: e2e_config(name) for name in filter(None, args.e2e_configs.split(","))}
+    for name in configs:
         runs.append((f"gptq4_g128[mgpu,{name}]", quant_lin, "mgpu", True, name))
     real_pack, real_default = mg.pack_mgpu, mg.default_config
     gen_models = {}
@@ -917,10 +956,10 @@ def bench_e2e(args) -> list[dict]:
         mg.pack_mgpu = (functools.partial(real_pack, layout="nk") if variant == "nk"
                         else functools.partial(real_pack, layout="nk", split_pad=False) if variant == "session4"
                         else functools.partial(real_pack, split_pad=False) if variant == "unpadded"
-                        else functools.partial(real_pack, **E2E_CONFIGS[variant][0]) if variant in E2E_CONFIGS
+                        else functools.partial(real_pack, **configs[variant][0]) if variant in configs
                         else real_pack)
         mg.default_config = ((lambda m, p: _session4_options(real_default(m, p))) if variant == "session4"
-                             else functools.partial(E2E_CONFIGS[variant][1], real_default) if variant in E2E_CONFIGS
+                             else functools.partial(configs[variant][1], real_default) if variant in configs
                              else real_default)
         params = build(make)
         model = LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16, fuse=fuse)
@@ -1230,7 +1269,7 @@ def main() -> None:
                          "partials), and the default without pack_mgpu's split_pad")
     ap.add_argument("--e2e-configs", default="",
                     help="comma list: also time the quantized model with these Mosaic-kernel variants "
-                         f"({', '.join(E2E_CONFIGS)})")
+                         f"({', '.join(E2E_CONFIGS)}) or decode-grid specs g-<knob><N>...[@KxN+...] (e2e_config)")
     ap.add_argument("--decode-attn", action="store_true",
                     help="only the decode-attention benchmark: pallas_kernels.decode_attention vs the models' "
                          "XLA attention (one new token per row over a KV cache)")

@@ -564,7 +564,7 @@ def _num_sms() -> int:
 
 
 def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm: int | None = None,
-                 max_split: int = 32) -> MgpuConfig:
+                 max_split: int = 32, block_n: int | None = None) -> MgpuConfig:
     """The ``"grid"`` schedule's tiles for ``m`` tokens (H100 / H200 sweeps, benchmarks/RESULTS.md):
     many short CTAs (split-K up to ~16 CTAs per SM at M <= 16; 8 pipeline stages at M <= 8, 4 at
     M <= 16), token-major partials and the explicit upcast layout for decode (at M = 16 token-major
@@ -574,8 +574,9 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm:
     tile.
 
     ``min_steps`` (K blocks per CTA at least, when K is split), ``ctas_per_sm`` (the CTA count
-    split-K aims for, per SM; default 16 / 8 / 2 by M) and ``max_split`` (the largest split) are
-    the benchmark's tuning knobs. A split K's partials are TMA-reduced in the kernel
+    split-K aims for, per SM; default 16 / 8 / 2 by M), ``max_split`` (the largest split) and
+    ``block_n`` (the N tile the split is chosen for, instead of the default's) are the benchmark's
+    tuning knobs. A split K's partials are TMA-reduced in the kernel
     (``split_reduce="tma"``; the interpreter adds them in XLA). Up to 32 splits: K = 11008 (split-padded to 88 blocks) then
     splits 22 ways of 4 blocks rather than 11 of 8 (the 7B down_proj at M = 1 in the decode step:
     13.3 -> 10.3 us on the H200, benchmarks/RESULTS.md session 10)."""
@@ -591,6 +592,10 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm:
         bm, bn, bk, stages = 128, 128, 128, 3
     else:
         bm, bn, bk, stages = 256, 64, 128, 2
+    if block_n is not None:
+        if block_n not in (64, 128) or packed.n_pad % block_n:
+            raise ValueError(f"block_n={block_n} must be 64 or 128 and divide Np={packed.n_pad}.")
+        bn = block_n
     if packed.n_pad % bn:
         bn = 64
     if packed.group_size == 64:  # K blocks of one group each, so that scale_mode="acc" applies
@@ -606,7 +611,7 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm:
                 split = d
                 if ctas * d >= target:
                     break
-    if 8 < m <= 16 and packed.n_pad >= 12288:
+    if 8 < m <= 16 and packed.n_pad >= 12288 and block_n is None:
         # wide layers at 9-16 tokens: 64-row N tiles under the split chosen for 128-row ones (twice the
         # CTAs, each with half the weights): the 7B decode step at batch 16 took 2.98 (2.87-2.99) against
         # 3.13 (3.09-3.28) ms on the H100 (fused q/k/v 22.0 -> 20.1 us, gate/up 28.9 -> 26.2 us

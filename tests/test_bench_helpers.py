@@ -129,6 +129,40 @@ def test_e2e_cache_fills_the_context_and_the_config_variants(bench_kernels):
         assert cands[0] == (mg.default_config(m, p), mg.default_layout(4)) and len(cands) > 3, m
 
 
+def test_e2e_grid_specs_change_only_the_named_layers(bench_kernels):
+    """--e2e-configs g-<knob><N>...[@KxN]: the decode grid's knobs at M <= 16, on the named shapes only;
+    bad specs are refused by name."""
+    import jax
+
+    from jgptq.pallas_kernels import gptq_matmul_mgpu as mg
+    from jgptq.pallas_kernels.gptq_matmul_gpu import random_gptq_linear
+
+    down = mg.pack_mgpu_linear(random_gptq_linear(jax.random.key(0), 11008, 256), bits=4)
+    square = mg.pack_mgpu_linear(random_gptq_linear(jax.random.key(1), 512, 512), bits=4)
+    default = lambda m, q: mg.default_config(m, q)  # noqa: E731
+    assert default(1, square).split_k == 1 and default(1, square).num_stages == 8  # 4 K blocks: unsplit
+    pack_kw, pick = bench_kernels.e2e_config("g-s1-bn64-st3@512x512")
+    assert pack_kw == {}
+    c = pick(default, 1, square)
+    assert (c.split_k, c.block_n, c.num_stages, c.split_reduce) == (4, 64, 3, "tma")
+    assert pick(default, 1, down) == default(1, down)  # another shape: untouched
+    assert pick(default, 64, square) == default(64, square)  # M > 16: untouched
+    _, pick_all = bench_kernels.e2e_config("g-s2")
+    assert pick_all(default, 1, down).split_k == 22 and pick_all(default, 1, square).split_k == 2  # max_split 32
+    assert bench_kernels.e2e_config("g-s2-x64")[1](default, 1, down).split_k == 44
+    c = bench_kernels.e2e_config("g-k2@11008x256+512x512")[1](default, 1, down)
+    assert c.split_k == 2 and c.split_reduce == "tma"
+    assert bench_kernels.e2e_config("g-k1")[1](default, 1, down).split_reduce == "xla"
+    with pytest.raises(ValueError, match="split 3 does not divide the 88 K blocks of 11008 x 256"):
+        bench_kernels.e2e_config("g-k3")[1](default, 1, down)
+    with pytest.raises(ValueError, match="block_n=32"):
+        bench_kernels.e2e_config("g-bn32")[1](default, 1, down)
+    for bad in ("g", "g-q2", "g-s2@4096", "g-s2-s4", "steps3"):
+        with pytest.raises(SystemExit, match="--e2e-configs"):
+            bench_kernels.e2e_config(bad)
+    assert bench_kernels.e2e_config("steps2") is bench_kernels.E2E_CONFIGS["steps2"]
+
+
 def test_e2e_norm_variants_set_and_restore_the_model_knobs(bench_kernels):
     """--e2e-norm suffixes: -pN / -glu / -xact change llama.NORM_MAX_PARTS / GLU_IN_DOWN only while the
     variant is traced; an unknown suffix is refused by name."""
