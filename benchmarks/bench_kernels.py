@@ -533,33 +533,40 @@ _GRID_KNOBS = {"s": "min_steps", "c": "ctas_per_sm", "x": "max_split", "bn": "bl
 
 def e2e_config(name: str):
     """``--e2e-configs`` entry ``name`` as ``(pack_mgpu keyword arguments, config(default, m, packed))``:
-    a name of :data:`E2E_CONFIGS`, or a decode-grid spec ``g-<knob><N>...[@KxN[+KxN...]]`` whose knobs
-    are ``s`` (min_steps), ``c`` (ctas_per_sm), ``x`` (max_split), ``bn`` (the N tile), ``st``
-    (pipeline stages) and ``k`` (split-K forced, a divisor of the K blocks), applied at M <= 16 to the
-    layers of those K x N shapes only (all layers without ``@``): e.g. ``g-s2@4096x4096`` splits
-    o_proj of the 7B step into CTAs of 2 K blocks and leaves the other layers alone."""
+    a name of :data:`E2E_CONFIGS`, or decode-grid specs ``g-<knob><N>...[@KxN[+KxN...]]`` joined by
+    ``/``. A spec's knobs are ``s`` (min_steps), ``c`` (ctas_per_sm), ``x`` (max_split), ``bn`` (the N
+    tile), ``st`` (pipeline stages) and ``k`` (split-K forced, a divisor of the K blocks); at M <= 16
+    a layer takes the first spec naming its K x N shape (a spec without ``@`` names every shape), and
+    a layer no spec names keeps the default: e.g. ``g-s2@4096x4096`` splits o_proj of the 7B step into
+    CTAs of 2 K blocks and leaves the other layers alone, ``g-s1@4096x4096/g-x64`` gives o_proj 1-block
+    CTAs and every other layer up to 64 splits."""
     if name in E2E_CONFIGS:
         return E2E_CONFIGS[name]
-    match = _GRID_SPEC.fullmatch(name)
-    if match is None:
-        raise SystemExit(f"--e2e-configs: unknown variant {name!r}; known: {', '.join(E2E_CONFIGS)}, or a grid "
-                         "spec g-<knob><N>...[@KxN+...] with knobs s, c, x, bn, st, k (e.g. g-s2-bn64@4096x4096)")
-    knobs = dict(re.findall(r"-([a-z]+)(\d+)", match.group(1)))
-    if len(knobs) != len(re.findall(r"-", match.group(1))):
-        raise SystemExit(f"--e2e-configs: {name!r} sets a knob twice")
-    shapes = {tuple(int(v) for v in s.split("x")) for s in match.group(2).split("+")} if match.group(2) else None
-    grid_kw = {_GRID_KNOBS[k]: int(v) for k, v in knobs.items() if k in _GRID_KNOBS}
+    specs = []
+    for spec in name.split("/"):
+        match = _GRID_SPEC.fullmatch(spec)
+        if match is None:
+            raise SystemExit(f"--e2e-configs: unknown variant {name!r} ({spec!r}); known: {', '.join(E2E_CONFIGS)}, "
+                             "or grid specs g-<knob><N>...[@KxN+...] joined by / with knobs s, c, x, bn, st, k "
+                             "(e.g. g-s2-bn64@4096x4096/g-x64)")
+        knobs = dict(re.findall(r"-([a-z]+)(\d+)", match.group(1)))
+        if len(knobs) != match.group(1).count("-"):
+            raise SystemExit(f"--e2e-configs: {spec!r} sets a knob twice")
+        shapes = {tuple(int(v) for v in s.split("x")) for s in match.group(2).split("+")} if match.group(2) else None
+        specs.append((spec, shapes, knobs))
 
     def pick(default, m, p):
-        if m > 16 or (shapes is not None and (p.k, p.n) not in shapes):
+        spec, knobs = next(((sp, kn) for sp, shapes, kn in specs if shapes is None or (p.k, p.n) in shapes),
+                           (None, None))
+        if m > 16 or spec is None:
             return default(m, p)
-        cfg = mg._grid_config(m, p, **grid_kw)
+        cfg = mg._grid_config(m, p, **{_GRID_KNOBS[k]: int(v) for k, v in knobs.items() if k in _GRID_KNOBS})
         if "st" in knobs:
             cfg = dataclasses.replace(cfg, num_stages=int(knobs["st"]))
         if "k" in knobs:
             split, nk = int(knobs["k"]), p.k_pad // cfg.block_k
             if split < 1 or nk % split:
-                raise ValueError(f"{name}: split {split} does not divide the {nk} K blocks of {p.k} x {p.n}")
+                raise ValueError(f"{spec}: split {split} does not divide the {nk} K blocks of {p.k} x {p.n}")
             cfg = dataclasses.replace(cfg, split_k=split, split_reduce="tma" if split > 1 else "xla")
         return cfg
 

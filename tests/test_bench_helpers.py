@@ -153,11 +153,15 @@ def test_e2e_grid_specs_change_only_the_named_layers(bench_kernels):
     c = bench_kernels.e2e_config("g-k2@11008x256+512x512")[1](default, 1, down)
     assert c.split_k == 2 and c.split_reduce == "tma"
     assert bench_kernels.e2e_config("g-k1")[1](default, 1, down).split_reduce == "xla"
+    _, first = bench_kernels.e2e_config("g-k4@512x512/g-k8/g-k2")  # the first spec naming the shape wins
+    assert first(default, 1, square).split_k == 4 and first(default, 1, down).split_k == 8
+    _, only = bench_kernels.e2e_config("g-k2@512x512/g-bn64@1x1")
+    assert only(default, 1, down) == default(1, down)
     with pytest.raises(ValueError, match="split 3 does not divide the 88 K blocks of 11008 x 256"):
         bench_kernels.e2e_config("g-k3")[1](default, 1, down)
     with pytest.raises(ValueError, match="block_n=32"):
         bench_kernels.e2e_config("g-bn32")[1](default, 1, down)
-    for bad in ("g", "g-q2", "g-s2@4096", "g-s2-s4", "steps3"):
+    for bad in ("g", "g-q2", "g-s2@4096", "g-s2-s4", "steps3", "g-s2/", "g-s2/steps2"):
         with pytest.raises(SystemExit, match="--e2e-configs"):
             bench_kernels.e2e_config(bad)
     assert bench_kernels.e2e_config("steps2") is bench_kernels.E2E_CONFIGS["steps2"]
