@@ -563,8 +563,8 @@ def _num_sms() -> int:
         return 132
 
 
-def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm: int | None = None,
-                 max_split: int = 32, block_n: int | None = None) -> MgpuConfig:
+def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int | None = None, ctas_per_sm: int | None = None,
+                 max_split: int | None = None, block_n: int | None = None) -> MgpuConfig:
     """The ``"grid"`` schedule's tiles for ``m`` tokens (H100 / H200 sweeps, benchmarks/RESULTS.md):
     many short CTAs (split-K up to ~16 CTAs per SM at M <= 16; 8 pipeline stages at M <= 8, 4 at
     M <= 16), token-major partials and the explicit upcast layout for decode (at M = 16 token-major
@@ -573,13 +573,23 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int = 4, ctas_per_sm:
     M <= 64 one 64-wide N tile per CTA; larger M dequantizes the weights in registers ("weights") under the widest token
     tile.
 
-    ``min_steps`` (K blocks per CTA at least, when K is split), ``ctas_per_sm`` (the CTA count
-    split-K aims for, per SM; default 16 / 8 / 2 by M), ``max_split`` (the largest split) and
-    ``block_n`` (the N tile the split is chosen for, instead of the default's) are the benchmark's
-    tuning knobs. A split K's partials are TMA-reduced in the kernel
-    (``split_reduce="tma"``; the interpreter adds them in XLA). Up to 32 splits: K = 11008 (split-padded to 88 blocks) then
-    splits 22 ways of 4 blocks rather than 11 of 8 (the 7B down_proj at M = 1 in the decode step:
-    13.3 -> 10.3 us on the H200, benchmarks/RESULTS.md session 10)."""
+    ``min_steps`` (K blocks per CTA at least, when K is split; default 2 at M <= 8, else 4),
+    ``ctas_per_sm`` (the CTA count split-K aims for, per SM; default 16 / 8 / 2 by M), ``max_split``
+    (the largest split; default 64 at M <= 8, else 32) and ``block_n`` (the N tile the split is
+    chosen for; default 64 at M <= 8) are the benchmark's tuning knobs. A split K's partials are
+    TMA-reduced in the kernel (``split_reduce="tma"``; the interpreter adds them in XLA). Up to 32
+    splits at 9-16 tokens: K = 11008 (split-padded to 88 blocks) then splits 22 ways of 4 blocks
+    rather than 11 of 8 (the 7B down_proj at M = 1 in the decode step: 13.3 -> 10.3 us on the H200,
+    benchmarks/RESULTS.md session 10). At M <= 8 more and shorter CTAs again: 64-row N tiles, K
+    blocks of 2 per CTA and up to 64 splits (q/k/v 3072 CTAs, o_proj 1024, gate/up 2752, down_proj
+    44 splits, 2816) took the matmuls of the 7B decode step at batch 1 on the H100 from 50.2 to
+    47.8 us per layer (q/k/v 12.58 -> 11.71, o_proj 5.95 -> 5.44, gate/up 20.1 -> 19.65, down
+    11.58 -> 11.01) and the step from 2.26 to 2.16 ms (session 20; at batch 16 the same knobs
+    measured 2.98 against 2.99 ms, so 9-16 tokens keep theirs)."""
+    small = m <= 8
+    min_steps = (2 if small else 4) if min_steps is None else min_steps
+    max_split = (64 if small else 32) if max_split is None else max_split
+    block_n = (64 if small else None) if block_n is None else block_n
     if min_steps < 1:
         raise ValueError(f"min_steps={min_steps} must be >= 1.")
     if m <= 16:

@@ -140,7 +140,7 @@ def test_e2e_grid_specs_change_only_the_named_layers(bench_kernels):
     down = mg.pack_mgpu_linear(random_gptq_linear(jax.random.key(0), 11008, 256), bits=4)
     square = mg.pack_mgpu_linear(random_gptq_linear(jax.random.key(1), 512, 512), bits=4)
     default = lambda m, q: mg.default_config(m, q)  # noqa: E731
-    assert default(1, square).split_k == 1 and default(1, square).num_stages == 8  # 4 K blocks: unsplit
+    assert (default(1, square).split_k, default(1, square).block_n) == (2, 64)  # 4 K blocks: 2 per CTA
     pack_kw, pick = bench_kernels.e2e_config("g-s1-bn64-st3@512x512")
     assert pack_kw == {}
     c = pick(default, 1, square)
@@ -148,8 +148,9 @@ def test_e2e_grid_specs_change_only_the_named_layers(bench_kernels):
     assert pick(default, 1, down) == default(1, down)  # another shape: untouched
     assert pick(default, 64, square) == default(64, square)  # M > 16: untouched
     _, pick_all = bench_kernels.e2e_config("g-s2")
-    assert pick_all(default, 1, down).split_k == 22 and pick_all(default, 1, square).split_k == 2  # max_split 32
-    assert bench_kernels.e2e_config("g-s2-x64")[1](default, 1, down).split_k == 44
+    assert pick_all(default, 1, down).split_k == 44 and pick_all(default, 1, square).split_k == 2  # max_split 64
+    assert bench_kernels.e2e_config("g-s2-x32")[1](default, 1, down).split_k == 22
+    assert bench_kernels.e2e_config("g-s4-x32-bn128")[1](default, 1, down) != default(1, down)  # session 19's
     c = bench_kernels.e2e_config("g-k2@11008x256+512x512")[1](default, 1, down)
     assert c.split_k == 2 and c.split_reduce == "tma"
     assert bench_kernels.e2e_config("g-k1")[1](default, 1, down).split_reduce == "xla"

@@ -72,13 +72,36 @@ def test_split_pad_widens_k_for_split_k(k, gs, want, monkeypatch):
     w, w_plain = (np.asarray(mg.dequantize_mgpu(q, jnp.float32)) for q in (p, plain))
     np.testing.assert_array_equal(w[:plain.k_pad], w_plain)
     assert not w[plain.k_pad:].any() if gs > 0 else True
-    if k == 11008:  # the decode grid: 22 K splits of 4 blocks (704 CTAs at N = 4096), not 2 of 43 (64 CTAs)
+    if k == 11008:  # the decode grid at 9-16 tokens: 22 K splits of 4 blocks (704 CTAs at N = 4096), not 2 of
+        # 43 (64 CTAs); at M <= 8 (2 blocks per CTA at least, 64 splits at most) 44 of 2, not 43 of 2
         monkeypatch.setattr(mg, "_num_sms", lambda: 132)
-        assert mg.default_config(1, p).split_k == 22 and mg.default_config(1, plain).split_k == 2
+        assert mg.default_config(16, p).split_k == 22 and mg.default_config(16, plain).split_k == 2
+        assert mg.default_config(1, p).split_k == 44 and mg.default_config(1, plain).split_k == 43
+        assert mg.default_config(1, p).block_n == 64 and mg.default_config(16, p).block_n == 128
         # decode grids TMA-reduce their partials on hardware (the interpreter adds them in XLA)
         assert mg.default_config(1, p).split_reduce == "tma" and mg._tma_reduces(mg.default_config(1, p), False)
         assert not mg._tma_reduces(mg.default_config(1, p), True)
-        assert mg._grid_config(1, p, max_split=16).split_k == 11
+        assert mg._grid_config(1, p, max_split=16, min_steps=4).split_k == 11
+
+
+def test_decode_grid_tiles_of_the_7b_layers(monkeypatch):
+    """The default decode grid (132 SMs) for the 7B step's layers, as session 20 measured it in the
+    step on the H100: at M <= 8 64-row N tiles, 2+ K blocks per CTA, up to 64 splits; at 9-16 tokens
+    128-row tiles (64 for the wide layers), 4+ blocks per CTA, up to 32 splits."""
+    import types
+
+    monkeypatch.setattr(mg, "_num_sms", lambda: 132)
+    layers = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11264, 4096)}
+    want = {1: {"qkv": (64, 16), "o": (64, 16), "gate_up": (64, 8), "down": (64, 44)},
+            8: {"qkv": (64, 16), "o": (64, 16), "gate_up": (64, 8), "down": (64, 44)},
+            16: {"qkv": (64, 8), "o": (128, 8), "gate_up": (64, 8), "down": (128, 22)}}
+    for m, by_layer in want.items():
+        for name, (k_pad, n) in layers.items():
+            p = types.SimpleNamespace(k_pad=k_pad, n_pad=n, group_size=128)
+            cfg = mg.default_config(m, p)
+            assert (cfg.block_n, cfg.split_k) == by_layer[name], (m, name, cfg)
+            assert cfg.schedule == "grid" and cfg.split_reduce == "tma" and cfg.block_m == (8 if m <= 8 else 16)
+            assert k_pad // cfg.block_k // cfg.split_k >= (2 if m <= 8 else 4)
 
 
 def test_split_pad_kernel_matches_numpy(monkeypatch):
