@@ -576,20 +576,21 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int | None = None, ct
     ``min_steps`` (K blocks per CTA at least, when K is split; default 2 at M <= 8, else 4),
     ``ctas_per_sm`` (the CTA count split-K aims for, per SM; default 16 / 8 / 2 by M), ``max_split``
     (the largest split; default 64 at M <= 8, else 32) and ``block_n`` (the N tile the split is
-    chosen for; default 64 at M <= 8) are the benchmark's tuning knobs. A split K's partials are
-    TMA-reduced in the kernel (``split_reduce="tma"``; the interpreter adds them in XLA). Up to 32
-    splits at 9-16 tokens: K = 11008 (split-padded to 88 blocks) then splits 22 ways of 4 blocks
-    rather than 11 of 8 (the 7B down_proj at M = 1 in the decode step: 13.3 -> 10.3 us on the H200,
-    benchmarks/RESULTS.md session 10). At M <= 8 more and shorter CTAs again: 64-row N tiles, K
-    blocks of 2 per CTA and up to 64 splits (q/k/v 3072 CTAs, o_proj 1024, gate/up 2752, down_proj
-    44 splits, 2816) took the matmuls of the 7B decode step at batch 1 on the H100 from 50.2 to
-    47.8 us per layer (q/k/v 12.58 -> 11.71, o_proj 5.95 -> 5.44, gate/up 20.1 -> 19.65, down
-    11.58 -> 11.01) and the step from 2.26 to 2.16 ms (session 20; at batch 16 the same knobs
-    measured 2.98 against 2.99 ms, so 9-16 tokens keep theirs)."""
+    chosen for) are the benchmark's tuning knobs. A split K's partials are TMA-reduced in the kernel
+    (``split_reduce="tma"``; the interpreter adds them in XLA). Up to 32 splits at 9-16 tokens:
+    K = 11008 (split-padded to 88 blocks) then splits 22 ways of 4 blocks rather than 11 of 8 (the
+    7B down_proj at M = 1 in the decode step: 13.3 -> 10.3 us on the H200, benchmarks/RESULTS.md
+    session 10). At M <= 8 more and shorter CTAs again: 2+ K blocks per CTA, up to 64 splits, and
+    64-row N tiles where 128-row ones stay under the CTA target (q/k/v 3072 CTAs, o_proj 1024,
+    down_proj 44 splits, 2816; gate/up and 8192 x 28672 reach it with 128 rows). In the 7B decode
+    step at batch 1 on the H100 that took the matmuls from 50.2 to 47.8 us per layer (q/k/v 12.58 ->
+    11.71, o_proj 5.95 -> 5.44, gate/up 20.1 -> 19.7, down 11.58 -> 11.01) and the step from 2.26 to
+    2.16 ms; 8192 x 28672 alone was faster with 128 rows (49.6 against 53.1 us), session 20. At
+    batch 16 the same knobs measured 2.98 against 2.99 ms, so 9-16 tokens keep theirs."""
     small = m <= 8
     min_steps = (2 if small else 4) if min_steps is None else min_steps
     max_split = (64 if small else 32) if max_split is None else max_split
-    block_n = (64 if small else None) if block_n is None else block_n
+    auto_bn = block_n is None
     if min_steps < 1:
         raise ValueError(f"min_steps={min_steps} must be >= 1.")
     if m <= 16:
@@ -612,15 +613,23 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int | None = None, ct
         bk = 64
         stages = min(2 * stages, 8)
     nk = packed.k_pad // bk
-    ctas = -(-m // bm) * (packed.n_pad // bn)
     target = (ctas_per_sm or (16 if m <= 16 else 2)) * _num_sms()
-    split = 1
-    if ctas < target:
-        for d in range(1, min(nk, max_split) + 1):
-            if nk % d == 0 and nk // d >= min_steps:  # keep >= min_steps pipeline steps per CTA
-                split = d
-                if ctas * d >= target:
-                    break
+
+    def split_for(bn):
+        ctas, split = -(-m // bm) * (packed.n_pad // bn), 1
+        if ctas < target:
+            for d in range(1, min(nk, max_split) + 1):
+                if nk % d == 0 and nk // d >= min_steps:  # keep >= min_steps pipeline steps per CTA
+                    split = d
+                    if ctas * d >= target:
+                        break
+        return split, ctas * split
+
+    split, ctas = split_for(bn)
+    if small and auto_bn and bn == 128 and ctas < target:
+        # decode: a layer whose 128-row tiles stay under the CTA target takes 64-row ones
+        bn = 64
+        split, _ = split_for(bn)
     if 8 < m <= 16 and packed.n_pad >= 12288 and block_n is None:
         # wide layers at 9-16 tokens: 64-row N tiles under the split chosen for 128-row ones (twice the
         # CTAs, each with half the weights): the 7B decode step at batch 16 took 2.98 (2.87-2.99) against

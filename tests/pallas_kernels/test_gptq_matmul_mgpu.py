@@ -86,15 +86,17 @@ def test_split_pad_widens_k_for_split_k(k, gs, want, monkeypatch):
 
 def test_decode_grid_tiles_of_the_7b_layers(monkeypatch):
     """The default decode grid (132 SMs) for the 7B step's layers, as session 20 measured it in the
-    step on the H100: at M <= 8 64-row N tiles, 2+ K blocks per CTA, up to 64 splits; at 9-16 tokens
-    128-row tiles (64 for the wide layers), 4+ blocks per CTA, up to 32 splits."""
+    step on the H100: at M <= 8 2+ K blocks per CTA, up to 64 splits, 64-row N tiles where 128-row
+    ones stay under 16 CTAs per SM; at 9-16 tokens 128-row tiles (64 for the wide layers), 4+ blocks
+    per CTA, up to 32 splits. 8192 x 28672 keeps 128-row tiles and 16 splits at M = 1."""
     import types
 
     monkeypatch.setattr(mg, "_num_sms", lambda: 132)
-    layers = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11264, 4096)}
-    want = {1: {"qkv": (64, 16), "o": (64, 16), "gate_up": (64, 8), "down": (64, 44)},
-            8: {"qkv": (64, 16), "o": (64, 16), "gate_up": (64, 8), "down": (64, 44)},
-            16: {"qkv": (64, 8), "o": (128, 8), "gate_up": (64, 8), "down": (128, 22)}}
+    layers = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11264, 4096),
+              "big": (8192, 28672)}
+    small = {"qkv": (64, 16), "o": (64, 16), "gate_up": (128, 16), "down": (64, 44), "big": (128, 16)}
+    want = {1: small, 8: small,
+            16: {"qkv": (64, 8), "o": (128, 8), "gate_up": (64, 8), "down": (128, 22), "big": (64, 16)}}
     for m, by_layer in want.items():
         for name, (k_pad, n) in layers.items():
             p = types.SimpleNamespace(k_pad=k_pad, n_pad=n, group_size=128)
