@@ -481,16 +481,13 @@ def _pallas_call(kernel, cfg: DecodeAttentionConfig, interpret: bool, name: str,
 
 def _combine(o_p, m_p, l_p, g: int, dtype):
     """Splits' fp32 partials ``(o, max, sum)`` ``[B, KV, splits, Gp, ...]`` -> ``[B, KV, G, hd]``: each
-    rescaled to the overall max, added, divided by the total sum. The padding rows past ``G`` are
-    dropped first (with one query head per KV head, 15 of the 16 rows), so that XLA reads and
-    combines only the real ones."""
-    o_p, m_p, l_p = o_p[:, :, :, :g], m_p[..., :g], l_p[..., :g]
+    rescaled to the overall max, added, divided by the total sum."""
     m = jnp.max(m_p, axis=2, keepdims=True)
     w = jnp.where(m_p == -jnp.inf, 0.0, jnp.exp(m_p - jnp.where(m == -jnp.inf, 0.0, m)))
     l_tot = jnp.sum(w * l_p, axis=2)
     o_sum = jnp.sum(w[..., None] * o_p, axis=2)
     o = jnp.where(l_tot[..., None] > 0, o_sum / jnp.where(l_tot > 0, l_tot, 1.0)[..., None], 0.0)
-    return o.astype(dtype)
+    return o[:, :, :g].astype(dtype)
 
 
 def reference_update(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_valid: jax.Array,
