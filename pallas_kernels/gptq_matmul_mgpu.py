@@ -585,8 +585,9 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int | None = None, ct
     down_proj 44 splits, 2816; gate/up and 8192 x 28672 reach it with 128 rows). In the 7B decode
     step at batch 1 on the H100 that took the matmuls from 50.2 to 47.8 us per layer (q/k/v 12.58 ->
     11.71, o_proj 5.95 -> 5.44, gate/up 20.1 -> 19.7, down 11.58 -> 11.01) and the step from 2.26 to
-    2.16 ms; 8192 x 28672 alone was faster with 128 rows (49.6 against 53.1 us), session 20. At
-    batch 16 the same knobs measured 2.98 against 2.99 ms, so 9-16 tokens keep theirs."""
+    2.16-2.18 ms (session 20; gate/up in the step and 8192 x 28672 alone measured the same with
+    64-row tiles). At batch 16 the same knobs measured 2.98 against 2.99 ms, so 9-16 tokens keep
+    theirs."""
     small = m <= 8
     min_steps = (2 if small else 4) if min_steps is None else min_steps
     max_split = (64 if small else 32) if max_split is None else max_split
