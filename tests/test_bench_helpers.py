@@ -325,3 +325,48 @@ def test_mgpu_variants_replace_fields_of_the_default_config(bench_kernels):
         bench_kernels.parse_variants("stages3")
     with pytest.raises(ValueError, match="num_stage"):
         bench_kernels.variant_configs(base, [{"num_stage": 3}])
+
+
+def test_mgpu_default_is_timed_again_after_the_other_configs(bench_kernels, monkeypatch):
+    """The Mosaic sweep times the default config first and again after the others (its own
+    '#again' row, the table's def_again column), so that a position effect shows up as such; off with
+    DEFAULT_AGAIN; with one config nothing is repeated. Runs the interpreter on a small layer."""
+    import jax
+    import jax.numpy as jnp
+
+    from jgptq.pallas_kernels.gptq_matmul_gpu import random_gptq_linear
+
+    calls = []
+
+    def fake_time(fn, args, copies):  # 20, 30, 40, ... us: the n-th timing in a run
+        calls.append(fn)
+        return 1e-5 * (1 + len(calls))
+
+    monkeypatch.setattr(bench_kernels, "time_jax", fake_time)
+    monkeypatch.setattr(bench_kernels, "MGPU_VARIANTS", [{"num_stages": 2}])
+    k, n, m = 256, 128, 3
+    lins = [random_gptq_linear(jax.random.key(i), k, n, bits=4, group_size=128) for i in range(2)]
+    x = jax.random.normal(jax.random.key(7), (m, k), jnp.float32).astype(jnp.bfloat16)
+
+    def run():
+        rows = []
+        rec = lambda m_, name, t, nbytes, err=None, cfg=None, layout=None: rows.append(  # noqa: E731
+            dict(K=k, N=n, M=m_, variant=name, us=t * 1e6, err=err))
+        bench_kernels.bench_mgpu(k, n, m, x, lins, 2, 0, rec, rows)
+        return rows
+
+    rows = run()
+    names = [r["variant"] for r in rows]
+    assert len(names) == 3 and names[2] == names[0] + bench_kernels.AGAIN_SUFFIX and names[1] != names[0], names
+    assert all(r["err"] < 1e-2 for r in rows)  # the interpreter's results vs mg.reference
+    first, again = bench_kernels.default_times(rows)
+    assert (round(first, 3), round(again, 3)) == (20.0, 40.0)  # the stub's 1st and 3rd timing
+    assert calls[2] is calls[0]  # the default's compiled function, not a new one
+    monkeypatch.setattr(bench_kernels, "DEFAULT_AGAIN", False)
+    calls.clear()
+    assert [r["variant"] for r in run()] == names[:2]
+    monkeypatch.setattr(bench_kernels, "DEFAULT_AGAIN", True)
+    monkeypatch.setattr(bench_kernels, "MAX_MGPU_CFGS", 1)
+    assert [r["variant"] for r in run()] == names[:1]
+    nan_first, nan_again = bench_kernels.default_times(rows[:1])
+    assert nan_first == rows[0]["us"] and nan_again != nan_again
