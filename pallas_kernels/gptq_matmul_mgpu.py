@@ -583,10 +583,10 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int | None = None, ct
     session 10). At M <= 8 more and shorter CTAs again: 2+ K blocks per CTA, up to 64 splits, and
     64-row N tiles where 128-row ones stay under the CTA target (q/k/v 3072 CTAs, o_proj 1024,
     down_proj 44 splits, 2816; gate/up and 8192 x 28672 reach it with 128 rows). In the 7B decode
-    step at batch 1 on the H100 that took the matmuls from 50.2 to 47.8 us per layer (q/k/v 12.58 ->
-    11.71, o_proj 5.95 -> 5.44, gate/up 20.1 -> 19.7, down 11.58 -> 11.01) and the step from 2.26 to
-    2.16-2.18 ms (session 20; gate/up in the step and 8192 x 28672 alone measured the same with
-    64-row tiles). At batch 16 the same knobs measured 2.98 against 2.99 ms, so 9-16 tokens keep
+    step at batch 1 on the H100 that took the matmuls from 50.2 to 47.9 us per layer (q/k/v 12.61 ->
+    11.68, o_proj 5.95 -> 5.41, gate/up 20.1 -> 19.74, down 11.58 -> 11.04) and the step from 2.28 to
+    2.18 ms (2.12-2.18 over three runs; session 20; gate/up in the step and 8192 x 28672 alone
+    measured the same with 64-row tiles). At batch 16 the same knobs measured 2.98 against 2.99 ms, so 9-16 tokens keep
     theirs."""
     small = m <= 8
     min_steps = (2 if small else 4) if min_steps is None else min_steps
