@@ -115,8 +115,10 @@ def test_bad_inputs_are_refused_by_name():
     with pytest.raises(ValueError, match="token-major 'grid'"):
         pm.gptq_mlp_mgpu(h, gup, dn, interpret=True,
                          config=dataclasses.replace(cfg, down=dataclasses.replace(cfg.down, transpose_out=False)))
-    big = dataclasses.replace(cfg, gate_up=dataclasses.replace(cfg.gate_up, num_stages=12))
-    with pytest.raises(ValueError, match="shared memory"):
+    # 16 stages of gate/up tiles for each of 4 CTAs per SM: more than an SM holds with 64- or 128-row tiles
+    big = dataclasses.replace(cfg, ctas_per_sm=4, gate_up=dataclasses.replace(cfg.gate_up, num_stages=16))
+    assert 4 * pm._smem_bytes(big, gup, dn, h.dtype) > pm.SMEM_BYTES
+    with pytest.raises(ValueError, match="4 CTAs per SM need .* shared memory"):
         pm.gptq_mlp_mgpu(h, gup, dn, config=big, interpret=True)
 
 
