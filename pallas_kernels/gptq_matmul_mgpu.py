@@ -585,9 +585,9 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int | None = None, ct
     down_proj 44 splits, 2816; gate/up and 8192 x 28672 reach it with 128 rows). In the 7B decode
     step at batch 1 on the H100 that took the matmuls from 50.2 to 47.9 us per layer (q/k/v 12.61 ->
     11.68, o_proj 5.95 -> 5.41, gate/up 20.1 -> 19.74, down 11.58 -> 11.04) and the step from 2.28 to
-    2.18 ms (2.12-2.18 over three runs; session 20; gate/up in the step and 8192 x 28672 alone
-    measured the same with 64-row tiles). At batch 16 the same knobs measured 2.98 against 2.99 ms, so 9-16 tokens keep
-    theirs."""
+    2.18 ms (2.12-2.18 over three runs; session 20; gate/up in the step measured the same with
+    64-row tiles, and 8192 x 28672 alone could not tell the two apart). At batch 16 the same knobs
+    measured 2.98 against 2.99 ms, so 9-16 tokens keep theirs."""
     small = m <= 8
     min_steps = (2 if small else 4) if min_steps is None else min_steps
     max_split = (64 if small else 32) if max_split is None else max_split
@@ -631,7 +631,7 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int | None = None, ct
         # decode: a layer whose 128-row tiles stay under the CTA target takes 64-row ones
         bn = 64
         split, _ = split_for(bn)
-    if 8 < m <= 16 and packed.n_pad >= 12288 and block_n is None:
+    if 8 < m <= 16 and packed.n_pad >= 12288 and auto_bn:
         # wide layers at 9-16 tokens: 64-row N tiles under the split chosen for 128-row ones (twice the
         # CTAs, each with half the weights): the 7B decode step at batch 16 took 2.98 (2.87-2.99) against
         # 3.13 (3.09-3.28) ms on the H100 (fused q/k/v 22.0 -> 20.1 us, gate/up 28.9 -> 26.2 us
