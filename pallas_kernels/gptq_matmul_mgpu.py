@@ -659,8 +659,8 @@ def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
       (``"acc"``); two compute warpgroups over 256-row weight tiles for big layers, one
       warpgroup and 2 CTAs per SM otherwise.
     * larger M: two compute warpgroups dequantizing ``[64, 64]`` weight tiles in registers
-      under a 256- (128-) token tile; whole tiles per CTA written straight to ``y`` when there are
-      at least as many tiles as SMs (``"tiles"``), else stream-K to split K as well.
+      under a 256- (128-) token tile; whole tiles per CTA written straight to ``y`` when the tiles
+      cover at least 5/8 of the SMs (``"tiles"``), else stream-K over 128-token tiles to split K as well.
     """
     if m <= 16:
         return _grid_config(m, packed)
@@ -678,14 +678,20 @@ def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
                           schedule="stream", ctas_per_sm=cps, compute_wgs=wgs)
     bm = 256 if m >= 256 else 128
     tiles = -(-m // bm) * (packed.n_pad // 128)
-    schedule = "tiles" if tiles >= _num_sms() else "stream"
+    # whole tiles once they cover 5/8 of the SMs: a wave of whole tiles on 85-97 % of the SMs beat stream-K
+    # (4096 x 14336 at M = 256: 45.9 against 61.7-67.0 us; 4096 x 4096 and 14336 x 4096 at M = 1024:
+    # 50.2 / 158.8 against 74-84 / 213-245 us); at 24 % stream-K wins by 2-2.6x (M = 256 of those two).
+    # Stream-K ran at ~0.63 of the tiles' per-SM rate there, hence the 5/8 (H100, session 21)
+    schedule = "tiles" if 8 * tiles >= 5 * _num_sms() else "stream"
     if schedule == "stream":
         bm = 128  # fp32 partial-sum tiles of 2 x [64, 256] would not fit SMEM beside the pipeline
-    # K blocks of 64 under 256-token tiles (201 vs 244+ us at M = 256), of 128 under whole 128-token
-    # tiles (127 vs 145 us at M = 128; 8192 x 28672 on the H200)
-    bk = 128 if schedule == "tiles" and bm == 128 else 64
-    # 3 pipeline stages from 4096 tokens (8192 x 28672 on the H100, session 18: 2554 / 2662 against 2642 /
-    # 2706 us with 4 stages in two runs; at 1024 tokens 3 stages were slower, 659 against 623 us)
+        # K blocks of 128 (4096 x 4096 / 14336 x 4096 at M = 256: 22.7 / 56.9 against 24.2-24.6 / 59.1-60.4
+        # us with 64; H100, session 21)
+        bk = 64 if gs == 64 or packed.k_pad % 128 else 128
+    else:
+        # K blocks of 64 under 256-token tiles (201 vs 244+ us at M = 256), of 128 under whole 128-token
+        # tiles (127 vs 145 us at M = 128; 8192 x 28672 on the H200)
+        bk = 128 if bm == 128 else 64
     return MgpuConfig(block_m=bm, block_n=64, block_k=bk, num_stages=3 if m >= 4096 else 4, scale_mode="weights",
                       w_layout="upcast", schedule=schedule, ctas_per_sm=1, compute_wgs=2)
 

@@ -106,6 +106,33 @@ def test_decode_grid_tiles_of_the_7b_layers(monkeypatch):
             assert k_pad // cfg.block_k // cfg.split_k >= (2 if m <= 8 else 4)
 
 
+def test_prefill_schedule_by_sm_coverage(monkeypatch):
+    """Above 64 tokens (132 SMs): whole 256-token tiles once they cover 5/8 of the SMs, else stream-K
+    over 128-token tiles with K blocks of 128 (64 for group size 64), as measured on the H100 in session 21."""
+    import types
+
+    monkeypatch.setattr(mg, "_num_sms", lambda: 132)
+    want = {  # (K, N, M): (schedule, block_m, block_k)
+        (4096, 14336, 256): ("tiles", 256, 64),  # 112 tiles, 85 % of the SMs
+        (4096, 4096, 1024): ("tiles", 256, 64),  # 128 tiles
+        (14336, 4096, 1024): ("tiles", 256, 64),
+        (4096, 4096, 256): ("stream", 128, 128),  # 32 tiles
+        (14336, 4096, 256): ("stream", 128, 128),
+        (8192, 28672, 256): ("tiles", 256, 64),
+        (4096, 4096, 4096): ("tiles", 256, 64),
+        (4096, 14336, 128): ("tiles", 128, 128),
+        (4096, 4096, 128): ("stream", 128, 128),
+    }
+    for (k, n, m), (schedule, bm, bk) in want.items():
+        cfg = mg.default_config(m, types.SimpleNamespace(k_pad=k, n_pad=n, group_size=128))
+        assert (cfg.schedule, cfg.block_m, cfg.block_k) == (schedule, bm, bk), (k, n, m, cfg)
+        assert cfg.compute_wgs == 2 and cfg.split_k == 1
+    # 82 tiles of 160 SMs (51 %) stay stream-K; group size 64 keeps K blocks of 64
+    monkeypatch.setattr(mg, "_num_sms", lambda: 160)
+    assert mg.default_config(256, types.SimpleNamespace(k_pad=4096, n_pad=10496, group_size=128)).schedule == "stream"
+    assert mg.default_config(256, types.SimpleNamespace(k_pad=4096, n_pad=4096, group_size=64)).block_k == 64
+
+
 def test_split_pad_kernel_matches_numpy(monkeypatch):
     """A split-padded layer (K = 4992 -> 5120) through the interpreter with K split 8 ways (the
     last split holds the padding block) and through the default decode config, vs float64."""
