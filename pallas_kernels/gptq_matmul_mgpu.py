@@ -685,9 +685,10 @@ def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
     schedule = "tiles" if 8 * tiles >= 5 * _num_sms() else "stream"
     if schedule == "stream":
         bm = 128  # fp32 partial-sum tiles of 2 x [64, 256] would not fit SMEM beside the pipeline
-        # K blocks of 128 (4096 x 4096 / 14336 x 4096 at M = 256: 22.7 / 56.9 against 24.2-24.6 / 59.1-60.4
-        # us with 64; H100, session 21)
-        bk = 64 if gs == 64 or packed.k_pad % 128 else 128
+        # K blocks of 128 for 4-bit weights in groups of 128 (or per channel): 4096 x 4096 / 14336 x 4096 at
+        # M = 256 took 22.7 / 56.9 against 24.2-24.6 / 59.1-60.4 us with 64 (H100, session 21). 8-bit
+        # weights or g32's scale rows would not fit SMEM with 128 (264 / 238 KB, compiled on the H100)
+        bk = 128 if packed.bits == 4 and gs % 128 == 0 and packed.k_pad % 128 == 0 else 64
     else:
         # K blocks of 64 under 256-token tiles (201 vs 244+ us at M = 256), of 128 under whole 128-token
         # tiles (127 vs 145 us at M = 128; 8192 x 28672 on the H200)

@@ -124,13 +124,18 @@ def test_prefill_schedule_by_sm_coverage(monkeypatch):
         (4096, 4096, 128): ("stream", 128, 128),
     }
     for (k, n, m), (schedule, bm, bk) in want.items():
-        cfg = mg.default_config(m, types.SimpleNamespace(k_pad=k, n_pad=n, group_size=128))
+        cfg = mg.default_config(m, types.SimpleNamespace(k_pad=k, n_pad=n, group_size=128, bits=4))
         assert (cfg.schedule, cfg.block_m, cfg.block_k) == (schedule, bm, bk), (k, n, m, cfg)
         assert cfg.compute_wgs == 2 and cfg.split_k == 1
-    # 82 tiles of 160 SMs (51 %) stay stream-K; group size 64 keeps K blocks of 64
+    # 82 tiles of 160 SMs (51 %) stay stream-K; 8-bit weights and groups of 32 / 64 keep stream-K's K blocks
+    # of 64 (128 overflowed SMEM on the H100 for 8-bit g128 and 4-bit g32)
     monkeypatch.setattr(mg, "_num_sms", lambda: 160)
-    assert mg.default_config(256, types.SimpleNamespace(k_pad=4096, n_pad=10496, group_size=128)).schedule == "stream"
-    assert mg.default_config(256, types.SimpleNamespace(k_pad=4096, n_pad=4096, group_size=64)).block_k == 64
+    ns = types.SimpleNamespace
+    assert mg.default_config(256, ns(k_pad=4096, n_pad=10496, group_size=128, bits=4)).schedule == "stream"
+    for bits, gs in ((4, 64), (4, 32), (8, 128)):
+        cfg = mg.default_config(130, ns(k_pad=2048, n_pad=1024, group_size=gs, bits=bits))
+        assert (cfg.schedule, cfg.block_k) == ("stream", 64), (bits, gs, cfg)
+    assert mg.default_config(130, ns(k_pad=2048, n_pad=1024, group_size=2048, bits=4)).block_k == 128  # per channel
 
 
 def test_split_pad_kernel_matches_numpy(monkeypatch):
