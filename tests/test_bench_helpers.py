@@ -286,7 +286,7 @@ def test_persistent_phases_probe_variants(persistent_phases):
     pp = persistent_phases
     w = jax.random.randint(jax.random.key(random.randrange(2**31)), (3, 2, 8, pp.COLS), -2**31, 2**31 - 1,
                            jnp.int32)
-    for variant in ("chain", "chain_pf", "stream"):
+    for variant in ("chain", "chain_pf", "chain_pdl", "stream"):
         out = pp.run_variant(w, variant, True)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(w[-1]), err_msg=variant)
     for variant in pp.BARRIERS:
@@ -296,6 +296,9 @@ def test_persistent_phases_probe_variants(persistent_phases):
     assert text.count("custom_call @mosaic_gpu") == 3 and "slice" not in text  # w passed whole: no copies
     assert "prefetch" in text
     assert "prefetch" not in pp.run_variant.trace(w, "chain", False).lower(lowering_platforms=("cuda",)).as_text()
+    text = pp.run_variant.trace(w, "chain_pdl", False).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("griddepcontrol.launch_dependents") == 3 and text.count("griddepcontrol.wait") == 3
+    assert "griddepcontrol" not in pp.run_variant.trace(w, "chain", False).lower(lowering_platforms=("cuda",)).as_text()
     with pytest.raises(ValueError, match="variant must be one of"):
         pp.run_variant(w, "spin", True)
     with pytest.raises(ValueError, match=r"int32 \[P, G, R, 64\]"):

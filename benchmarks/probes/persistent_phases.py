@@ -22,6 +22,12 @@ for it; ``w`` spans ``P * G * R * 256`` bytes, more than L2 at ``R = 128``.
 * ``chain_pf``: the same launches, each CTA ending with a TMA prefetch of its slice of
   ``w[p + 1]`` into L2 (``plgpu.async_prefetch``), as a decode matmul could prefetch the next
   matmul's weights (the cheap form of overlap, which keeps one launch per op).
+* ``chain_pdl``: the same launches written for programmatic dependent launch (PDL): each CTA
+  first lets the next launch start (``griddepcontrol.launch_dependents``), issues its load, and
+  waits for the previous launch to finish (``griddepcontrol.wait``) only before it stores its
+  output. Where the launcher or the CUDA graph honours PDL, launch ``p + 1``'s loads overlap
+  launch ``p``'s tail and the time per phase falls towards ``stream``; where it does not, both
+  instructions are no-ops and it times as ``chain``. This is the question the probe answers.
 * ``barrier``: one launch whose CTAs run the ``P`` phases with a grid-wide barrier after each;
   a phase's load is issued after the barrier before it.
 * ``overlap``: the same, but phase ``p + 1``'s load is issued before phase ``p``'s barrier
@@ -67,7 +73,7 @@ from jax.experimental import pallas as pl
 from jgptq.pallas_kernels.grid_sync import counter_barrier, counter_reset  # the library's barrier, timed here
 
 COLS = 64  # int32 words per row: 256-byte rows
-VARIANTS = ("chain", "chain_pf", "barrier", "overlap", "counter", "counter_ov", "stream")
+VARIANTS = ("chain", "chain_pf", "chain_pdl", "barrier", "overlap", "counter", "counter_ov", "stream")
 BARRIERS = ("barrier", "overlap", "counter", "counter_ov")
 
 
@@ -157,11 +163,14 @@ def _persistent(w: jax.Array, variant: str, interpret: bool) -> jax.Array:
     return run(w)
 
 
-def _one_phase(interpret: bool, w: jax.Array, p: int, prev: jax.Array, prefetch: bool = False) -> jax.Array:
+def _one_phase(interpret: bool, w: jax.Array, p: int, prev: jax.Array, prefetch: bool = False,
+               pdl: bool = False) -> jax.Array:
     """``chain``'s launch ``p``: each CTA copies ``w[p, g]`` through SMEM to the output (``w`` is
     passed whole and indexed in the kernel, so XLA adds no slice copies). ``prev`` (the last
     launch's output) is an operand the kernel does not read: it orders the launches. With
-    ``prefetch`` each CTA then prefetches ``w[p + 1, g]`` into L2 (the interpreter skips it)."""
+    ``prefetch`` each CTA then prefetches ``w[p + 1, g]`` into L2 (the interpreter skips it). With
+    ``pdl`` it releases the next launch first and waits for the previous one just before its store
+    (the interpreter runs launches one after another and skips both)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     _, n_cta, rows, _ = w.shape
@@ -169,8 +178,12 @@ def _one_phase(interpret: bool, w: jax.Array, p: int, prev: jax.Array, prefetch:
     def body(w_gmem, prev_gmem, o_gmem, buf, bar):
         del prev_gmem
         g = jax.lax.axis_index("g")
+        if pdl and not interpret:
+            plgpu.griddepcontrol_launch_dependents()
         plgpu.copy_gmem_to_smem(w_gmem.at[p, g], buf, bar.at[0])
         plgpu.barrier_wait(bar.at[0])
+        if pdl and not interpret:
+            plgpu.griddepcontrol_wait()  # the previous launch's output is complete and visible from here
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(buf, o_gmem.at[g])
         if prefetch and not interpret:
@@ -184,11 +197,11 @@ def _one_phase(interpret: bool, w: jax.Array, p: int, prev: jax.Array, prefetch:
     return run(w, prev)
 
 
-def _chain(w: jax.Array, interpret: bool, prefetch: bool = False) -> jax.Array:
+def _chain(w: jax.Array, interpret: bool, prefetch: bool = False, pdl: bool = False) -> jax.Array:
     n_ph, n_cta, rows = _check(w)
     out = jnp.zeros((n_cta, rows, COLS), jnp.int32)
     for p in range(n_ph):  # unrolled: P launches in one executable (one command buffer on the GPU)
-        out = _one_phase(interpret, w, p, out, prefetch and p + 1 < n_ph)
+        out = _one_phase(interpret, w, p, out, prefetch and p + 1 < n_ph, pdl)
     return out
 
 
@@ -197,8 +210,8 @@ def run_variant(w: jax.Array, variant: str, interpret: bool = False) -> jax.Arra
     """``w [P, G, R, 64]`` int32 through one variant -> ``[G, R, 64]``, which equals ``w[P - 1]``."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
-    if variant in ("chain", "chain_pf"):
-        return _chain(w, interpret, prefetch=variant == "chain_pf")
+    if variant in ("chain", "chain_pf", "chain_pdl"):
+        return _chain(w, interpret, prefetch=variant == "chain_pf", pdl=variant == "chain_pdl")
     return _persistent(w, variant, interpret)
 
 
