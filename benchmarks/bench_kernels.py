@@ -870,8 +870,9 @@ def e2e_attention(variant: str):
     """``--e2e-attention`` variant -> the ``attention=`` of ``forward_step``, with suffixes applied to
     ``decode_attention.default_config`` (the fused / unfused decode-attention kernels' tiles) while
     tracing: ``-bsN`` N cache slots per loop step, ``-spN`` N slot splits (capped to what the cache
-    allows), ``-wN`` N warps, ``-stN`` N pipeline stages. ``fused-st3`` is the fused kernel with 3
-    stages where the default has 2."""
+    allows), ``-wN`` N warps, ``-stN`` N pipeline stages, ``-ck`` the splits combined in the kernel
+    (``combine="kernel"``, the fused kernel only). ``fused-st3`` is the fused kernel with 3 stages
+    where the default has 2; ``fused-sp4-ck`` 4 splits combined in the kernel."""
     from jgptq.pallas_kernels import decode_attention as da
 
     old_cfg = da.default_config
@@ -879,9 +880,12 @@ def e2e_attention(variant: str):
     fields = {"bs": "block_s", "sp": "splits", "w": "num_warps", "st": "num_stages"}
     changes = {}
     for o in opts:
+        if o == "ck":
+            changes["combine"] = "kernel"
+            continue
         key = o.rstrip("0123456789")
         if key not in fields or key == o:
-            raise SystemExit(f"--e2e-attention: unknown suffix {o!r} in {variant!r} (-bsN, -spN, -wN, -stN)")
+            raise SystemExit(f"--e2e-attention: unknown suffix {o!r} in {variant!r} (-bsN, -spN, -wN, -stN, -ck)")
         changes[fields[key]] = int(o[len(key):])
 
     def patched(b, kvh, s, num_sms=None):

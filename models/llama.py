@@ -324,11 +324,21 @@ def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, k_valid: jax.A
     return o.reshape(b, 1, h * hd)
 
 
+def _attn_counter_shape(kc: jax.Array) -> tuple[int, int] | None:
+    """``[B, KV]`` when the fused decode-attention kernel's default tiles for this cache split the
+    slots and combine the splits in the kernel (it then counts finished splits in zeros that the
+    previous norm kernel writes, as the matmul accumulators are made), else None."""
+    b, s, kvh, _ = kc.shape
+    cfg = _decode_attn.default_config(b, kvh, s)
+    return (b, kvh) if cfg.splits > 1 and cfg.combine == "kernel" else None
+
+
 def _decode_step_fused(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, kc: jax.Array, vc: jax.Array,
                        k_valid: jax.Array, index: jax.Array, config: LlamaConfig, acc: jax.Array | None = None,
-                       prefetch: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                       prefetch: Any = None, counter: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One-token attention through ``decode_attention_update``: ``x [B, 1, D]`` -> ``o [B, 1, H*hd]``
-    and the caches with the new key/value written at ``index`` (RoPE and the write in the kernel)."""
+    and the caches with the new key/value written at ``index`` (RoPE and the write in the kernel).
+    ``counter``: zeros for the kernel's in-kernel split combine (:func:`_attn_counter_shape`), or None."""
     b = x.shape[0]
     c = config
     rows = c.num_heads + 2 * c.num_kv_heads
@@ -344,7 +354,7 @@ def _decode_step_fused(attn: Mapping[str, Any], x: jax.Array, q_pos: jax.Array, 
         qkv = y.reshape(b, rows, c.head_dim)
     freqs = q_pos[:, 0].astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(c))  # [B, hd/2]
     cos, sin = jnp.cos(freqs).astype(x.dtype), jnp.sin(freqs).astype(x.dtype)
-    o, kc, vc = _decode_attn.decode_attention_update(qkv, kc, vc, k_valid, index, cos, sin,
+    o, kc, vc = _decode_attn.decode_attention_update(qkv, kc, vc, k_valid, index, cos, sin, counter=counter,
                                                      interpret=jax.default_backend() != "gpu")
     return o.reshape(b, 1, c.num_heads * c.head_dim), kc, vc
 
@@ -370,7 +380,8 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
     ``input_layernorm`` or the final norm) both residual adds run through the add + RMSNorm
     kernel, ``x_in`` is this block's normalised input (the previous block's, or None to compute
     it) and the block also returns its output normalised by ``next_scale``. Then ``accs`` holds
-    zero accumulators for this block's q/k/v (``"qkv"``) and ``o_proj`` (``"o"``) kernels (made by
+    zero accumulators for this block's q/k/v (``"qkv"``) and ``o_proj`` (``"o"``) kernels and the decode-attention
+    kernel's split counters (``"attn"``, when it combines its splits itself) (made by
     the previous block's norm kernel; see :func:`_acc_shape`), the post-attention norm kernel
     makes gate/up's and down's, and the last norm kernel also writes zeros of the ``next_accs``
     shapes, returned for the next block. With :data:`PREFETCH_NEXT` each matmul hints the one after
@@ -388,7 +399,7 @@ def _block(lp: Mapping[str, Any], h: jax.Array, q_pos: jax.Array, mask: jax.Arra
     path = "xla" if kv is None or t != 1 else _decode_path(attention, x, kv[0], config)
     if path == "fused":
         o, kc, vc = _decode_step_fused(attn, x, q_pos, kv[0], kv[1], k_valid, index, config, accs.get("qkv"),
-                                       prefetch=hint(attn["o_proj"]))
+                                       prefetch=hint(attn["o_proj"]), counter=accs.get("attn"))
         new_kv = (kc, vc)
     elif kv is None:
         q, k, v = _qkv(attn, x, q_pos, config)
@@ -602,6 +613,9 @@ def forward_step(params: Mapping[str, Any], ids: jax.Array, mask: jax.Array, cac
                 if fused_attn and "qkv_proj" in attn_n:
                     names.append("qkv")
                     shapes.append(_acc_shape(attn_n["qkv_proj"], x.shape, x.dtype))
+                if fused_attn:  # the next block's decode-attention split counters, when it combines in the kernel
+                    names.append("attn")
+                    shapes.append(_attn_counter_shape(cache["k"][i + 1]))
                 names.append("o")
                 shapes.append(_acc_shape(attn_n["o_proj"], (*x.shape[:-1], config.num_heads * config.head_dim),
                                          x.dtype))

@@ -42,12 +42,20 @@ class DecodeAttentionConfig:
       block_s: cache slots per loop step (power of two, >= 16, divides ``S / splits``).
       splits: contiguous slot ranges per row and head, one program each (divides ``S / block_s``).
       num_warps, num_stages: Triton launch parameters.
+      combine: with ``splits > 1``, who combines the splits' fp32 partials: ``"xla"`` (two XLA ops
+        after the kernel) or ``"kernel"`` (:func:`decode_attention_update` only: the last program of
+        each row and head to finish, found by an atomic counter, reads the others' partials and
+        writes the normalised output, so the step stays one launch).
     """
 
     block_s: int = 64
     splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    combine: str = "xla"
+
+
+COMBINES = ("xla", "kernel")
 
 
 def _pow2(n: int) -> bool:
@@ -125,6 +133,8 @@ def _validate(q, k_cache, v_cache, k_valid, cfg: DecodeAttentionConfig) -> None:
         raise ValueError(f"splits={sp} x block_s={bs} must divide the {s} cache slots.")
     if cfg.num_warps < 1 or cfg.num_stages < 1:
         raise ValueError(f"num_warps={cfg.num_warps} and num_stages={cfg.num_stages} must be >= 1.")
+    if cfg.combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}; got {cfg.combine!r}.")
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_valid: jax.Array,
@@ -145,6 +155,9 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_val
     b, s, kvh, _ = k_cache.shape
     cfg = config or default_config(b, kvh, s)
     _validate(q, k_cache, v_cache, k_valid, cfg)
+    if cfg.combine != "xla" and cfg.splits > 1:
+        raise ValueError(f"decode_attention: combine={cfg.combine!r} is built for decode_attention_update only; "
+                         "use combine='xla' here.")
     return _forward(q, k_cache, v_cache, k_valid, jnp.asarray(index, jnp.int32), cfg, interpret)
 
 
@@ -249,8 +262,8 @@ def supported_update(qkv_shape: tuple[int, ...], cache_shape: tuple[int, ...], d
 
 def decode_attention_update(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_valid: jax.Array,
                             index: jax.Array | int, cos: jax.Array, sin: jax.Array, *,
-                            config: DecodeAttentionConfig | None = None, interpret: bool = False
-                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                            config: DecodeAttentionConfig | None = None, counter: jax.Array | None = None,
+                            interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step's attention with RoPE and the KV-cache write fused in.
 
     The new token's projections arrive as they leave the (fused) qkv matmul: rows ``0..H-1`` of
@@ -272,6 +285,10 @@ def decode_attention_update(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
       index: int32 scalar, the new token's slot.
       cos, sin: ``[B, hd / 2]`` in the cache's dtype, ``cos/sin(position * inv_freq)`` of each row's token.
       config: tiles; default :func:`default_config`.
+      counter: with ``config.combine == "kernel"`` and several splits, ``[B, KV]`` zeros (int32, or
+        float32 zeros such as an add + RMSNorm kernel writes: the same bits) that the kernel counts
+        finished splits in; the kernel leaves them at zero. None: made here (one more XLA op).
+        Ignored otherwise.
       interpret: run through the Pallas interpreter (CPU tests).
     Returns:
       ``(o [B, H, hd], k_cache, v_cache)``; ``o`` is zeros for a row with no allowed slot.
@@ -298,7 +315,13 @@ def decode_attention_update(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     h = qkv.shape[-2] - 2 * kvh
     cfg = config or default_config(b, kvh, s)
     _validate(jax.ShapeDtypeStruct((b, h, hd), dt), k_cache, v_cache, k_valid, cfg)
-    return _forward_update(qkv, k_cache, v_cache, k_valid, jnp.asarray(index, jnp.int32), cos, sin, cfg,
+    if counter is not None and cfg.splits > 1 and cfg.combine == "kernel":
+        if tuple(counter.shape) != (b, kvh) or counter.dtype not in (jnp.dtype(jnp.int32), jnp.dtype(jnp.float32)):
+            raise ValueError(f"decode_attention_update: counter must be [B, KV] = {(b, kvh)} int32 / float32 zeros; "
+                             f"got {tuple(counter.shape)} {counter.dtype}.")
+    else:
+        counter = None
+    return _forward_update(qkv, k_cache, v_cache, k_valid, jnp.asarray(index, jnp.int32), cos, sin, counter, cfg,
                            interpret)
 
 
@@ -315,9 +338,12 @@ def _rotate(x1, x2, c, s, dt):
 
 
 def _update_kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, *out_refs, h: int, g: int,
-                   gp: int, n_parts: int, block_s: int, split_len: int, scale: float, normalize: bool):
+                   gp: int, n_parts: int, block_s: int, split_len: int, scale: float, normalize: bool,
+                   n_split: int = 0, interpret: bool = False):
     from jax.experimental.pallas import triton as plt
 
+    if n_split:  # combine in the kernel: the counter's input ref (aliased to its output) comes first
+        out_refs = out_refs[1:]
     *o_refs, k_out, v_out = out_refs
     n = pl.program_id(1)
     j = pl.program_id(2)
@@ -403,14 +429,51 @@ def _update_kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, 
         o = jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0).astype(dt)
         plt.store(o_refs[0].at[pl.ds(n * g, gp), :], o, mask=jnp.broadcast_to((jnp.arange(gp) < g)[:, None],
                                                                              (gp, hd)))
-    else:
+    elif not n_split:
         o_refs[0][...] = o
         o_refs[1][...] = m
         o_refs[2][...] = l
+    else:
+        _combine_last(o, m, l, *o_refs, n=n, j=j, g=g, gp=gp, n_split=n_split, interpret=interpret)
+
+
+def _combine_last(o, m, l, o_ref, o_p, m_p, l_p, cnt, *, n, j, g: int, gp: int, n_split: int, interpret: bool):
+    """The in-kernel split combine (``combine="kernel"``). Every program stores its fp32 partial
+    ``(o, max, sum)`` in slot ``j`` of its row and head, then (all its threads past a barrier)
+    increments the head's counter (an acquire-release atomic at GPU scope). The program that
+    takes the counter to ``n_split`` is the last: it reads every slot (volatile loads, so nothing
+    stale comes from L1), rescales to the overall max as :func:`_combine` does, writes the
+    normalised rows ``n*G .. n*G+G-1`` of ``o`` and sets the counter back to 0 for the next call."""
+    from jax.experimental.pallas import triton as plt
+
+    f32 = jnp.float32
+    o_p[j] = o
+    m_p[j] = m
+    l_p[j] = l
+    if not interpret:  # the interpreter runs the programs one after another
+        plt.debug_barrier()
+    done = plt.atomic_add(cnt, (jnp.int32(0),), jnp.int32(1))
+
+    @pl.when(done == n_split - 1)
+    def _last():
+        ms = [plt.load(m_p.at[jnp.int32(i)], volatile=True) for i in range(n_split)]
+        m_all = functools.reduce(jnp.maximum, ms)
+        m_base = jnp.where(m_all == -jnp.inf, 0.0, m_all)
+        o_sum = jnp.zeros((gp, o.shape[-1]), f32)
+        l_sum = jnp.zeros((gp,), f32)
+        for i in range(n_split):
+            w = jnp.exp(ms[i] - m_base)  # 0 for a split with no allowed slot
+            l_sum = l_sum + w * plt.load(l_p.at[jnp.int32(i)], volatile=True)
+            o_sum = o_sum + w[:, None] * plt.load(o_p.at[jnp.int32(i)], volatile=True)
+        out = jnp.where(l_sum[:, None] > 0, o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[:, None], 0.0)
+        plt.store(o_ref.at[pl.ds(n * g, gp), :], out.astype(o_ref.dtype),
+                  mask=jnp.broadcast_to((jnp.arange(gp) < g)[:, None], (gp, o.shape[-1])))
+        cnt[0] = jnp.int32(0)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def _forward_update(qkv, k_cache, v_cache, k_valid, index, cos, sin, cfg: DecodeAttentionConfig, interpret: bool):
+def _forward_update(qkv, k_cache, v_cache, k_valid, index, cos, sin, counter, cfg: DecodeAttentionConfig,
+                    interpret: bool):
     n_parts = qkv.shape[0] if qkv.ndim == 4 else 0
     b, rows, hd = qkv.shape[-3:]
     s, kvh = k_cache.shape[1], k_cache.shape[2]
@@ -433,21 +496,42 @@ def _forward_update(qkv, k_cache, v_cache, k_valid, index, cos, sin, cfg: Decode
         pl.BlockSpec((None, split_len), lambda i, n, j: (i, j)),
     ]
     normalize = sp == 1
+    in_kernel = sp > 1 and cfg.combine == "kernel"
     cache_shapes = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                     jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
-    if normalize:
-        o_shapes = (jax.ShapeDtypeStruct((b, h, hd), k_cache.dtype),)
-        o_specs = (pl.BlockSpec((None, h, hd), lambda i, n, j: (i, 0, 0)),)
-    else:
+    o_shapes = (jax.ShapeDtypeStruct((b, h, hd), k_cache.dtype),)
+    o_specs = (pl.BlockSpec((None, h, hd), lambda i, n, j: (i, 0, 0)),)
+    args = [idx, qkv, cos, sin, k_cache, v_cache, valid]
+    aliases = {}
+    if in_kernel:  # o, then every split's partials of the program's row and head, then the counters
+        if counter is None:
+            counter = jnp.zeros((b, kvh), jnp.int32)
+        elif counter.dtype != jnp.int32:  # float32 zeros (a norm kernel's): the same bits
+            counter = jax.lax.bitcast_convert_type(counter, jnp.int32)
+        o_shapes += (jax.ShapeDtypeStruct((b, kvh, sp, gp, hd), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kvh, sp, gp), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kvh, sp, gp), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kvh, 1), jnp.int32))
+        cnt_spec = pl.BlockSpec((None, None, 1), lambda i, n, j: (i, n, 0))
+        o_specs += (pl.BlockSpec((None, None, sp, gp, hd), lambda i, n, j: (i, n, 0, 0, 0)),
+                    pl.BlockSpec((None, None, sp, gp), lambda i, n, j: (i, n, 0, 0)),
+                    pl.BlockSpec((None, None, sp, gp), lambda i, n, j: (i, n, 0, 0)),
+                    cnt_spec)
+        in_specs = [*in_specs, cnt_spec]
+        args.append(counter.reshape(b, kvh, 1))
+        aliases[len(args) - 1] = len(o_shapes) - 1
+    elif not normalize:
         o_shapes, o_specs = _split_outputs(b, kvh, sp, gp, hd)
     n_o = len(o_shapes)
+    aliases.update({4: n_o, 5: n_o + 1})
     kernel = functools.partial(_update_kernel, h=h, g=g, gp=gp, n_parts=n_parts, block_s=cfg.block_s,
-                               split_len=split_len, scale=1.0 / math.sqrt(hd), normalize=normalize)
+                               split_len=split_len, scale=1.0 / math.sqrt(hd), normalize=normalize,
+                               n_split=sp if in_kernel else 0, interpret=interpret)
     out = _pallas_call(kernel, cfg, interpret, "decode_attention_update", out_shape=(*o_shapes, *cache_shapes),
                        grid=(b, kvh, sp), in_specs=in_specs, out_specs=(*o_specs, cache_spec, cache_spec),
-                       input_output_aliases={4: n_o, 5: n_o + 1})(idx, qkv, cos, sin, k_cache, v_cache, valid)
+                       input_output_aliases=aliases)(*args)
     *o_out, k_new, v_new = out
-    if normalize:
+    if normalize or in_kernel:
         return o_out[0], k_new, v_new
     return _combine(*o_out, g, k_cache.dtype).reshape(b, h, hd), k_new, v_new
 

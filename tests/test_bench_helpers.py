@@ -239,9 +239,12 @@ def test_e2e_attention_variants_patch_and_restore_the_kernel_tiles(bench_kernels
     with bench_kernels.e2e_attention("fused-bs128-sp4"):
         cfg = da.default_config(1, 32, 256, 132)
         assert (cfg.block_s, cfg.splits) == (128, 2)  # 4 splits of 128 slots do not divide 256
+    with bench_kernels.e2e_attention("fused-sp4-ck"):
+        cfg = da.default_config(1, 32, 256, 132)
+        assert (cfg.splits, cfg.combine) == (4, "kernel")
     with bench_kernels.e2e_attention("auto") as name:
         assert name == "auto" and da.default_config is real
-    for bad in ("fused-q3", "fused-st"):
+    for bad in ("fused-q3", "fused-st", "fused-ck2"):
         with pytest.raises(SystemExit, match=repr(bad.split("-")[1])):
             with bench_kernels.e2e_attention(bad):
                 pass

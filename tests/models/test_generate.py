@@ -434,6 +434,54 @@ def test_decode_zero_accumulators_come_from_the_norm_kernels(tiny_hf_model, monk
     assert err < 0.02, err
 
 
+def test_decode_attention_split_counters_come_from_the_norm_kernels(tiny_hf_model, monkeypatch):
+    """With the fused decode-attention kernel set to combine its slot splits itself
+    (combine="kernel"), a one-token step with norm="pallas" hands every block but the first the
+    split counters ([B, KV] zeros) that the previous block's last norm kernel wrote; the first block's
+    kernel makes its own. Logits equal the same step with the XLA combine (up to the combine's
+    rounding) and stay close to the XLA path's; the caches are the same."""
+    import dataclasses
+
+    from jgptq.models import llama
+    from jgptq.pallas_kernels import decode_attention as da
+
+    cfg, params, _ = load_hf(tiny_hf_model("smollm2_hd64").folder)
+    model = LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16)
+    tree = model.tree()
+    rng = np.random.default_rng(12)
+    ids = jnp.asarray(rng.integers(3, 256, size=(2, 5)), jnp.int32)
+    mask = jnp.asarray([[False, True, True, True, True], [True] * 5])
+    cache0 = model.init_cache(2, 32)
+    _, cache0 = llama.forward_step(tree, ids, mask, cache0, cfg, True, "xla", "xla")
+    tok = jnp.asarray(rng.integers(3, 256, size=(2, 1)), jnp.int32)
+    one = jnp.ones((2, 1), bool)
+    real_cfg, real_update = da.default_config, da.decode_attention_update
+    results = {}
+    for combine in ("xla", "kernel"):
+        monkeypatch.setattr(da, "default_config", lambda b, kvh, s, num_sms=None, c=combine: dataclasses.replace(
+            real_cfg(b, kvh, s, num_sms), block_s=16, splits=2, combine=c))
+        counters = []
+        monkeypatch.setattr(da, "decode_attention_update", lambda *a, **kw: (
+            counters.append(kw.get("counter")), real_update(*a, **kw))[1])
+        results[combine] = llama.forward_step(tree, tok, one, cache0, cfg, True, "fused", "pallas")
+        if combine == "kernel":
+            assert counters[0] is None and len(counters) == cfg.num_layers
+            assert all(c is not None and c.shape == (2, cfg.num_kv_heads) and c.dtype == jnp.float32
+                       for c in counters[1:]), counters
+        else:
+            assert all(c is None for c in counters)
+    (got, cache), (want, cache_x) = results["kernel"], results["xla"]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-2, atol=2e-2 * np.abs(np.asarray(want)).max())
+    for name in ("k", "v"):
+        for a, b in zip(cache[name], cache_x[name]):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    monkeypatch.setattr(da, "default_config", real_cfg)
+    monkeypatch.setattr(da, "decode_attention_update", real_update)
+    xla, _ = llama.forward_step(tree, tok, one, cache0, cfg, True, "xla", "xla")
+    err = np.abs(np.asarray(got) - np.asarray(xla)).max() / np.abs(np.asarray(xla)).max()
+    assert err < 0.03, err
+
+
 def _mosaic_tiny_model(tiny_hf_model, monkeypatch, seed: int, **quant_kw):
     """The tiny SmolLM2-shaped model (head_dim 64), GPTQ-quantized with ``seed``, its layers
     prepared for the Mosaic GPU kernels run through the interpreter: ``(config, model tree)``."""

@@ -258,6 +258,41 @@ def test_update_matches_float64_reference(b, h, kvh, hd, s, index, cfg, n_parts)
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("b,h,kvh,hd,s,index,splits", [
+    (2, 9, 3, 64, 96, 95, 3),    # SmolLM2 heads, the new slot in the last split
+    (3, 4, 4, 32, 64, 0, 4),     # MHA, slot 0: three splits hold no allowed slot
+    (1, 6, 2, 128, 128, 70, 2),  # hd = 128, G = 3
+])
+@pytest.mark.parametrize("counter", ["none", "int32", "float32"])
+def test_update_combine_in_kernel(b, h, kvh, hd, s, index, splits, counter):
+    """combine="kernel": the last program of each row and head combines the splits' partials (an
+    atomic counter finds it). Same output as the XLA combine (and float64), with the counter made by
+    the function, given as int32 zeros, or as float32 zeros (a norm kernel's: the same bits)."""
+    qkv, kc, vc, valid, cos, sin = _update_inputs(b * 31 + index, b, h, kvh, hd, s)
+    valid = valid.at[:, index].set(True).at[0, : max(index - 5, 0)].set(False)  # row 0: only the last few slots
+    cfg = da.DecodeAttentionConfig(block_s=16, splits=splits, combine="kernel")
+    cnt = {"none": None, "int32": jnp.zeros((b, kvh), jnp.int32), "float32": jnp.zeros((b, kvh), jnp.float32)}[counter]
+    out = jax.jit(lambda *a: da.decode_attention_update(*a, config=cfg, counter=cnt, interpret=True))(
+        qkv, kc, vc, valid, jnp.int32(index), cos, sin)
+    _check_update(out, qkv, kc, vc, valid, index, cos, sin)
+    xla = da.decode_attention_update(qkv, kc, vc, valid, index, cos, sin, interpret=True,
+                                     config=dataclasses.replace(cfg, combine="xla"))
+    np.testing.assert_allclose(np.asarray(out[0], np.float32), np.asarray(xla[0], np.float32), atol=2e-2, rtol=2e-2)
+
+
+def test_combine_refusals():
+    qkv, kc, vc, valid, cos, sin = _update_inputs(1, 1, 4, 2, 32, 64)
+    cfg = da.DecodeAttentionConfig(block_s=16, splits=2, combine="kernel")
+    with pytest.raises(ValueError, match="combine must be one of"):
+        da.decode_attention_update(qkv, kc, vc, valid, 3, cos, sin, interpret=True,
+                                   config=dataclasses.replace(cfg, combine="atomic"))
+    with pytest.raises(ValueError, match=r"counter must be \[B, KV\]"):
+        da.decode_attention_update(qkv, kc, vc, valid, 3, cos, sin, config=cfg, counter=jnp.zeros((2,), jnp.int32),
+                                   interpret=True)
+    with pytest.raises(ValueError, match="decode_attention_update only"):
+        da.decode_attention(qkv[:, :4], kc, vc, valid, 3, config=cfg, interpret=True)
+
+
 def test_update_float16_jit_donated_and_rows_without_slots():
     qkv, kc, vc, valid, cos, sin = _update_inputs(5, 3, 9, 3, 64, 64, dtype=jnp.float16)
     valid = valid.at[:, 30].set(True).at[1].set(False)  # row 1 has nothing to attend to
@@ -297,15 +332,16 @@ def test_update_bad_input_is_rejected(kw, match):
         da.decode_attention_update(qkv, kc, vc, valid, 3, cos, sin, config=kw.get("cfg"), interpret=True)
 
 
-@pytest.mark.parametrize("n_parts,splits", [(0, 1), (8, 1), (5, 4)])
-def test_update_lowers_to_triton_for_cuda(n_parts, splits):
+@pytest.mark.parametrize("n_parts,splits,combine", [(0, 1, "xla"), (8, 1, "xla"), (5, 4, "xla"), (5, 4, "kernel"),
+                                                    (0, 2, "kernel")])
+def test_update_lowers_to_triton_for_cuda(n_parts, splits, combine):
     """The compiled path (not the interpreter) lowers to Triton IR on any machine: every primitive
     the kernel uses has a Triton lowering (7B heads, SmolLM2 heads)."""
     for b, h, kvh, hd, s in ((1, 32, 32, 128, 256), (2, 9, 3, 64, 512)):
         sds = jax.ShapeDtypeStruct
         bf = jnp.bfloat16
         qkv = sds((n_parts, b, h + 2 * kvh, hd), jnp.float32) if n_parts else sds((b, h + 2 * kvh, hd), bf)
-        cfg = da.DecodeAttentionConfig(block_s=64, splits=splits)
+        cfg = da.DecodeAttentionConfig(block_s=64, splits=splits, combine=combine)
         f = jax.jit(lambda *a: da.decode_attention_update(*a, config=cfg))
         low = f.trace(qkv, sds((b, s, kvh, hd), bf), sds((b, s, kvh, hd), bf), sds((b, s), bool), sds((), jnp.int32),
                       sds((b, hd // 2), bf), sds((b, hd // 2), bf)).lower(lowering_platforms=("cuda",))
@@ -330,3 +366,19 @@ def test_update_compiled_on_gpu(b, h, kvh, hd, s, index):
     f = jax.jit(da.decode_attention_update, donate_argnums=(1, 2))
     out = f(parts, jnp.array(kc0, copy=True), jnp.array(vc0, copy=True), valid, jnp.int32(index), cos, sin)
     _check_update(out, rounded, kc0, vc0, valid, index, cos, sin, exact_v=False)
+    # the splits combined in the kernel (atomic counter, given as float32 zeros), three calls in one jit
+    for sp in (2, 4):
+        cfg = da.DecodeAttentionConfig(block_s=64 if s >= 512 else 16, splits=sp, combine="kernel")
+        cnt = jnp.zeros((b, kvh), jnp.float32)
+
+        def three(qkv, kc, vc, cnt):
+            outs = []
+            for _ in range(3):
+                o, kc, vc = da.decode_attention_update(qkv, kc, vc, valid, jnp.int32(index), cos, sin, config=cfg,
+                                                       counter=cnt)
+                outs.append(o)
+            return outs, kc, vc
+
+        outs, k3, v3 = jax.jit(three)(qkv, jnp.array(kc0, copy=True), jnp.array(vc0, copy=True), cnt)
+        for o in outs:
+            _check_update((o, k3, v3), qkv, kc0, vc0, valid, index, cos, sin)
