@@ -553,7 +553,7 @@ E2E_CONFIGS = {
 }
 
 
-_GRID_SPEC = re.compile(r"g((?:-(?:s|c|x|bn|st|k)\d+)+)(?:@(\d+x\d+(?:\+\d+x\d+)*))?")
+_GRID_SPEC = re.compile(r"g((?:-(?:s|c|x|bn|st|k|rw)\d+)+)(?:@(\d+x\d+(?:\+\d+x\d+)*))?")
 _GRID_KNOBS = {"s": "min_steps", "c": "ctas_per_sm", "x": "max_split", "bn": "block_n"}
 
 
@@ -561,7 +561,8 @@ def e2e_config(name: str):
     """``--e2e-configs`` entry ``name`` as ``(pack_mgpu keyword arguments, config(default, m, packed))``:
     a name of :data:`E2E_CONFIGS`, or decode-grid specs ``g-<knob><N>...[@KxN[+KxN...]]`` joined by
     ``/``. A spec's knobs are ``s`` (min_steps), ``c`` (ctas_per_sm), ``x`` (max_split), ``bn`` (the N
-    tile), ``st`` (pipeline stages) and ``k`` (split-K forced, a divisor of the K blocks); at M <= 16
+    tile), ``st`` (pipeline stages), ``k`` (split-K forced, a divisor of the K blocks) and ``rw`` (``rw1``:
+    ``store_wait="read"``, each CTA exits once its output tile is read out of SMEM); at M <= 16
     a layer takes the first spec naming its K x N shape (a spec without ``@`` names every shape), and
     a layer no spec names keeps the default: e.g. ``g-s2@4096x4096`` splits o_proj of the 7B step into
     CTAs of 2 K blocks and leaves the other layers alone, ``g-s1@4096x4096/g-x64`` gives o_proj 1-block
@@ -573,7 +574,7 @@ def e2e_config(name: str):
         match = _GRID_SPEC.fullmatch(spec)
         if match is None:
             raise SystemExit(f"--e2e-configs: unknown variant {name!r} ({spec!r}); known: {', '.join(E2E_CONFIGS)}, "
-                             "or grid specs g-<knob><N>...[@KxN+...] joined by / with knobs s, c, x, bn, st, k "
+                             "or grid specs g-<knob><N>...[@KxN+...] joined by / with knobs s, c, x, bn, st, k, rw "
                              "(e.g. g-s2-bn64@4096x4096/g-x64)")
         knobs = dict(re.findall(r"-([a-z]+)(\d+)", match.group(1)))
         if len(knobs) != match.group(1).count("-"):
@@ -589,6 +590,8 @@ def e2e_config(name: str):
         cfg = mg._grid_config(m, p, **{_GRID_KNOBS[k]: int(v) for k, v in knobs.items() if k in _GRID_KNOBS})
         if "st" in knobs:
             cfg = dataclasses.replace(cfg, num_stages=int(knobs["st"]))
+        if "rw" in knobs:
+            cfg = dataclasses.replace(cfg, store_wait="read" if int(knobs["rw"]) else "full")
         if "k" in knobs:
             split, nk = int(knobs["k"]), p.k_pad // cfg.block_k
             if split < 1 or nk % split:
@@ -923,7 +926,8 @@ def bench_e2e(args) -> list[dict]:
     """Decode tokens/s of a Llama-2-7B-shaped model (random weights made on the device), bf16 vs GPTQ.
 
     The quantized model uses 4-bit g128 asymmetric GPTQ linears (all 7 per block; embeddings,
-    norms and lm_head stay bf16) through ``jgptq.models`` (its ``QuantLinear`` asks
+    norms and lm_head stay bf16; ``--e2e-quant-lm-head`` adds one with lm_head quantized too) through
+    ``jgptq.models`` (its ``QuantLinear`` asks
     ``dispatch.prepare`` for a kernel). Reports ms/step, tokens/s and the device bytes of the
     weights the kernels read (bits per quantized weight).
 
@@ -950,7 +954,7 @@ def bench_e2e(args) -> list[dict]:
         lin["scales"] = (lin["scales"].astype(jnp.float32) * 0.03).astype(jnp.float16)
         return lin
 
-    def build(make):
+    def build(make, head=None):
         layers_p = []
         for _ in range(layers):
             lp = {"input_layernorm": {"scale": jnp.ones((d,), jnp.bfloat16)},
@@ -962,7 +966,7 @@ def bench_e2e(args) -> list[dict]:
             layers_p.append(lp)
         return {"embed_tokens": {"embedding": jax.random.normal(next(key), (v, d), jnp.bfloat16) * 0.02},
                 "layers": layers_p, "norm": {"scale": jnp.ones((d,), jnp.bfloat16)},
-                "lm_head": float_lin(d, v)}
+                "lm_head": (head or float_lin)(d, v)}
 
     batches = tuple(int(b) for b in args.e2e_batches.split(","))
     if 1 not in batches:
@@ -977,6 +981,9 @@ def bench_e2e(args) -> list[dict]:
         runs.append(("gptq4_g128[mgpu,nk]", quant_lin, "mgpu", True, "nk"))
         runs.append(("gptq4_g128[mgpu,session4]", quant_lin, "mgpu", True, "session4"))
         runs.append(("gptq4_g128[mgpu,unpadded]", quant_lin, "mgpu", True, "unpadded"))
+    if args.e2e_quant_lm_head:  # lm_head a 4-bit GPTQ linear too (GPTQModel's lm_head=True), first kernel
+        kn = args.e2e_kernels.split(",")[0]
+        runs.append((f"gptq4_g128[{kn},lm_head4]", quant_lin, kn, True, "lm_head4"))
     configs = {name: e2e_config(name) for name in filter(None, args.e2e_configs.split(","))}
     for name in configs:
         runs.append((f"gptq4_g128[mgpu,{name}]", quant_lin, "mgpu", True, name))
@@ -998,7 +1005,7 @@ def bench_e2e(args) -> list[dict]:
         mg.default_config = ((lambda m, p: _session4_options(real_default(m, p))) if variant == "session4"
                              else functools.partial(configs[variant][1], real_default) if variant in configs
                              else real_default)
-        params = build(make)
+        params = build(make, quant_lin if variant == "lm_head4" else None)
         model = LlamaForCausalLM.from_params(cfg, params, dtype=jnp.bfloat16, fuse=fuse)
         del params
         wbytes = 0
@@ -1346,6 +1353,9 @@ def main() -> None:
                          "attention variant on the device: 16 GB per batch-16 cache at 4096 slots)")
     ap.add_argument("--e2e-context", type=int, default=128,
                     help="cache slots already filled when decoding starts (tokens of context)")
+    ap.add_argument("--e2e-quant-lm-head", action="store_true",
+                    help="--e2e: also a GPTQ model whose lm_head is a 4-bit g128 GPTQ linear as well (as GPTQModel "
+                         "writes with lm_head=True); the default GPTQ models keep lm_head in bf16")
     ap.add_argument("--e2e-nofuse", action="store_true",
                     help="also time the quantized model with q/k/v and gate/up as separate kernels")
     args = ap.parse_args()

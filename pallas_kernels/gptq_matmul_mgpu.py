@@ -119,6 +119,7 @@ __all__ = [
 SUPPORTED_BITS = (4, 8)
 SCHEDULES = ("grid", "stream", "tiles")
 SPLIT_REDUCES = ("xla", "tma")
+STORE_WAITS = ("full", "read")
 N_ALIGN = 128
 K_ALIGN = 128
 W_KBLOCK = 128  # K columns per contiguous block of the "kblocks" weight layout
@@ -530,6 +531,14 @@ class MgpuConfig:
         (M >= 8 still pads to a multiple of 8: Mosaic's tiled GMEM views need it.) False pads x
         in XLA to whole token tiles first (the interpreter always does: it rejects out-of-bounds
         copies; so does ``zero_mode="xsum"``).
+      store_wait: what a CTA of the ``"grid"`` / ``"stream"`` schedules waits for before it exits,
+        after its last TMA store or reduce-add: ``"full"`` (the default: the write has reached
+        GMEM, ``cp.async.bulk.wait_group 0``) or ``"read"`` (only that the copy engine has read
+        the SMEM tile, ``cp.async.bulk.wait_group.read 0``; the write completes on its own
+        before the launch does, as CUTLASS's TMA-store epilogues end). ``"read"`` frees the
+        CTA's SMEM slot one L2 round trip earlier, which matters for the decode grids' many
+        short CTAs. Kernels that signal other CTAs after their stores (the persistent MLP)
+        always wait in full. The interpreter ignores it.
     """
 
     block_m: int = 16
@@ -547,6 +556,7 @@ class MgpuConfig:
     zero_mode: str = "regs"
     tma_bounds: bool = True
     split_reduce: str = "xla"
+    store_wait: str = "full"
 
     @property
     def writes_y(self) -> bool:
@@ -754,6 +764,8 @@ def _validate(x: jax.Array, packed: MgpuPacked, cfg: MgpuConfig) -> None:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {cfg.schedule!r}.")
     if cfg.split_reduce not in SPLIT_REDUCES:
         raise ValueError(f"split_reduce must be one of {SPLIT_REDUCES}; got {cfg.split_reduce!r}.")
+    if cfg.store_wait not in STORE_WAITS:
+        raise ValueError(f"store_wait must be one of {STORE_WAITS}; got {cfg.store_wait!r}.")
     if cfg.compute_wgs not in (1, 2):
         raise ValueError(f"compute_wgs={cfg.compute_wgs} must be 1 or 2.")
     if cfg.schedule == "grid":
@@ -1158,14 +1170,17 @@ def _build(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, r
 
 def _tile_program(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: bool, rows: int | None = None,
                   glu: bool = False, pf_plan: tuple = (), fp32_out: bool = False,
-                  glu_offset: int = 0) -> _TileProgram:
+                  glu_offset: int = 0, store_wait: str | None = None) -> _TileProgram:
     """The work item of :func:`_build`'s grid kernel (arguments as there), for that kernel and for
     persistent kernels that run several items per CTA (``pallas_kernels/persistent_mlp.py``).
     ``fp32_out``: the item stores fp32 even when K is not split (default: ``cdt`` then).
     ``glu_offset`` (with ``glu``): x is a 2-D ``[rows, C]`` fp32 ref holding gate in its first
     columns and up from column ``glu_offset * block_k`` on (a fused gate/up product as stored),
-    instead of ``[rows, 2, Kp]``."""
+    instead of ``[rows, 2, Kp]``. ``store_wait`` (default ``cfg.store_wait``): what the item waits
+    for after its output store (``"full"`` for callers that signal other CTAs once it returns)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    read_only = (cfg.store_wait if store_wait is None else store_wait) == "read"
 
     bm, bn, bk, split = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
     gs = packed.group_size
@@ -1281,7 +1296,7 @@ def _tile_program(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
         plgpu.copy_smem_to_gmem(o_smem, window, **(dict(reduction_op="add") if reduce_into else {}))
         if pf_plan:  # CTA c of C (launch order: n fastest) takes chunks c, c + C, ...
             _issue_prefetches(pf_views, pf_plan, ni + grid[0] * (mi + grid[1] * si), math.prod(grid))
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=read_only)
 
     slots = 1 if reduce_into else split
     return _TileProgram(
@@ -1592,7 +1607,7 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
                 )(*gm)
         else:
             run(jnp.zeros((bn, bm), jnp.float32), wg)
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.store_wait == "read")
 
     o_shape = (bm, bn) if direct else (bn, bm)
     if wgs > 1:

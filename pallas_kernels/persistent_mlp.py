@@ -224,9 +224,10 @@ def _forward(h2, gate_up, down, gu, acc, cfg: MlpConfig, ctas: int, interpret: b
     sz1 = gate_up.sz if gate_up.sz.dtype == cdt else gate_up.sz.astype(cdt)
     sz2 = down.sz if down.sz.dtype == cdt else down.sz.astype(cdt)
     mp = -(-m // cfg.gate_up.block_m) * cfg.gate_up.block_m
-    prog1 = mg._tile_program(mp, gate_up, cfg.gate_up, cdt, interpret, rows, fp32_out=True)
+    # each item's TMA adds must have landed before the CTA signals the barrier: wait in full
+    prog1 = mg._tile_program(mp, gate_up, cfg.gate_up, cdt, interpret, rows, fp32_out=True, store_wait="full")
     prog2 = mg._tile_program(mp, down, cfg.down, cdt, interpret, rows, glu=True, fp32_out=True,
-                             glu_offset=down.k // cfg.down.block_k)
+                             glu_offset=down.k // cfg.down.block_k, store_wait="full")
     pf = _prefetches(cfg, gate_up, down, interpret)
     run = _kernel(prog1, prog2, gate_up, down, cfg, ctas, interpret, pf)
     # a phase whose K is not split stores its tiles (no TMA add): gu must then start at zero (the

@@ -1,5 +1,6 @@
 """Helpers of the benchmark scripts that turn raw measurements into reported numbers."""
 
+import dataclasses
 import importlib.util
 import pathlib
 import random
@@ -154,6 +155,9 @@ def test_e2e_grid_specs_change_only_the_named_layers(bench_kernels):
     c = bench_kernels.e2e_config("g-k2@11008x256+512x512")[1](default, 1, down)
     assert c.split_k == 2 and c.split_reduce == "tma"
     assert bench_kernels.e2e_config("g-k1")[1](default, 1, down).split_reduce == "xla"
+    rw = bench_kernels.e2e_config("g-rw1")[1](default, 1, down)  # the default tiles, CTAs exit after the SMEM read
+    assert rw.store_wait == "read" and rw == dataclasses.replace(default(1, down), store_wait="read")
+    assert bench_kernels.e2e_config("g-rw0")[1](default, 16, down) == default(16, down)
     _, first = bench_kernels.e2e_config("g-k4@512x512/g-k8/g-k2")  # the first spec naming the shape wins
     assert first(default, 1, square).split_k == 4 and first(default, 1, down).split_k == 8
     _, only = bench_kernels.e2e_config("g-k2@512x512/g-bn64@1x1")

@@ -652,6 +652,32 @@ def test_split_reduce_tma(sched, split, m, monkeypatch):
         mg.gptq_matmul_mgpu(x, p, config=dataclasses.replace(cfg, split_reduce="atomic"), interpret=True)
 
 
+@pytest.mark.parametrize("sched,split,m", [("grid", 4, 1), ("grid", 1, 16), ("stream", 1, 5)])
+def test_store_wait_read_is_the_ctas_last_wait(sched, split, m, monkeypatch):
+    """``store_wait="read"``: a CTA's last wait after its output store is for the copy engine's SMEM
+    read only (``wait_read_only``: ``cp.async.bulk.wait_group.read``), ``"full"`` (the default) waits
+    for the write; the interpreter's result is the same either way; a bad value is refused by name."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 3)
+    lin, w64, p = make(61 + m, 1024, 256, 4, 128, True)
+    cfg = mg.MgpuConfig(block_m=8 if m < 8 else 16, block_n=64, block_k=128, split_k=split, num_stages=2,
+                        scale_mode="acc", w_layout="upcast", schedule=sched, ctas_per_sm=1,
+                        split_reduce="tma" if split > 1 else "xla")
+    assert cfg.store_wait == "full"
+    x = jax.random.normal(jax.random.key(m), (m, 1024), jnp.float32).astype(jnp.bfloat16)
+    read = dataclasses.replace(cfg, store_wait="read")
+    counts = {}
+    for c in (cfg, read):
+        jaxpr = str(jax.make_jaxpr(lambda x, c=c: mg._forward(x, p, c, False))(x))
+        counts[c.store_wait] = jaxpr.count("wait_read_only=True")
+    # grid: the only wait is the last one; stream: its flushes already wait for reads only
+    assert counts["read"] == counts["full"] + 1, counts
+    y = mg.gptq_matmul_mgpu(x, p, config=read, interpret=True)
+    assert rel_err(y, np.asarray(x, np.float64) @ w64) < 8e-3
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=True)))
+    with pytest.raises(ValueError, match="store_wait must be one of"):
+        mg.gptq_matmul_mgpu(x, p, config=dataclasses.replace(cfg, store_wait="none"), interpret=True)
+
+
 # ---------------------------------------------------------------- real GPU
 
 
@@ -809,6 +835,36 @@ def test_parts_acc_compiled_on_gpu(m):
     a = acc[0, :m, :4096] if major else acc[0, :4096, :m].T
     want = np.asarray(x, np.float64) @ w64 + np.asarray(a, np.float64)
     assert rel_err(np.asarray(parts[0], np.float64), want) < 8e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 16])
+def test_store_wait_read_compiled_on_gpu(m):
+    """``store_wait="read"`` compiled: CTAs exit once their TMA reduce-adds have read SMEM; the
+    writes still land before the next launch reads them. Four decode-grid launches in one jit,
+    each one's input made from the previous one's fp32 sum (one XLA op between), against float64
+    steps on the same rounded inputs and against the ``"full"`` chain."""
+    k = 4096
+    lin, w64, p = make(123 + m, k, k, 4, 128, True)
+    base = mg.default_config(m, p)
+    assert base.split_k > 1 and base.split_reduce == "tma"
+
+    def chain(x, cfg):
+        xs = [x]
+        for _ in range(4):
+            y = mg.gptq_matmul_mgpu(xs[-1], p, config=cfg)
+            xs.append((y.astype(jnp.float32) * (1.0 / 16)).astype(jnp.bfloat16))
+        return xs
+
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+    outs = {sw: jax.jit(lambda x, sw=sw: chain(x, dataclasses.replace(base, store_wait=sw)))(x)
+            for sw in ("read", "full")}
+    for xs in outs.values():
+        for a, b in zip(xs[:-1], xs[1:]):  # every step against float64 on its actual (rounded) input
+            want = np.asarray(a, np.float64) @ w64 / 16
+            assert rel_err(np.asarray(b, np.float64), want) < 1e-2
+    assert rel_err(np.asarray(outs["read"][-1], np.float64), np.asarray(outs["full"][-1], np.float64)) < 3e-2
 
 
 # ---------------------------------------------------------------- silu(gate) * up inside the kernel

@@ -142,6 +142,14 @@ def test_hardware_kernel_lowers_for_cuda(m, monkeypatch):
         assert ptx in text, ptx
     one = pm._forward.trace(*args, 1, False).lower(lowering_platforms=("cuda",)).as_text()
     assert "fence.proxy.async.global" not in one and "red.release.gpu" not in one
+    # its items wait for their TMA adds in full (they signal the barrier next), whatever the configs say
+    reads = []
+    for sw in ("full", "read"):
+        c = dataclasses.replace(cfg, gate_up=dataclasses.replace(cfg.gate_up, store_wait=sw),
+                                down=dataclasses.replace(cfg.down, store_wait=sw))
+        reads.append(str(jax.make_jaxpr(lambda h, c=c: pm._forward(h, *args[1:5], c, 264, False))(h))
+                     .count("wait_read_only=True"))
+    assert reads[0] == reads[1], reads
     # the next work item's weights are prefetched into L2 (frag layouts), unless turned off
     for pf in (True, False):
         c = dataclasses.replace(cfg, prefetch=pf)
