@@ -89,7 +89,12 @@ def default_config(b: int, kvh: int, s: int, num_sms: int | None = None) -> Deco
     """Tiles for ``b`` rows, ``kvh`` key/value heads and ``s`` cache slots: 64-slot steps (the
     largest power of two <= 64 dividing ``s``), and the slots split until there are about two
     programs per SM, each with at least 4 steps (short caches are not split: a split costs an
-    XLA combine)."""
+    XLA combine). With fewer programs than SMs (batch 1 of a 7B model: 32) each program's chain of
+    dependent loads is the cost, so the steps take 128 slots where a split's range allows it (half
+    the loop iterations over the same slots): in the 7B step at batch 1 on the H100 the kernel
+    took 6.6 against 8.2 us per layer and the step 2.10 against 2.15 ms (benchmarks/RESULTS.md,
+    session 23; H200 alone, session 12: 4.96 against 5.63 us at slot 128 of 256). At batch 16 (512
+    programs) 128-slot steps were slower (3.02 against 2.98 ms), so many programs keep 64."""
     bs = 64
     while s % bs:
         bs //= 2
@@ -103,6 +108,8 @@ def default_config(b: int, kvh: int, s: int, num_sms: int | None = None) -> Deco
         splits = d
         if b * kvh * d >= 2 * num_sms:
             break
+    if bs == 64 and b * kvh * splits < num_sms and (s // splits) % 128 == 0:
+        bs = 128
     return DecodeAttentionConfig(block_s=bs, splits=splits)
 
 

@@ -101,11 +101,17 @@ def test_rows_without_an_allowed_slot_are_zero():
 
 
 def test_default_config_splits_long_caches_only():
-    assert da.default_config(1, 32, 256, num_sms=132) == da.DecodeAttentionConfig(block_s=64, splits=1)
-    long = da.default_config(1, 32, 4096, num_sms=132)
+    # fewer programs than SMs: 128-slot steps (batch 1 of a 7B model: 32 programs)
+    assert da.default_config(1, 32, 256, num_sms=132) == da.DecodeAttentionConfig(block_s=128, splits=1)
+    assert da.default_config(16, 32, 256, num_sms=132) == da.DecodeAttentionConfig(block_s=64, splits=1)
+    assert da.default_config(4, 32, 256, num_sms=132).block_s == 128  # 128 programs on 132 SMs
+    assert da.default_config(5, 32, 256, num_sms=132).block_s == 64  # 160 programs on 132 SMs ...
+    assert da.default_config(5, 32, 256, num_sms=192).block_s == 128  # ... and on 192
+    long = da.default_config(1, 32, 4096, num_sms=132)  # split 16 ways: 512 programs, 64-slot steps
     assert long.block_s == 64 and long.splits == 16 and 4096 // 64 // long.splits >= 4
-    assert da.default_config(16, 32, 4096, num_sms=132).splits == 1  # 512 programs already
+    assert da.default_config(16, 32, 4096, num_sms=132) == da.DecodeAttentionConfig(block_s=64, splits=1)
     assert da.default_config(1, 8, 80, num_sms=132).block_s == 16  # largest power of two dividing 80
+    assert da.default_config(1, 8, 192, num_sms=132).block_s == 64  # 192 slots: no whole 128-slot steps
 
 
 @pytest.mark.parametrize("args,match", [
