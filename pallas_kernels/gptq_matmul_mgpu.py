@@ -536,9 +536,11 @@ class MgpuConfig:
         GMEM, ``cp.async.bulk.wait_group 0``) or ``"read"`` (only that the copy engine has read
         the SMEM tile, ``cp.async.bulk.wait_group.read 0``; the write completes on its own
         before the launch does, as CUTLASS's TMA-store epilogues end). ``"read"`` frees the
-        CTA's SMEM slot one L2 round trip earlier, which matters for the decode grids' many
-        short CTAs. Kernels that signal other CTAs after their stores (the persistent MLP)
-        always wait in full. The interpreter ignores it.
+        CTA's SMEM slot one L2 round trip earlier; for the decode grids' many short CTAs it
+        measured no faster on the H100 (8192 x 28672 at M = 1: 50.8 against 50.4 us; the 7B
+        step 2.18 against 2.15 ms; benchmarks/RESULTS.md session 23), so it is off. Kernels that
+        signal other CTAs after their stores (the persistent MLP) always wait in full. The
+        interpreter ignores it.
     """
 
     block_m: int = 16
