@@ -892,7 +892,17 @@ def e2e_attention(variant: str):
         changes[fields[key]] = int(o[len(key):])
 
     def patched(b, kvh, s, num_sms=None):
-        cfg = dataclasses.replace(old_cfg(b, kvh, s, num_sms), **changes)
+        if "splits" in changes and "block_s" not in changes:  # the default's slot steps for that split
+            base = 64
+            while s % base:
+                base //= 2
+            sp = max(1, min(changes["splits"], s // base))
+            while s % (base * sp):
+                sp -= 1
+            cfg = dataclasses.replace(old_cfg(b, kvh, s, num_sms, splits=sp),
+                                      **{k: v for k, v in changes.items() if k != "splits"})
+        else:
+            cfg = dataclasses.replace(old_cfg(b, kvh, s, num_sms), **changes)
         sp = cfg.splits
         while sp > 1 and s % (cfg.block_s * sp):  # keep what divides the cache
             sp -= 1

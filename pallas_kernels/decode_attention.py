@@ -85,7 +85,8 @@ def supported(q_shape: tuple[int, ...], cache_shape: tuple[int, ...], dtype) -> 
     return None
 
 
-def default_config(b: int, kvh: int, s: int, num_sms: int | None = None) -> DecodeAttentionConfig:
+def default_config(b: int, kvh: int, s: int, num_sms: int | None = None, *,
+                   splits: int | None = None) -> DecodeAttentionConfig:
     """Tiles for ``b`` rows, ``kvh`` key/value heads and ``s`` cache slots: 64-slot steps (the
     largest power of two <= 64 dividing ``s``), and the slots split until there are about two
     programs per SM, each with at least 4 steps (short caches are not split: a split costs an
@@ -94,20 +95,27 @@ def default_config(b: int, kvh: int, s: int, num_sms: int | None = None) -> Deco
     the loop iterations over the same slots): in the 7B step at batch 1 on the H100 the kernel
     took 6.6 against 8.2 us per layer and the step 2.10 against 2.15 ms (benchmarks/RESULTS.md,
     session 23; H200 alone, session 12: 4.96 against 5.63 us at slot 128 of 256). At batch 16 (512
-    programs) 128-slot steps were slower (3.02 against 2.98 ms), so many programs keep 64."""
+    programs) 128-slot steps were slower (3.02 against 2.98 ms), so many programs keep 64.
+    ``splits`` forces the split count (it must divide the 64-slot steps); the 128-slot rule then
+    applies to it as to a chosen one."""
     bs = 64
     while s % bs:
         bs //= 2
     steps = s // bs
     if num_sms is None:
         num_sms = _num_sms()
-    splits = 1
-    for d in range(1, steps + 1):
-        if steps % d or steps // d < 4:
-            continue
-        splits = d
-        if b * kvh * d >= 2 * num_sms:
-            break
+    if splits is not None:
+        if splits < 1 or steps % splits:
+            raise ValueError(f"default_config: splits={splits} must divide the {steps} steps of {bs} slots of a "
+                             f"{s}-slot cache.")
+    else:
+        splits = 1
+        for d in range(1, steps + 1):
+            if steps % d or steps // d < 4:
+                continue
+            splits = d
+            if b * kvh * d >= 2 * num_sms:
+                break
     if bs == 64 and b * kvh * splits < num_sms and (s // splits) % 128 == 0:
         bs = 128
     return DecodeAttentionConfig(block_s=bs, splits=splits)

@@ -112,6 +112,12 @@ def test_default_config_splits_long_caches_only():
     assert da.default_config(16, 32, 4096, num_sms=132) == da.DecodeAttentionConfig(block_s=64, splits=1)
     assert da.default_config(1, 8, 80, num_sms=132).block_s == 16  # largest power of two dividing 80
     assert da.default_config(1, 8, 192, num_sms=132).block_s == 64  # 192 slots: no whole 128-slot steps
+    # a forced split count takes the same slot-step rule
+    assert da.default_config(1, 32, 256, num_sms=132, splits=4) == da.DecodeAttentionConfig(block_s=64, splits=4)
+    assert da.default_config(1, 32, 256, num_sms=132, splits=2) == da.DecodeAttentionConfig(block_s=128, splits=2)
+    assert da.default_config(8, 32, 256, num_sms=132, splits=2).block_s == 64  # 512 programs
+    with pytest.raises(ValueError, match="splits=3 must divide the 4 steps of 64 slots"):
+        da.default_config(1, 32, 256, num_sms=132, splits=3)
 
 
 @pytest.mark.parametrize("args,match", [
