@@ -249,8 +249,9 @@ def _check_update(out, qkv, kc, vc, valid, index, cos, sin, tol=2e-2, exact_v=Tr
     (2, 9, 3, 64, 64, 40, da.DecodeAttentionConfig(block_s=16)),               # SmolLM2 heads (G = 3)
     (1, 9, 3, 64, 96, 95, da.DecodeAttentionConfig(block_s=16, splits=3)),     # last slot, splits
     (3, 4, 4, 32, 64, 0, da.DecodeAttentionConfig(block_s=16, splits=2)),      # MHA, slot 0
-    (2, 16, 2, 64, 128, 77, None),                                             # G = 8, default tiles
+    (2, 16, 2, 64, 128, 77, None),                                             # G = 8, default tiles (128 slots a step)
     (1, 6, 2, 128, 48, 20, da.DecodeAttentionConfig(block_s=16, splits=3)),    # hd = 128, mid split
+    (1, 4, 4, 32, 256, 200, da.DecodeAttentionConfig(block_s=128, splits=2)),  # 128-slot steps, 2 splits
 ])
 @pytest.mark.parametrize("n_parts", [0, 3])
 def test_update_matches_float64_reference(b, h, kvh, hd, s, index, cfg, n_parts):
