@@ -893,14 +893,14 @@ def e2e_attention(variant: str):
 
     def patched(b, kvh, s, num_sms=None):
         if "splits" in changes and "block_s" not in changes:  # the default's slot steps for that split
-            base = 64
-            while s % base:
-                base //= 2
-            sp = max(1, min(changes["splits"], s // base))
-            while s % (base * sp):
-                sp -= 1
-            cfg = dataclasses.replace(old_cfg(b, kvh, s, num_sms, splits=sp),
-                                      **{k: v for k, v in changes.items() if k != "splits"})
+            sp = max(1, changes["splits"])
+            while True:  # the largest split count <= the asked one that the default's steps allow
+                try:
+                    base = old_cfg(b, kvh, s, num_sms, splits=sp)
+                    break
+                except ValueError:
+                    sp -= 1
+            cfg = dataclasses.replace(base, **{k: v for k, v in changes.items() if k != "splits"})
         else:
             cfg = dataclasses.replace(old_cfg(b, kvh, s, num_sms), **changes)
         sp = cfg.splits
