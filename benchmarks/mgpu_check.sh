@@ -12,7 +12,7 @@
 #    E2E_ARGS replaces its extra flags (default --e2e-nofuse; --e2e-variants adds nk-layout / session-4 models;
 #    models are timed in 3 interleaved rounds, --e2e-rounds; --e2e-trace adds GPU busy / idle per step).
 # Time boxes (seconds): DUMP_S (default 0: part 0, Mosaic dumps, skipped), TESTS_S (default 130), BIG_S (250), REST_S (120),
-# L2_S (0: bench_l2_residency.py, flags L2_ARGS), PP_S (0: probes/persistent_phases.py, flags PP_ARGS), PM_S (0: the persistent decode MLP's GPU tests and timing, flags PM_ARGS), DA_S (0: the decode-attention benchmark, bench_kernels.py --decode-attn), DU_S (0: the fused decode step kernel's
+# L2_S (0: bench_l2_residency.py, flags L2_ARGS), PP_S (0: probes/persistent_phases.py, flags PP_ARGS), RS_S (0: probes/ring_stream.py, flags RS_ARGS), PM_S (0: the persistent decode MLP's GPU tests and timing, flags PM_ARGS), DA_S (0: the decode-attention benchmark, bench_kernels.py --decode-attn), DU_S (0: the fused decode step kernel's
 # config sweep, --decode-attn-update on DU_SHAPES), E2E_S (0); 0 skips that part.
 # PERSIST=0 skips the persistent-schedule tests of part 1.
 # TESTS_PATH narrows part 1 (one or more space-separated paths, e.g. tests/pallas_kernels/test_gptq_matmul_mgpu.py);
@@ -108,6 +108,12 @@ if [ "${PP_S:-0}" != 0 ]; then
   timeout "$PP_S" "$PY" "$REPO/benchmarks/probes/persistent_phases.py" ${PP_ARGS:-} --out "$OUT" 2>&1 \
     | tee "$OUT/persistent_phases.log" | grep -v '^{' | tail -12
   echo "persistent-phases exit: ${PIPESTATUS[0]}"
+fi
+if [ "${RS_S:-0}" != 0 ]; then
+  echo "=== few long-lived CTAs vs many short ones: streaming probe (probes/ring_stream.py) ==="
+  timeout "$RS_S" "$PY" "$REPO/benchmarks/probes/ring_stream.py" ${RS_ARGS:-} --out "$OUT" 2>&1 \
+    | tee "$OUT/ring_stream.log" | grep -v '^{' | tail -24
+  echo "ring-stream exit: ${PIPESTATUS[0]}"
 fi
 if [ "${PM_S:-0}" != 0 ]; then
   # the persistent decode MLP: its GPU tests (each launch hangs if the barrier never opens, hence the

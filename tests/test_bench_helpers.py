@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import pathlib
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -315,6 +316,55 @@ def test_persistent_phases_probe_variants(persistent_phases):
     row = pp.per_phase_row("overlap", (64, 132, 128, 64), 64 * 5e-6)
     assert row["phase_bytes"] == 132 * 128 * 256 and abs(row["us_per_phase"] - 5.0) < 1e-9
     assert abs(row["GBps"] - 132 * 128 * 256 / 5e3) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def ring_stream():
+    spec = importlib.util.spec_from_file_location("ring_stream", ROOT / "benchmarks" / "probes" / "ring_stream.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["ring_stream"] = mod  # its dataclass looks its module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ring_stream_probe_variants(ring_stream):
+    """The streaming probe's grid, emit_pipeline and hand-written ring variants run in the Mosaic GPU
+    interpreter on fresh random words and return each CTA's last block (and, with -touch, the XOR of
+    everything it read), as the NumPy expectation says; the barrier variant lowers for CUDA with its
+    semaphores; names parse both ways and bad ones are refused by name."""
+    import jax
+    import jax.numpy as jnp
+
+    rs = ring_stream
+    for name in ("grid-k4-s3-r8", "pipe-s3-r8", "ring-s3-r8", "ring-s2-r8-c2-side", "ring-s3-r16-touch"):
+        v = rs.parse_variant(name)
+        assert v.name == name
+        n_cta = 2 * v.ctas_per_sm
+        t = rs.blocks_for(0, v, n_cta) * random.choice((2, 3))
+        w = jax.random.randint(jax.random.key(random.randrange(2**31)), (t, v.rows, rs.COLS), -2**31, 2**31 - 1,
+                               jnp.int32)
+        sx, ssz = rs.side_arrays(t, random.randrange(2**31)) if v.side else (None, None)
+        last, xor = rs.run_variant(w, name, n_cta, True, sx, ssz)
+        want_last, want_xor = rs.expected(np.asarray(w), v, n_cta)
+        np.testing.assert_array_equal(np.asarray(last), want_last, err_msg=name)
+        if want_xor is not None:
+            np.testing.assert_array_equal(np.asarray(xor), want_xor, err_msg=name)
+            assert v.touch or not want_xor.any()
+    v = rs.parse_variant("ring-s4-r8-b2")
+    t = rs.blocks_for(0, v, 4) * 2
+    text = rs.run_variant.trace(jax.ShapeDtypeStruct((t, 8, rs.COLS), jnp.int32), v.name, 4, False) \
+        .lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    assert rs.parse_variant("ring-s8-r16-c2-side-touch-b8") == rs.Variant(
+        kind="ring", slots=8, rows=16, ctas_per_sm=2, side=True, touch=True, barrier_every=8)
+    for bad, msg in (("ring-s8", "needs both"), ("grid-s4-r8-c2", "not one of"), ("ring-s8-r8-s4", "twice"),
+                     ("ring-s8-r300", "R <= 256"), ("ring-s64-r64", "SMEM"), ("spin-s1-r1", "expected")):
+        with pytest.raises(ValueError, match=msg):
+            rs.parse_variant(bad)
+    with pytest.raises(ValueError, match="needs side arrays"):
+        rs.run_variant(jnp.ones((8, 8, rs.COLS), jnp.int32), "ring-s2-r8-side", 2, True)
+    with pytest.raises(ValueError, match="rows per block"):
+        rs.run_variant(jnp.ones((8, 16, rs.COLS), jnp.int32), "ring-s2-r8", 2, True)
 
 
 def test_mgpu_variants_replace_fields_of_the_default_config(bench_kernels):
