@@ -513,7 +513,9 @@ class MgpuConfig:
         for the decode grids, M <= 16 (M = 1 then writes 1 partial row, not 8; at M = 16 the
         token-major store timed ~2 us slower alone on the H200, but spares the model an XLA
         transpose per matmul).
-        ``"stream"`` always writes ``[slots, Np, Mp]`` partials.
+        ``"stream"`` writes fp32 partials: ``[slots, Np, Mp]`` by default, ``[slots, rows, Np]``
+        with ``transpose_out=True`` (with ``split_reduce="tma"``: one token-major fp32 buffer, as the
+        split decode grids write; :func:`accumulator_shape`).
       split_reduce: how the partial sums of split K (``"grid"`` with ``split_k > 1``) and of
         stream-K (``"stream"``) are added (:func:`default_config` takes ``"tma"`` for the split
         decode grids, ``"xla"`` elsewhere): ``"xla"`` (the field's default): each partial goes to its own
@@ -564,7 +566,7 @@ class MgpuConfig:
     def writes_y(self) -> bool:
         """Whether the kernel stores token-major output (``transpose_out`` resolved)."""
         if self.schedule == "stream":
-            return False
+            return bool(self.transpose_out)
         return self.schedule == "tiles" if self.transpose_out is None else bool(self.transpose_out)
 
 
@@ -1471,7 +1473,7 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
     tiles = int(counts.shape[0])
     total = tiles * nk
     aligned = cfg.schedule == "tiles"
-    direct = aligned and cfg.writes_y
+    direct = cfg.writes_y  # token-major: "tiles" y, or "stream" fp32 partial rows
     reduce_into = _tma_reduces(cfg, interpret)  # partials TMA-added into one fp32 buffer
     slots = 1 if reduce_into else int(counts.max())
     out_dt = cdt if aligned else jnp.float32
@@ -1625,6 +1627,20 @@ def _build_stream(mp: int, packed: MgpuPacked, cfg: MgpuConfig, cdt, interpret: 
     return kernel, counts, slots
 
 
+def _stream_sum_rows(parts: jax.Array, counts: np.ndarray, mp: int, packed: MgpuPacked, cfg: MgpuConfig) -> jax.Array:
+    """``[Mp, Np]`` from token-major ``[slots, Mp, Np]`` stream-K partials (``transpose_out=True``);
+    slot ``j`` of tile ``t`` counts only when ``j < counts[t]``, as in :func:`_stream_sum`."""
+    slots = parts.shape[0]
+    if slots == 1:
+        return parts[0]
+    bn_cta = cfg.block_n * cfg.compute_wgs
+    n_nt, n_mt = packed.n_pad // bn_cta, mp // cfg.block_m
+    valid = np.arange(slots)[:, None] < counts.reshape(1, -1)  # tile t = m tile * n_nt + n tile
+    valid = valid.reshape(slots, n_mt, 1, n_nt, 1)
+    p = parts.reshape(slots, n_mt, cfg.block_m, n_nt, bn_cta)
+    return jnp.where(valid, p, 0.0).sum(0).reshape(mp, packed.n_pad)
+
+
 def _stream_sum(parts: jax.Array, counts: np.ndarray, mp: int, packed: MgpuPacked, cfg: MgpuConfig) -> jax.Array:
     """``[Np, Mp]`` from the ``[slots, Np, Mp]`` partials: slot ``j`` of tile ``t`` counts only when
     ``j < counts[t]`` (the other slots were never written)."""
@@ -1718,7 +1734,7 @@ def gptq_matmul_mgpu_parts(
                          f"(accumulator_shape); got {acc.dtype} {tuple(acc.shape)}.")
     if m == 0:
         return jnp.zeros((1, *lead, packed.n), x.dtype)
-    if cfg.schedule != "grid" or not cfg.writes_y:  # one addend: the product (plus acc, if given)
+    if cfg.schedule == "tiles" or not cfg.writes_y:  # one addend: the product (plus acc, if given)
         return _forward(x.reshape(m, packed.k), packed, cfg, interpret, acc=acc, prefetch=prefetch,
                         pf_plan=_plan_for(prefetch, cfg, interpret)).reshape(1, *lead, packed.n)
     parts = _forward(x.reshape(m, packed.k), packed, cfg, interpret, parts=True, acc=acc, prefetch=prefetch,
@@ -1821,7 +1837,8 @@ def accumulator_shape(m: int, packed: MgpuPacked, *, config: MgpuConfig | None =
     Decode grids (split K, ``split_reduce="tma"``) TMA-add their partials into one zero-filled
     fp32 buffer: ``[1, rows, Np]`` when they store token-major (the default at M <= 16),
     ``[1, Np, Mp]`` with ``transpose_out=False`` (the call then returns the finished product, one
-    addend). Made inside a jitted loop, XLA merges those zero fills and then copies the merged
+    addend). The persistent stream-K schedule with ``split_reduce="tma"`` adds its partials the
+    same way (token-major with ``transpose_out=True``). Made inside a jitted loop, XLA merges those zero fills and then copies the merged
     buffer once per call (~1 us each on an H200, benchmarks/RESULTS.md session 13); a caller that
     already runs a kernel before the matmul can have it write the zeros
     (``pallas_kernels.add_rms_norm(..., zeros=...)``) and pass them as ``acc``. In the
@@ -1830,7 +1847,8 @@ def accumulator_shape(m: int, packed: MgpuPacked, *, config: MgpuConfig | None =
     if m < 1:
         return None
     cfg = config or default_config(m, packed)
-    if not (cfg.schedule == "grid" and cfg.split_k > 1 and cfg.split_reduce == "tma"):
+    split = cfg.split_k > 1 if cfg.schedule == "grid" else cfg.schedule == "stream"
+    if not (split and cfg.split_reduce == "tma"):
         return None
     if not cfg.writes_y:
         return (1, packed.n_pad, -(-m // cfg.block_m) * cfg.block_m)
@@ -1900,11 +1918,23 @@ def _forward(x2: jax.Array, packed: MgpuPacked, cfg: MgpuConfig, interpret: bool
         if cfg.writes_y:
             return y[:m, : packed.n].astype(cdt)
     else:
-        kernel, counts, _ = _build_stream(mp, packed, cfg, cdt, interpret, rows)
-        out = kernel(*args)
+        reduce_into = _tma_reduces(cfg, interpret)
+        # token-major stream partials in slots keep whole token tiles (their sum masks per tile)
+        out_rows = rows if cfg.schedule == "tiles" or reduce_into else mp
+        kernel, counts, _ = _build_stream(mp, packed, cfg, cdt, interpret, out_rows)
+        out = kernel(*args, acc=acc) if acc is not None and reduce_into else kernel(*args)
         if cfg.schedule == "tiles" and cfg.writes_y:  # [1, rows, Np], already y
             return out[0, :m, : packed.n]
-        y = _stream_sum(out, counts, mp, packed, cfg)  # [Np, Mp]
+        if cfg.writes_y:  # "stream", token-major fp32 partials: [1, rows, Np] (TMA-reduced) or [slots, mp, Np]
+            y = out[0] if reduce_into else _stream_sum_rows(out, counts, mp, packed, cfg)
+            if acc is not None and not reduce_into:  # the interpreter: acc is one more addend
+                y = y + acc[0, : y.shape[0]]
+            if parts:
+                return y[None, :m, : packed.n]
+            return y[:m, : packed.n].astype(cdt)
+        y = out[0] if reduce_into else _stream_sum(out, counts, mp, packed, cfg)  # [Np, Mp]
+        if acc is not None and not reduce_into:
+            y = y + acc[0, :, : y.shape[1]]
     return y[: packed.n, :m].T.astype(cdt)
 
 

@@ -171,6 +171,18 @@ def test_e2e_grid_specs_change_only_the_named_layers(bench_kernels):
         with pytest.raises(SystemExit, match="--e2e-configs"):
             bench_kernels.e2e_config(bad)
     assert bench_kernels.e2e_config("steps2") is bench_kernels.E2E_CONFIGS["steps2"]
+    # stream[-cN][-stN][-bnN]: the decode matmuls on persistent stream-K, token-major partials TMA-added
+    pack_kw, pick = bench_kernels.e2e_config("stream")
+    c = pick(default, 1, down)
+    assert pack_kw == {} and (c.schedule, c.split_k, c.ctas_per_sm, c.block_n, c.split_reduce) == ("stream", 1, 1, 128, "tma")
+    assert c.writes_y and c.num_stages == default(1, down).num_stages and c.block_m == 8
+    mg._validate(jax.numpy.zeros((1, 11008), jax.numpy.bfloat16), down, c)
+    c = bench_kernels.e2e_config("stream-c2-st4-bn64")[1](default, 16, square)
+    assert (c.ctas_per_sm, c.num_stages, c.block_n, c.block_m) == (2, 4, 64, 16)
+    assert pick(default, 64, down) == default(64, down)  # M > 16: untouched
+    for bad in ("stream-c2-c3", "stream-q2", "streams"):
+        with pytest.raises(SystemExit, match="--e2e-configs"):
+            bench_kernels.e2e_config(bad)
 
 
 def test_e2e_norm_variants_set_and_restore_the_model_knobs(bench_kernels):

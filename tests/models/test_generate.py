@@ -373,7 +373,7 @@ def test_norm_kernel_takes_few_partials_and_sums_many():
                                    np.asarray(llama.rms_norm(scale, want_h, 1e-5), np.float32), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("token_major", [True, False])
+@pytest.mark.parametrize("token_major", [True, False, "stream"])
 def test_decode_zero_accumulators_come_from_the_norm_kernels(tiny_hf_model, monkeypatch, token_major):
     """With norm="pallas" a one-token step hands each TMA-reduced matmul (the Mosaic decode grid,
     here through the interpreter with K split) a zeroed fp32 accumulator that the add + RMSNorm
@@ -381,7 +381,9 @@ def test_decode_zero_accumulators_come_from_the_norm_kernels(tiny_hf_model, monk
     gate/up's and down's from the post-attention one; only the first block's q/k/v and o_proj make
     their own. The logits equal those of the same step with the kernels' own zero fills, and stay
     close to the XLA path's. token_major=False: grids that store [Np, M] (transpose_out=False),
-    whose accumulators are [1, Np, Mp] and whose call returns the finished product."""
+    whose accumulators are [1, Np, Mp] and whose call returns the finished product. "stream": the
+    decode matmuls on the persistent stream-K schedule with token-major partials TMA-added into
+    the same [1, rows, Np] accumulators (the bench's --e2e-configs stream)."""
     import dataclasses
 
     from test_quant_linear import quantize_params
@@ -393,8 +395,11 @@ def test_decode_zero_accumulators_come_from_the_norm_kernels(tiny_hf_model, monk
     real_prepare, real_grid = dispatch.prepare, mg._grid_config
     monkeypatch.setattr(dispatch, "prepare", lambda l, *, bits, backend=None: real_prepare(
         l, bits=bits, backend="gpu", interpret=True, gpu_kernel="mgpu"))
+    stream = dict(schedule="stream", split_k=1, ctas_per_sm=1, transpose_out=True, split_reduce="tma")
+    monkeypatch.setattr(mg, "_num_sms", lambda: 3)
     monkeypatch.setattr(mg, "_grid_config", lambda m, p, **kw: dataclasses.replace(
-        real_grid(m, p, **{"min_steps": 1, **kw}), **({} if token_major else {"transpose_out": False})))
+        real_grid(m, p, **{"min_steps": 1, **kw}),
+        **(stream if token_major == "stream" else {} if token_major else {"transpose_out": False})))
     cfg, params, _ = load_hf(tiny_hf_model("smollm2_hd64").folder)
     qparams, _ = quantize_params(params, np.random.default_rng(9), shared_perm=True)
     model = LlamaForCausalLM.from_params(cfg, qparams, dtype=jnp.bfloat16)
@@ -407,7 +412,7 @@ def test_decode_zero_accumulators_come_from_the_norm_kernels(tiny_hf_model, monk
                   llama._acc_shape(lp["mlp"]["gate_up_proj"], (2, 1, d), jnp.bfloat16),
                   llama._acc_shape(lp["mlp"]["down_proj"], (2, 1, f), jnp.bfloat16)]
         assert shapes[0] is not None and shapes[2] is not None  # K = 192: split 2 ways here
-        assert (shapes[0][2] <= 8) != token_major, shapes  # [1, rows, Np] or [1, Np, Mp]
+        assert (shapes[0][2] <= 8) != bool(token_major), shapes  # [1, rows, Np] or [1, Np, Mp]
         want += sum(s is not None for s in (shapes if i else shapes[2:]))
     assert llama._acc_shape(tree["layers"][0]["self_attn"]["qkv_proj"], (2, 1, d), jnp.float32) is None
     calls = []

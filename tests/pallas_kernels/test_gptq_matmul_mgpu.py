@@ -837,6 +837,81 @@ def test_parts_acc_compiled_on_gpu(m):
     assert rel_err(np.asarray(parts[0], np.float64), want) < 8e-3
 
 
+def _stream_decode(m, p, ctas_per_sm=1, token_major=True):
+    """The decode grid's tiles on the persistent stream-K schedule, partials TMA-added (the bench's
+    ``--e2e-configs stream``)."""
+    return dataclasses.replace(mg._grid_config(m, p), schedule="stream", split_k=1, ctas_per_sm=ctas_per_sm,
+                               block_n=128, transpose_out=token_major, split_reduce="tma")
+
+
+@pytest.mark.parametrize("m,token_major", [(1, True), (5, True), (16, True), (5, False)])
+def test_stream_partials_token_major_into_acc(m, token_major, monkeypatch):
+    """Stream-K with ``transpose_out=True`` writes token-major fp32 partials: in the interpreter one
+    slot per CTA that touches a tile (summed over the valid slots), on hardware TMA-added into one
+    ``[1, rows, Np]`` buffer that a caller may pass as ``acc``, as the split decode grids do. The
+    parts call returns ``[1, M, N]`` fp32 = acc + x @ W; act-order K; the hardware path lowers with
+    and without acc; ``[Np, Mp]`` stream partials take an ``[1, Np, Mp]`` acc and return one addend."""
+    monkeypatch.setattr(mg, "_num_sms", lambda: 3)  # 3 CTAs over 2 N tiles x 8 K blocks: tiles split across CTAs
+    lin, w64, p = make(300 + m, 1024, 256, 4, 128, True)
+    cfg = _stream_decode(m, p, token_major=token_major)
+    assert cfg.writes_y == token_major
+    _, _, counts, *_ = mg._stream_geometry(-(-m // cfg.block_m) * cfg.block_m, p, cfg)
+    assert counts.max() > 1  # some tile's partial sums come from two CTAs
+    x = jax.random.normal(jax.random.key(301 + m), (m, 1024), jnp.float32).astype(jnp.bfloat16)
+    ref = np.asarray(x, np.float64) @ w64
+    shape = mg.accumulator_shape(m, p, config=cfg, interpret=True)
+    mp = -(-m // cfg.block_m) * cfg.block_m
+    assert shape == ((1, mp, 256) if token_major else (1, 256, mp))
+    hw_shape = mg.accumulator_shape(m, p, config=cfg)
+    assert hw_shape == ((1, m if m < 8 else mp, 256) if token_major else (1, 256, mp))
+    assert mg.accumulator_shape(m, p, config=dataclasses.replace(cfg, split_reduce="xla")) is None
+    acc = jax.random.normal(jax.random.key(302 + m), shape, jnp.float32)
+    got = mg.gptq_matmul_mgpu_parts(x, p, config=cfg, interpret=True, acc=acc)
+    a = np.asarray(acc[0, :m, :256] if token_major else acc[0, :256, :m].T, np.float64)
+    if token_major:
+        assert got.shape == (1, m, 256) and got.dtype == jnp.float32
+    else:
+        assert got.shape == (1, m, 256) and got.dtype == jnp.bfloat16
+    assert rel_err(np.asarray(got[0], np.float64), ref + a) < 8e-3
+    assert rel_err(np.asarray(mg.gptq_matmul_mgpu(x, p, config=cfg, interpret=True), np.float64), ref) < 8e-3
+    for hw_acc in (None, jnp.zeros(hw_shape, jnp.float32)):
+        low = mg._forward.trace(x, p, cfg, False, token_major, hw_acc).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in low
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_stream_partials_compiled_on_gpu(m):
+    """Stream-K decode configs (1 and 2 CTAs per SM, token-major partials TMA-added into the caller's
+    random fp32 buffer) compiled, against float64: the 7B o_proj and down shapes (act-order; K
+    split-padded for down), and four launches chained in one jit, each from the previous output."""
+    for k, n in ((4096, 4096), (11008, 4096)):
+        lin, w64, p = make(310 + m + k, k, n, 4, 128, True)
+        x = jax.random.normal(jax.random.key(m + k), (m, k), jnp.float32).astype(jnp.bfloat16)
+        for cps in (1, 2):
+            cfg = _stream_decode(m, p, cps)
+            shape = mg.accumulator_shape(m, p, config=cfg)
+            acc = jax.random.normal(jax.random.key(7 + m + cps), shape, jnp.float32)
+            parts = jax.jit(lambda x, a, cfg=cfg: mg.gptq_matmul_mgpu_parts(x, p, config=cfg, acc=a))(x, acc)
+            assert parts.shape == (1, m, n) and parts.dtype == jnp.float32
+            want = np.asarray(x, np.float64) @ w64 + np.asarray(acc[0, :m, :n], np.float64)
+            assert rel_err(np.asarray(parts[0], np.float64), want) < 8e-3, (k, cps)
+    lin, w64, p = make(320 + m, 4096, 4096, 4, 128, True)
+    cfg = _stream_decode(m, p)
+
+    def chain(x):
+        xs = [x]
+        for _ in range(4):
+            y = mg.gptq_matmul_mgpu(xs[-1], p, config=cfg)
+            xs.append((y.astype(jnp.float32) * (1.0 / 16)).astype(jnp.bfloat16))
+        return xs
+
+    xs = jax.jit(chain)(jax.random.normal(jax.random.key(m), (m, 4096), jnp.float32).astype(jnp.bfloat16))
+    for a, b in zip(xs[:-1], xs[1:]):
+        assert rel_err(np.asarray(b, np.float64), np.asarray(a, np.float64) @ w64 / 16) < 1e-2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m", [1, 16])
