@@ -553,20 +553,24 @@ E2E_CONFIGS = {
 }
 
 
-_STREAM_SPEC = re.compile(r"stream((?:-(?:c|st|bn)\d+)*)")
+_STREAM_SPEC = re.compile(r"stream((?:-(?:c|st|bn|wg)\d+)*)")
 
 
 def _stream_variant(knobs: dict[str, str]):
     """The decode matmuls (M <= 16) on the persistent stream-K schedule instead of the split-K grid:
-    ``c`` CTAs per SM (default 1), ``st`` pipeline stages (default the grid's), ``bn`` the N tile
-    (default 128 where it divides Np); token-major fp32 partials TMA-added into one buffer, as the
+    ``c`` CTAs per SM (default 1), ``st`` pipeline stages (default the grid's), ``wg`` compute
+    warpgroups (default 1; 2: warp-specialised, a memory warpgroup feeding two compute warpgroups
+    that each take ``bn`` rows of the CTA's tile), ``bn`` the N tile per compute warpgroup (default
+    128 with one warpgroup, 64 with two, where the CTA tile divides Np); token-major fp32 partials TMA-added into one buffer, as the
     split grids store them, so the model's accumulators and norm kernels take them unchanged."""
     def pick(default, m, p):
         if m > 16:
             return default(m, p)
         base = mg._grid_config(m, p)
-        bn = int(knobs.get("bn", 128 if p.n_pad % 128 == 0 else 64))
+        wgs = int(knobs.get("wg", 1))
+        bn = int(knobs.get("bn", 128 if wgs == 1 and p.n_pad % 128 == 0 else 64))
         return dataclasses.replace(base, schedule="stream", split_k=1, ctas_per_sm=int(knobs.get("c", 1)), block_n=bn,
+                                   compute_wgs=wgs,
                                    num_stages=int(knobs.get("st", base.num_stages)), transpose_out=True,
                                    split_reduce="tma", store_wait="full")
     return pick
@@ -585,7 +589,7 @@ def e2e_config(name: str):
     a layer takes the first spec naming its K x N shape (a spec without ``@`` names every shape), and
     a layer no spec names keeps the default: e.g. ``g-s2@4096x4096`` splits o_proj of the 7B step into
     CTAs of 2 K blocks and leaves the other layers alone, ``g-s1@4096x4096/g-x64`` gives o_proj 1-block
-    CTAs and every other layer up to 64 splits. ``stream[-cN][-stN][-bnN]``: the decode matmuls on the
+    CTAs and every other layer up to 64 splits. ``stream[-cN][-stN][-bnN][-wgN]``: the decode matmuls on the
     persistent stream-K schedule (:func:`_stream_variant`), e.g. ``stream-c2-st4``."""
     if name in E2E_CONFIGS:
         return E2E_CONFIGS[name]

@@ -837,15 +837,16 @@ def test_parts_acc_compiled_on_gpu(m):
     assert rel_err(np.asarray(parts[0], np.float64), want) < 8e-3
 
 
-def _stream_decode(m, p, ctas_per_sm=1, token_major=True):
+def _stream_decode(m, p, ctas_per_sm=1, token_major=True, wgs=1):
     """The decode grid's tiles on the persistent stream-K schedule, partials TMA-added (the bench's
-    ``--e2e-configs stream``)."""
+    ``--e2e-configs stream``; ``wgs=2``: two compute warpgroups of 64 rows each)."""
     return dataclasses.replace(mg._grid_config(m, p), schedule="stream", split_k=1, ctas_per_sm=ctas_per_sm,
-                               block_n=128, transpose_out=token_major, split_reduce="tma")
+                               block_n=128 // wgs, compute_wgs=wgs, transpose_out=token_major, split_reduce="tma")
 
 
-@pytest.mark.parametrize("m,token_major", [(1, True), (5, True), (16, True), (5, False)])
-def test_stream_partials_token_major_into_acc(m, token_major, monkeypatch):
+@pytest.mark.parametrize("m,token_major,wgs", [(1, True, 1), (5, True, 1), (16, True, 1), (5, False, 1), (1, True, 2),
+                                             (16, True, 2)])
+def test_stream_partials_token_major_into_acc(m, token_major, wgs, monkeypatch):
     """Stream-K with ``transpose_out=True`` writes token-major fp32 partials: in the interpreter one
     slot per CTA that touches a tile (summed over the valid slots), on hardware TMA-added into one
     ``[1, rows, Np]`` buffer that a caller may pass as ``acc``, as the split decode grids do. The
@@ -853,7 +854,7 @@ def test_stream_partials_token_major_into_acc(m, token_major, monkeypatch):
     and without acc; ``[Np, Mp]`` stream partials take an ``[1, Np, Mp]`` acc and return one addend."""
     monkeypatch.setattr(mg, "_num_sms", lambda: 3)  # 3 CTAs over 2 N tiles x 8 K blocks: tiles split across CTAs
     lin, w64, p = make(300 + m, 1024, 256, 4, 128, True)
-    cfg = _stream_decode(m, p, token_major=token_major)
+    cfg = _stream_decode(m, p, token_major=token_major, wgs=wgs)
     assert cfg.writes_y == token_major
     _, _, counts, *_ = mg._stream_geometry(-(-m // cfg.block_m) * cfg.block_m, p, cfg)
     assert counts.max() > 1  # some tile's partial sums come from two CTAs
@@ -883,20 +884,20 @@ def test_stream_partials_token_major_into_acc(m, token_major, monkeypatch):
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_stream_partials_compiled_on_gpu(m):
-    """Stream-K decode configs (1 and 2 CTAs per SM, token-major partials TMA-added into the caller's
+    """Stream-K decode configs (1 and 2 CTAs per SM, one or two compute warpgroups; token-major partials TMA-added into the caller's
     random fp32 buffer) compiled, against float64: the 7B o_proj and down shapes (act-order; K
     split-padded for down), and four launches chained in one jit, each from the previous output."""
     for k, n in ((4096, 4096), (11008, 4096)):
         lin, w64, p = make(310 + m + k, k, n, 4, 128, True)
         x = jax.random.normal(jax.random.key(m + k), (m, k), jnp.float32).astype(jnp.bfloat16)
-        for cps in (1, 2):
-            cfg = _stream_decode(m, p, cps)
+        for cps, wgs in ((1, 1), (2, 1), (2, 2)):
+            cfg = _stream_decode(m, p, cps, wgs=wgs)
             shape = mg.accumulator_shape(m, p, config=cfg)
             acc = jax.random.normal(jax.random.key(7 + m + cps), shape, jnp.float32)
             parts = jax.jit(lambda x, a, cfg=cfg: mg.gptq_matmul_mgpu_parts(x, p, config=cfg, acc=a))(x, acc)
             assert parts.shape == (1, m, n) and parts.dtype == jnp.float32
             want = np.asarray(x, np.float64) @ w64 + np.asarray(acc[0, :m, :n], np.float64)
-            assert rel_err(np.asarray(parts[0], np.float64), want) < 8e-3, (k, cps)
+            assert rel_err(np.asarray(parts[0], np.float64), want) < 8e-3, (k, cps, wgs)
     lin, w64, p = make(320 + m, 4096, 4096, 4, 128, True)
     cfg = _stream_decode(m, p)
 
