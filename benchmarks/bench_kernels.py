@@ -553,18 +553,19 @@ E2E_CONFIGS = {
 }
 
 
-_STREAM_SPEC = re.compile(r"stream((?:-(?:c|st|bn|wg)\d+)*)")
+_STREAM_SPEC = re.compile(r"stream((?:-(?:c|st|bn|wg)\d+)*)(?:@(\d+x\d+(?:\+\d+x\d+)*))?")
 
 
-def _stream_variant(knobs: dict[str, str]):
+def _stream_variant(knobs: dict[str, str], shapes: set | None = None):
     """The decode matmuls (M <= 16) on the persistent stream-K schedule instead of the split-K grid:
     ``c`` CTAs per SM (default 1), ``st`` pipeline stages (default the grid's), ``wg`` compute
     warpgroups (default 1; 2: warp-specialised, a memory warpgroup feeding two compute warpgroups
     that each take ``bn`` rows of the CTA's tile), ``bn`` the N tile per compute warpgroup (default
     128 with one warpgroup, 64 with two, where the CTA tile divides Np); token-major fp32 partials TMA-added into one buffer, as the
-    split grids store them, so the model's accumulators and norm kernels take them unchanged."""
+    split grids store them, so the model's accumulators and norm kernels take them unchanged.
+    ``shapes``: only the layers of these ``(K, N)`` (default every layer)."""
     def pick(default, m, p):
-        if m > 16:
+        if m > 16 or (shapes is not None and (p.k, p.n) not in shapes):
             return default(m, p)
         base = mg._grid_config(m, p)
         wgs = int(knobs.get("wg", 1))
@@ -589,7 +590,7 @@ def e2e_config(name: str):
     a layer takes the first spec naming its K x N shape (a spec without ``@`` names every shape), and
     a layer no spec names keeps the default: e.g. ``g-s2@4096x4096`` splits o_proj of the 7B step into
     CTAs of 2 K blocks and leaves the other layers alone, ``g-s1@4096x4096/g-x64`` gives o_proj 1-block
-    CTAs and every other layer up to 64 splits. ``stream[-cN][-stN][-bnN][-wgN]``: the decode matmuls on the
+    CTAs and every other layer up to 64 splits. ``stream[-cN][-stN][-bnN][-wgN][@KxN[+KxN...]]``: the decode matmuls (or only those of the named shapes) on the
     persistent stream-K schedule (:func:`_stream_variant`), e.g. ``stream-c2-st4``."""
     if name in E2E_CONFIGS:
         return E2E_CONFIGS[name]
@@ -598,7 +599,9 @@ def e2e_config(name: str):
         knobs = dict(re.findall(r"-([a-z]+)(\d+)", stream.group(1)))
         if len(knobs) != stream.group(1).count("-"):
             raise SystemExit(f"--e2e-configs: {name!r} sets a knob twice")
-        return {}, _stream_variant(knobs)
+        shapes = ({tuple(int(v) for v in s.split("x")) for s in stream.group(2).split("+")} if stream.group(2)
+                  else None)
+        return {}, _stream_variant(knobs, shapes)
     specs = []
     for spec in name.split("/"):
         match = _GRID_SPEC.fullmatch(spec)
@@ -1145,13 +1148,13 @@ def bench_e2e(args) -> list[dict]:
             if scan is not None:
                 row.update(scan_steps=args.e2e_scan, ms_per_step_scan=statistics.median(scan_times[(label, batch)]) * 1e3,
                            ms_rounds_scan=[t * 1e3 for t in scan_times[(label, batch)]])
-            if args.e2e_trace and batch == 1:  # where a decode step's GPU time goes
-                ids, mask, cache = state[1]
-                state[1][2], row["gpu_time"] = trace_steps(lambda c: step(leaves, ids, mask, c), cache, 5,
+            if args.e2e_trace and batch == args.e2e_trace_batch:  # where a decode step's GPU time goes
+                ids, mask, cache = state[batch]
+                state[batch][2], row["gpu_time"] = trace_steps(lambda c: step(leaves, ids, mask, c), cache, 5,
                                                            os.path.join(args.out, f"trace_{len(rows)}"))
                 if scan is not None:  # the same inside one scan call (its fields are per call of scan_steps)
-                    ids, mask, cache = state[1]
-                    state[1][2], tr = trace_steps(lambda c: scan(leaves, ids, mask, c), cache, 2,
+                    ids, mask, cache = state[batch]
+                    state[batch][2], tr = trace_steps(lambda c: scan(leaves, ids, mask, c), cache, 2,
                                                   os.path.join(args.out, f"trace_scan_{len(rows)}"))
                     row["gpu_time_scan_call"] = tr
                     if "gpu_busy_us_per_step" in tr:
@@ -1351,6 +1354,8 @@ def main() -> None:
     ap.add_argument("--e2e-trace", action="store_true",
                     help="also profile 5 batch-1 decode steps per model: GPU busy / idle time, the top ops "
                          "and the ops the idle gaps precede")
+    ap.add_argument("--e2e-trace-batch", type=int, default=1,
+                    help="the batch size --e2e-trace profiles (one of --e2e-batches)")
     ap.add_argument("--e2e-variants", action="store_true",
                     help="also time the quantized model on the Mosaic kernel with the \"nk\" weight layout, "
                          "as session 4 ran it (\"nk\", K not split-padded, x padded in XLA, [split, Np, Mp] "

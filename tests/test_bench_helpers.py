@@ -180,10 +180,12 @@ def test_e2e_grid_specs_change_only_the_named_layers(bench_kernels):
     c = bench_kernels.e2e_config("stream-c2-st4-bn64")[1](default, 16, square)
     assert (c.ctas_per_sm, c.num_stages, c.block_n, c.block_m) == (2, 4, 64, 16)
     assert pick(default, 64, down) == default(64, down)  # M > 16: untouched
+    only = bench_kernels.e2e_config("stream-c2@11008x256+4096x4096")[1]
+    assert only(default, 1, down).schedule == "stream" and only(default, 1, square) == default(1, square)
     c = bench_kernels.e2e_config("stream-c2-wg2")[1](default, 1, down)
     assert (c.compute_wgs, c.block_n, c.ctas_per_sm) == (2, 64, 2)
     mg._validate(jax.numpy.zeros((1, 11008), jax.numpy.bfloat16), down, c)
-    for bad in ("stream-c2-c3", "stream-q2", "streams"):
+    for bad in ("stream-c2-c3", "stream-q2", "streams", "stream@4096"):
         with pytest.raises(SystemExit, match="--e2e-configs"):
             bench_kernels.e2e_config(bad)
 
