@@ -548,6 +548,9 @@ E2E_CONFIGS = {
     "major16-cta16": ({}, _major16_variant(ctas_per_sm=16)),
     # session 17's default for the wide layers (N >= 12288) at 9-16 tokens: 128-row N tiles (the default
     # takes 64 since session 18: the 7B step at batch 16 2.98 against 3.13 ms on the H100)
+    # the split-K grid for every decode layer, as before session 24 moved o_proj / down_proj at 9-16 tokens
+    # to stream-K (default_config)
+    "grid16": ({}, lambda default, m, p: mg._grid_config(m, p) if m <= 16 else default(m, p)),
     "bn128-wide": ({}, lambda default, m, p: (dataclasses.replace(default(m, p), block_n=128)
                                               if 8 < m <= 16 and p.n_pad >= 12288 else default(m, p))),
 }

@@ -662,13 +662,28 @@ def _grid_config(m: int, packed: MgpuPacked, *, min_steps: int | None = None, ct
                       split_reduce="tma" if split > 1 else "xla")
 
 
+def _decode_stream_config(m: int, packed: MgpuPacked, ctas_per_sm: int = 2) -> MgpuConfig:
+    """The decode grid's token tile, K blocks, stages and scale mode for ``m`` tokens on the
+    persistent stream-K schedule: ``ctas_per_sm`` CTAs per SM over 128-row N tiles, token-major fp32
+    partials TMA-added into one buffer (the same :func:`accumulator_shape` as the split grids)."""
+    return dataclasses.replace(_grid_config(m, packed), schedule="stream", split_k=1, ctas_per_sm=ctas_per_sm,
+                               block_n=128, transpose_out=True, split_reduce="tma")
+
+
 def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
     """Tiles and schedule for ``m`` tokens, from the H200 sweep in benchmarks/RESULTS.md
     (8192 x 28672, 4096 x 4096, 4096 x 14336, g128):
 
     * M <= 16: the ``"grid"`` schedule with split-K (:func:`_grid_config`): its many short CTAs
       kept more loads in flight than the persistent schedules (M = 1: 56 vs 66+ us, M = 16:
-      64.5 vs 68.5+ us at 8192 x 28672; with empty bodies 39.5 vs 49.6+ us at M = 1).
+      64.5 vs 68.5+ us at 8192 x 28672; with empty bodies 39.5 vs 49.6+ us at M = 1; on the H100
+      in session 24 stream-K took 55-67 against 50 us at M = 1). Except at 9-16 tokens on layers
+      of at least 4096 x 4096 that are not wide (Np < 12288; the 7B o_proj and down_proj):
+      persistent stream-K, 2 CTAs per SM, 128-row tiles, token-major partials TMA-added into one
+      buffer (:func:`_decode_stream_config`). In the 7B decode step at batch 16 on the H100 that
+      took down_proj from 13.5 to 11.3 us and o_proj from 6.4 to 6.2 us per layer, and the step from
+      2.95-2.97 to 2.81-2.87 ms in three runs (benchmarks/RESULTS.md session 24); the wide layers
+      measured no better with it, and at one token it is slower on every layer.
     * M <= 64: persistent stream-K (``"stream"``), the zero point subtracted in registers
       (``"acc"``); two compute warpgroups over 256-row weight tiles for big layers, one
       warpgroup and 2 CTAs per SM otherwise.
@@ -677,6 +692,8 @@ def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
       cover at least 5/8 of the SMs (``"tiles"``), else stream-K over 128-token tiles to split K as well.
     """
     if m <= 16:
+        if m > 8 and packed.n_pad < 12288 and packed.n_pad % 128 == 0 and packed.k_pad * packed.n_pad >= 4096 * 4096:
+            return _decode_stream_config(m, packed)
         return _grid_config(m, packed)
     gs = packed.group_size
     if m <= 64:
@@ -1756,13 +1773,15 @@ def glu_in_kernel(m: int, packed: MgpuPacked, config: MgpuConfig | None = None) 
     return m > 0 and cfg.schedule == "grid" and packed.perm is None and cfg.zero_mode != "xsum"
 
 
-def glu_config(m: int, packed: MgpuPacked) -> MgpuConfig:
+def glu_config(m: int, packed: MgpuPacked, *, grid: bool = False) -> MgpuConfig:
     """:func:`default_config` for ``m`` tokens with fewer pipeline stages where the fused-activation
     kernel (:func:`gptq_matmul_mgpu_glu_parts`) would otherwise need more shared memory per CTA
     than the plain one: its stages hold fp32 gate and up tiles (``2 * block_m * block_k * 4``
     bytes) instead of a bf16 x tile, plus one x tile of scratch. Same grid and split (so the same
-    :func:`accumulator_shape`); at least 2 stages."""
-    cfg = default_config(max(m, 1), packed)
+    :func:`accumulator_shape`); at least 2 stages. ``grid``: start from the split-K decode grid
+    (:func:`_grid_config`) at M <= 16 even where :func:`default_config` takes stream-K (the
+    persistent MLP's down phase)."""
+    cfg = _grid_config(max(m, 1), packed) if grid and m <= 16 else default_config(max(m, 1), packed)
     if cfg.schedule != "grid":
         return cfg
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k

@@ -76,12 +76,13 @@ class MlpConfig:
 
 
 def default_config(m: int, gate_up: mg.MgpuPacked, down: mg.MgpuPacked, *, interpret: bool = False) -> MlpConfig:
-    """The decode grids' configs for ``m`` tokens (:func:`~.gptq_matmul_mgpu.default_config`,
-    :func:`~.gptq_matmul_mgpu.glu_config`) with no more pipeline stages than a work item has K
+    """The split-K decode grids' configs for ``m`` tokens (``gptq_matmul_mgpu._grid_config``,
+    :func:`~.gptq_matmul_mgpu.glu_config` with ``grid=True``; the default config of some layers at
+    9-16 tokens is stream-K, which has no work items to run here) with no more pipeline stages than a work item has K
     steps (more would only hold shared memory). The interpreter: K unsplit (it has no TMA
     reduction, and one CTA runs every item)."""
     out = []
-    for p, cfg in ((gate_up, mg.default_config(m, gate_up)), (down, mg.glu_config(m, down))):
+    for p, cfg in ((gate_up, mg._grid_config(m, gate_up)), (down, mg.glu_config(m, down, grid=True))):
         if interpret:
             cfg = dataclasses.replace(cfg, split_k=1, split_reduce="xla")
         steps = p.k_pad // cfg.block_k // cfg.split_k

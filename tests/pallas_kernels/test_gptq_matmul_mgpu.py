@@ -88,7 +88,9 @@ def test_decode_grid_tiles_of_the_7b_layers(monkeypatch):
     """The default decode grid (132 SMs) for the 7B step's layers, as session 20 measured it in the
     step on the H100: at M <= 8 2+ K blocks per CTA, up to 64 splits, 64-row N tiles where 128-row
     ones stay under 16 CTAs per SM; at 9-16 tokens 128-row tiles (64 for the wide layers), 4+ blocks
-    per CTA, up to 32 splits. 8192 x 28672 keeps 128-row tiles and 16 splits at M = 1."""
+    per CTA, up to 32 splits. 8192 x 28672 keeps 128-row tiles and 16 splits at M = 1. At 9-16 tokens
+    the default moves o_proj and down_proj (not wide, at least 4096 x 4096) to stream-K with 2 CTAs
+    per SM and 128-row tiles (session 24), the grid's token tile and stages kept."""
     import types
 
     monkeypatch.setattr(mg, "_num_sms", lambda: 132)
@@ -100,10 +102,21 @@ def test_decode_grid_tiles_of_the_7b_layers(monkeypatch):
     for m, by_layer in want.items():
         for name, (k_pad, n) in layers.items():
             p = types.SimpleNamespace(k_pad=k_pad, n_pad=n, group_size=128)
-            cfg = mg.default_config(m, p)
+            cfg = mg._grid_config(m, p)
             assert (cfg.block_n, cfg.split_k) == by_layer[name], (m, name, cfg)
             assert cfg.schedule == "grid" and cfg.split_reduce == "tma" and cfg.block_m == (8 if m <= 8 else 16)
             assert k_pad // cfg.block_k // cfg.split_k >= (2 if m <= 8 else 4)
+            default = mg.default_config(m, p)
+            if m == 16 and name in ("o", "down"):  # stream-K, 2 CTAs per SM, 128-row tiles (H100 session 24)
+                assert default == dataclasses.replace(cfg, schedule="stream", split_k=1, ctas_per_sm=2, block_n=128,
+                                                      transpose_out=True, split_reduce="tma"), (name, default)
+                assert default.writes_y and default.block_m == 16
+            else:
+                assert default == cfg, (m, name)
+    ns = types.SimpleNamespace
+    assert mg.default_config(16, ns(k_pad=2048, n_pad=2048, group_size=128)).schedule == "grid"  # under 4096 x 4096
+    o_proj = ns(k_pad=4096, n_pad=4096, group_size=128)
+    assert mg.default_config(9, o_proj).schedule == "stream" and mg.default_config(8, o_proj).schedule == "grid"
 
 
 def test_prefill_schedule_by_sm_coverage(monkeypatch):
@@ -776,11 +789,12 @@ def test_default_configs_fit_every_layer(k, n, gs, monkeypatch):
         mg._validate(jnp.zeros((m, k), jnp.bfloat16), p, cfg)
         if 8 < m <= 16:  # wide layers: 64-row N tiles, K split as for 128-row ones (H100 session 18)
             assert cfg.block_n == (64 if p.n_pad >= 12288 else 128 if p.n_pad % 128 == 0 else 64), (m, cfg)
-            want_split = {(4096, 12288): 8, (8192, 28672): 16, (11008, 4096): 22}.get((k, n))
+            want_split = {(4096, 12288): 8, (8192, 28672): 16, (11008, 4096): 1}.get((k, n))
             assert want_split is None or cfg.split_k == want_split, (m, cfg)
         if m > 64:  # 3 pipeline stages from 4096 tokens on
             assert cfg.num_stages == (3 if m >= 4096 else 4), (m, cfg)
-        assert cfg.schedule == ("grid" if m <= 16 else "stream" if m <= 64 else cfg.schedule)
+        stream16 = 8 < m <= 16 and p.n_pad < 12288 and p.n_pad % 128 == 0 and p.k_pad * p.n_pad >= 4096 * 4096
+        assert cfg.schedule == ("stream" if stream16 else "grid" if m <= 16 else "stream" if m <= 64 else cfg.schedule)
         # x unpadded on hardware; the decode grids (M <= 16) store token-major partials
         assert cfg.tma_bounds and cfg.writes_y == (True if m <= 16 else cfg.schedule == "tiles")
         if m > 64:
@@ -923,7 +937,7 @@ def test_store_wait_read_compiled_on_gpu(m):
     steps on the same rounded inputs and against the ``"full"`` chain."""
     k = 4096
     lin, w64, p = make(123 + m, k, k, 4, 128, True)
-    base = mg.default_config(m, p)
+    base = mg._grid_config(m, p)  # the split grid (at 16 tokens this layer's default is stream-K)
     assert base.split_k > 1 and base.split_reduce == "tma"
 
     def chain(x, cfg):
@@ -1063,7 +1077,8 @@ def test_glu_parts_compiled_on_gpu(m):
     accumulator; K = 4992 is split-padded, so gu's last K blocks read past its end), against float64."""
     for k, n in ((4992, 1024), (11008, 4096)):
         lin, w64, p = make(150 + m + k, k, n, 4, 128, False)
-        assert mg.glu_in_kernel(m, p)
+        # 9-16 tokens on the 7B down_proj: stream-K by default, silu(gate) * up made in XLA first
+        assert mg.glu_in_kernel(m, p) == (mg.default_config(m, p).schedule == "grid") == (m <= 8 or k != 11008)
         gu = jax.random.normal(jax.random.key(m + k), (m, 2 * k), jnp.float32) * 3.0
         want = glu_x64(gu, k, jnp.bfloat16) @ w64
         parts = jax.jit(lambda g: mg.gptq_matmul_mgpu_glu_parts(g, p))(gu)
