@@ -14,7 +14,7 @@ Choice of kernel:
 
 | backend | bits | kernel |
 |---|---|---|
-| ``gpu`` (CUDA), Hopper (default ``gpu_kernel="auto"``, or ``"mgpu"``) | 4, 8 | :mod:`gptq_matmul_mgpu` (Pallas, Mosaic GPU lowering, Hopper wgmma; split-K grid for decode, persistent stream-K / warp-specialised tiles above, see its ``default_config``); M >= :data:`LARGE_M_MGPU`: one XLA dequantize + cuBLAS dot; 2-bit: the Triton-lowered kernel |
+| ``gpu`` (CUDA), Hopper (default ``gpu_kernel="auto"``, or ``"mgpu"``) | 4, 8 | :mod:`gptq_matmul_mgpu` (Pallas, Mosaic GPU lowering, Hopper wgmma; split-K grid for decode (stream-K for o_proj / down_proj-like layers at 9-16 tokens), persistent stream-K / warp-specialised tiles above, see its ``default_config``); M >= :data:`LARGE_M_MGPU`: one XLA dequantize + cuBLAS dot; 2-bit: the Triton-lowered kernel |
 | ``gpu`` (CUDA), other GPUs (or ``gpu_kernel="triton"``) | 2, 4, 8 | :mod:`gptq_matmul_gpu` (Pallas, Triton lowering); for M above a threshold, one XLA dequantize + cuBLAS dot when that is faster |
 | ``tpu`` | 2, 4, 8 | :mod:`gptq_matmul_tpu` (Pallas TPU) |
 | ``cpu`` | – | None (XLA path); ``interpret=True`` forces the kernels through the Pallas interpreter (tests) |
