@@ -682,7 +682,7 @@ def default_config(m: int, packed: MgpuPacked) -> MgpuConfig:
       persistent stream-K, 2 CTAs per SM, 128-row tiles, token-major partials TMA-added into one
       buffer (:func:`_decode_stream_config`). In the 7B decode step at batch 16 on the H100 that
       took down_proj from 13.5 to 11.3 us and o_proj from 6.4 to 6.2 us per layer, and the step from
-      2.95-2.97 to 2.81-2.87 ms in three runs (benchmarks/RESULTS.md session 24); the wide layers
+      2.95-2.97 to 2.81-2.88 ms in four runs (benchmarks/RESULTS.md session 24); the wide layers
       measured no better with it, and at one token it is slower on every layer.
     * M <= 64: persistent stream-K (``"stream"``), the zero point subtracted in registers
       (``"acc"``); two compute warpgroups over 256-row weight tiles for big layers, one
