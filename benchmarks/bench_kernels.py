@@ -570,13 +570,10 @@ def _stream_variant(knobs: dict[str, str], shapes: set | None = None):
     def pick(default, m, p):
         if m > 16 or (shapes is not None and (p.k, p.n) not in shapes):
             return default(m, p)
-        base = mg._grid_config(m, p)
+        base = mg._decode_stream_config(m, p, int(knobs.get("c", 1)))
         wgs = int(knobs.get("wg", 1))
         bn = int(knobs.get("bn", 128 if wgs == 1 and p.n_pad % 128 == 0 else 64))
-        return dataclasses.replace(base, schedule="stream", split_k=1, ctas_per_sm=int(knobs.get("c", 1)), block_n=bn,
-                                   compute_wgs=wgs,
-                                   num_stages=int(knobs.get("st", base.num_stages)), transpose_out=True,
-                                   split_reduce="tma", store_wait="full")
+        return dataclasses.replace(base, block_n=bn, compute_wgs=wgs, num_stages=int(knobs.get("st", base.num_stages)))
     return pick
 
 

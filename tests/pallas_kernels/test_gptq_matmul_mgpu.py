@@ -854,8 +854,8 @@ def test_parts_acc_compiled_on_gpu(m):
 def _stream_decode(m, p, ctas_per_sm=1, token_major=True, wgs=1):
     """The decode grid's tiles on the persistent stream-K schedule, partials TMA-added (the bench's
     ``--e2e-configs stream``; ``wgs=2``: two compute warpgroups of 64 rows each)."""
-    return dataclasses.replace(mg._grid_config(m, p), schedule="stream", split_k=1, ctas_per_sm=ctas_per_sm,
-                               block_n=128 // wgs, compute_wgs=wgs, transpose_out=token_major, split_reduce="tma")
+    return dataclasses.replace(mg._decode_stream_config(m, p, ctas_per_sm), block_n=128 // wgs, compute_wgs=wgs,
+                               transpose_out=token_major)
 
 
 @pytest.mark.parametrize("m,token_major,wgs", [(1, True, 1), (5, True, 1), (16, True, 1), (5, False, 1), (1, True, 2),
