@@ -13,7 +13,7 @@
 #    models are timed in 3 interleaved rounds, --e2e-rounds; --e2e-trace adds GPU busy / idle per step).
 # Time boxes (seconds): DUMP_S (default 0: part 0, Mosaic dumps, skipped), TESTS_S (default 130), BIG_S (250), REST_S (120),
 # L2_S (0: bench_l2_residency.py, flags L2_ARGS), PP_S (0: probes/persistent_phases.py, flags PP_ARGS), RS_S (0: probes/ring_stream.py, flags RS_ARGS), PM_S (0: the persistent decode MLP's GPU tests and timing, flags PM_ARGS), DA_S (0: the decode-attention benchmark, bench_kernels.py --decode-attn), DU_S (0: the fused decode step kernel's
-# config sweep, --decode-attn-update on DU_SHAPES), E2E_S (0); 0 skips that part.
+# config sweep, --decode-attn-update on DU_SHAPES, extra flags DU_ARGS), E2E_S (0); 0 skips that part.
 # PERSIST=0 skips the persistent-schedule tests of part 1.
 # TESTS_PATH narrows part 1 (one or more space-separated paths, e.g. tests/pallas_kernels/test_gptq_matmul_mgpu.py);
 # TESTS_MARK replaces its marker expression (default gpu; "gpu or not gpu" runs every test of those paths),
@@ -98,7 +98,7 @@ if [ "${DU_S:-0}" != 0 ]; then
   echo "=== fused decode step kernel: config sweep (bench_kernels.py --decode-attn-update) ==="
   mkdir -p "$OUT/du"
   timeout $((DU_S + 30)) "$PY" "$REPO/benchmarks/bench_kernels.py" --decode-attn-update --budget-s "$DU_S" \
-    --decode-attn-shapes "${DU_SHAPES:-1x32x32x128x256,16x32x32x128x256,1x32x32x128x4096}" --out "$OUT/du" 2>&1 \
+    --decode-attn-shapes "${DU_SHAPES:-1x32x32x128x256,16x32x32x128x256,1x32x32x128x4096}" --out "$OUT/du" ${DU_ARGS:-} 2>&1 \
     | tee "$OUT/bench_decode_update.log" | grep -v '^{' | tail -12
   echo "decode-update exit: ${PIPESTATUS[0]}"
   mv "$OUT/du/bench_decode_update.json" "$OUT/" 2>/dev/null; rmdir "$OUT/du" 2>/dev/null
