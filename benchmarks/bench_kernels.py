@@ -793,8 +793,7 @@ def bench_decode_update(args) -> list[dict]:
                 with gzip.open(files[0]) as fh:
                     tr = json.load(fh)
                 events = tr["traceEvents"] if isinstance(tr, dict) else tr
-                spans = sorted((e["ts"], e["dur"]) for e in events
-                               if e.get("ph") == "X" and "decode_attention_update" in e.get("name", "") and "dur" in e)
+                spans = sorted((a, b - a) for a, b, nm in gpu_spans(events) if "decode_attention_update" in nm)
             per = reps * n
             if len(spans) != per * len(runs):
                 print(f"decode update {spec} index {index}: {len(spans)} kernel spans in the trace, expected "
@@ -1239,11 +1238,9 @@ def trace_steps(step, cache, n: int, tdir: str):
     with gzip.open(files[0]) as f:
         tr = json.load(f)
     events = tr["traceEvents"] if isinstance(tr, dict) else tr
-    pname = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {pid for pid, nm in pname.items() if "GPU" in nm or "gpu" in nm or "/device:" in nm}
-    spans = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
-             if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
+    pname = process_names(events)
+    gpu = gpu_pids(pname)
+    spans = gpu_spans(events)
     tl = gpu_timeline(spans, n)
     summary = dict(wall_us_per_step=wall * 1e6, gpu_tracks=sorted(pname[p] for p in gpu)[:6],
                    all_tracks=sorted(pname.values())[:12], **tl)
@@ -1260,6 +1257,24 @@ def trace_steps(step, cache, n: int, tdir: str):
             break  # a quantized model's only GEMM is lm_head: no per-layer cycle of GEMMs
     print(json.dumps(summary), flush=True)
     return cache, summary
+
+
+def process_names(events: list[dict]) -> dict:
+    """``{pid: track name}`` of a perfetto trace's process metadata events."""
+    return {e["pid"]: e.get("args", {}).get("name", "") for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name"}
+
+
+def gpu_pids(pname: dict) -> set:
+    """The pids of a trace's GPU tracks (the host tracks carry op / thunk events of the same names)."""
+    return {pid for pid, nm in pname.items() if "GPU" in nm or "gpu" in nm or "/device:" in nm}
+
+
+def gpu_spans(events: list[dict]) -> list[tuple[float, float, str]]:
+    """``(start_us, end_us, name)`` of every complete event on a GPU track of a perfetto trace."""
+    gpu = gpu_pids(process_names(events))
+    return [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+            if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
 
 
 def gpu_timeline(spans: list[tuple[float, float, str]], n: int) -> dict:

@@ -57,6 +57,30 @@ def test_gpu_timeline_busy_idle_and_gap_attribution(bench_kernels):
     assert tl["gaps_over_5us_per_step"] == big / n and big > 0
 
 
+def test_gpu_spans_keep_only_gpu_tracks(bench_kernels):
+    """A trace holds the same op names on host tracks (XLA thunks) and GPU tracks: only the GPU
+    tracks' complete events are kernel spans (random names, pids and order)."""
+    rng = random.Random(11)
+    tracks = {1: "/host:CPU", 2: "/device:GPU:0 (stream 7)", 3: "python3", 4: "GPU:0 Stream #13"}
+    events = [dict(ph="M", name="process_name", pid=p, args=dict(name=nm)) for p, nm in tracks.items()]
+    want = []
+    for i in range(300):
+        pid = rng.choice(list(tracks))
+        ts, dur = rng.uniform(0, 1e4), rng.uniform(0.5, 30)
+        nm = rng.choice(["decode_attention_update", "fusion.3", "mosaic_gpu_kernel"])
+        ph = rng.choice(["X", "X", "X", "i"])
+        e = dict(ph=ph, name=nm, pid=pid, ts=ts)
+        if ph == "X":
+            e["dur"] = dur
+        events.append(e)
+        if ph == "X" and pid in (2, 4):
+            want.append((ts, ts + dur, nm))
+    rng.shuffle(events)
+    assert bench_kernels.gpu_pids(bench_kernels.process_names(events)) == {2, 4}
+    got = bench_kernels.gpu_spans(events)
+    assert sorted(got) == sorted(want) and len(want) > 50
+
+
 def test_layer_cycle_positions_and_one_layer(bench_kernels):
     """Median per position of a repeating 4-kernel cycle, and the ops of the second layer."""
     rng = np.random.default_rng(11)
