@@ -964,6 +964,27 @@ def e2e_cache(model, batch: int, slots: int, context: int) -> dict:
     return cache
 
 
+def e2e_rewind(cache: dict, context: int) -> dict:
+    """``cache`` with decoding set back to slot ``context`` (keys / values kept, later slots invalid):
+    every timed stretch of steps starts at the same context. Without it the cache index runs on
+    from round to round and, past the last slot, every step rewrites that slot and attends to the
+    whole cache (sessions 17-24 timed most steps at ~150-256 tokens of context, not at
+    ``--e2e-context``)."""
+    slots = cache["valid"].shape[1]
+    valid = jnp.broadcast_to(jnp.arange(slots) < context, cache["valid"].shape)
+    return dict(cache, valid=valid, index=jnp.asarray(context, cache["index"].dtype))
+
+
+def e2e_check_slots(args, trace_steps_n: int = 5, trace_scans: int = 2) -> int:
+    """The most steps one timed stretch runs from ``--e2e-context``; exits when they pass the cache."""
+    longest = max(args.e2e_steps, args.e2e_scan, 1 + trace_steps_n if args.e2e_trace else 0,
+                  (1 + trace_scans) * args.e2e_scan if args.e2e_trace else 0)
+    if args.e2e_context + longest > args.e2e_slots:
+        raise SystemExit(f"--e2e-context {args.e2e_context} + {longest} decode steps per timed stretch pass the "
+                         f"--e2e-slots {args.e2e_slots} of the cache; raise --e2e-slots")
+    return longest
+
+
 def bench_e2e(args) -> list[dict]:
     """Decode tokens/s of a Llama-2-7B-shaped model (random weights made on the device), bf16 vs GPTQ.
 
@@ -973,14 +994,16 @@ def bench_e2e(args) -> list[dict]:
     ``dispatch.prepare`` for a kernel). Reports ms/step, tokens/s and the device bytes of the
     weights the kernels read (bits per quantized weight).
 
-    All models stay on the device and are timed in ``--e2e-rounds`` interleaved rounds (the model
-    order rotates each round); a row's ``ms_per_step`` is the median over rounds, ``ms_rounds``
+    Every timed stretch (``--e2e-steps`` steps, one scan, each trace) starts from ``--e2e-context``
+    tokens of context (:func:`e2e_rewind`). All models stay on the device and are timed in
+    ``--e2e-rounds`` interleaved rounds (the model order rotates each round); a row's ``ms_per_step`` is the median over rounds, ``ms_rounds``
     each round's. A model timed alone, once, after the others moved by 10 % between runs on the
     H200 (benchmarks/RESULTS.md, session 6); interleaving spreads such drift over all models.
     """
     from jgptq.models.config import LlamaConfig
     from jgptq.models.llama import LlamaForCausalLM
 
+    e2e_check_slots(args)
     d, f, layers, v = (4096, 11008, args.e2e_layers, 32000) if not INTERPRET else (256, 512, 2, 512)
     cfg = LlamaConfig(model_type="llama", vocab_size=v, hidden_size=d, intermediate_size=f, num_layers=layers,
                       num_heads=d // 128, num_kv_heads=d // 128, head_dim=128)
@@ -1121,7 +1144,9 @@ def bench_e2e(args) -> list[dict]:
         for label, (step, scan), leaves, state, _ in built[r % len(built):] + built[: r % len(built)]:
             for batch in batches:
                 ids, mask, cache = state[batch]
+                cache = e2e_rewind(cache, args.e2e_context)
                 n = args.e2e_steps
+                jax.block_until_ready(cache)
                 t0 = time.perf_counter()
                 for _ in range(n):
                     logits, cache = step(leaves, ids, mask, cache)
@@ -1131,6 +1156,7 @@ def bench_e2e(args) -> list[dict]:
                 issue[(label, batch)].append((t1 - t0) / n)
                 finite[(label, batch)] = bool(jnp.all(jnp.isfinite(logits)))
                 if scan is not None:
+                    cache = jax.block_until_ready(e2e_rewind(cache, args.e2e_context))
                     t0 = time.perf_counter()
                     _, cache = scan(leaves, ids, mask, cache)
                     jax.block_until_ready(cache)
@@ -1149,10 +1175,12 @@ def bench_e2e(args) -> list[dict]:
                            ms_rounds_scan=[t * 1e3 for t in scan_times[(label, batch)]])
             if args.e2e_trace and batch == args.e2e_trace_batch:  # where a decode step's GPU time goes
                 ids, mask, cache = state[batch]
+                cache = e2e_rewind(cache, args.e2e_context)
                 state[batch][2], row["gpu_time"] = trace_steps(lambda c: step(leaves, ids, mask, c), cache, 5,
                                                            os.path.join(args.out, f"trace_{len(rows)}"))
                 if scan is not None:  # the same inside one scan call (its fields are per call of scan_steps)
                     ids, mask, cache = state[batch]
+                    cache = e2e_rewind(cache, args.e2e_context)
                     state[batch][2], tr = trace_steps(lambda c: scan(leaves, ids, mask, c), cache, 2,
                                                   os.path.join(args.out, f"trace_scan_{len(rows)}"))
                     row["gpu_time_scan_call"] = tr
@@ -1412,7 +1440,8 @@ def main() -> None:
                     help="comma list of batch sizes (every model keeps a KV cache per batch size and "
                          "attention variant on the device: 16 GB per batch-16 cache at 4096 slots)")
     ap.add_argument("--e2e-context", type=int, default=128,
-                    help="cache slots already filled when decoding starts (tokens of context)")
+                    help="cache slots already filled when decoding starts (tokens of context); every timed stretch "
+                         "of steps starts there again")
     ap.add_argument("--e2e-quant-lm-head", action="store_true",
                     help="--e2e: also a GPTQ model whose lm_head is a 4-bit g128 GPTQ linear as well (as GPTQModel "
                          "writes with lm_head=True); the default GPTQ models keep lm_head in bf16")

@@ -155,6 +155,33 @@ def test_e2e_cache_fills_the_context_and_the_config_variants(bench_kernels):
         assert cands[0] == (mg.default_config(m, p), mg.default_layout(4)) and len(cands) > 3, m
 
 
+def test_e2e_rewind_sets_decoding_back_to_the_context(bench_kernels):
+    """Each timed stretch restarts at --e2e-context: index back, later slots invalid, keys / values
+    kept; a stretch that would run past the cache is refused before anything is built."""
+    import argparse
+
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(3)
+    b, slots, ctx = 3, 48, int(rng.integers(5, 30))
+    k = [jax.random.normal(jax.random.key(i), (b, slots, 2, 8), jnp.bfloat16) for i in range(2)]
+    cache = {"k": k, "v": list(reversed(k)), "valid": jnp.asarray(rng.random((b, slots)) < 0.9),
+             "index": jnp.asarray(slots + 7, jnp.int32)}  # run past the end, as 140 untouched steps would
+    out = bench_kernels.e2e_rewind(cache, ctx)
+    assert int(out["index"]) == ctx and out["index"].dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(out["valid"]), np.arange(slots)[None].repeat(b, 0) < ctx)
+    assert out["k"] is cache["k"] and out["v"] is cache["v"]
+    assert int(cache["index"]) == slots + 7  # the input is not changed
+    ns = argparse.Namespace(e2e_context=128, e2e_slots=256, e2e_steps=20, e2e_scan=20, e2e_trace=True)
+    assert bench_kernels.e2e_check_slots(ns) == 60  # a traced scan: one warm call + 2 traced ones
+    ns.e2e_scan = 50
+    with pytest.raises(SystemExit, match="--e2e-slots 256"):
+        bench_kernels.e2e_check_slots(ns)
+    ns.e2e_trace = False
+    assert bench_kernels.e2e_check_slots(ns) == 50
+
+
 def test_e2e_grid_specs_change_only_the_named_layers(bench_kernels):
     """--e2e-configs g-<knob><N>...[@KxN]: the decode grid's knobs at M <= 16, on the named shapes only;
     bad specs are refused by name."""
