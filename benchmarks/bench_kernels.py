@@ -706,12 +706,16 @@ def bench_decode_attention(args) -> list[dict]:
 
 
 def update_sweep_configs(b: int, kvh: int, s: int, index: int) -> list:
-    """``--decode-attn-update`` configs: the default, then block_s x warps x stages around it,
-    then more splits (each valid for ``s`` slots)."""
+    """``--decode-attn-update`` configs: the default, then its other slot steps, then block_s x
+    warps x stages around it, then more splits (each valid for ``s`` slots)."""
     from jgptq.pallas_kernels import decode_attention as da
 
     d = da.default_config(b, kvh, s)
     out = [d]
+    for bs in (32, 64, 128):  # the default's other slot steps first (a short --decode-attn-max-cfgs keeps them)
+        c = dataclasses.replace(d, block_s=bs)
+        if (s // d.splits) % bs == 0 and c not in out:
+            out.append(c)
     for bs, nw, ns in itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3)):
         c = dataclasses.replace(d, block_s=bs, num_warps=nw, num_stages=ns)
         if (s // d.splits) % bs == 0 and c not in out:

@@ -88,14 +88,17 @@ def supported(q_shape: tuple[int, ...], cache_shape: tuple[int, ...], dtype) -> 
 def default_config(b: int, kvh: int, s: int, num_sms: int | None = None, *,
                    splits: int | None = None) -> DecodeAttentionConfig:
     """Tiles for ``b`` rows, ``kvh`` key/value heads and ``s`` cache slots: 64-slot steps (the
-    largest power of two <= 64 dividing ``s``), and the slots split until there are about two
+    largest power of two <= 64 dividing ``s``; 32 with many programs, below), and the slots split until there are about two
     programs per SM, each with at least 4 steps (short caches are not split: a split costs an
     XLA combine). With fewer programs than SMs (batch 1 of a 7B model: 32) each program's chain of
     dependent loads is the cost, so the steps take 128 slots where a split's range allows it (half
     the loop iterations over the same slots): in the 7B step at batch 1 on the H100 the kernel
     took 6.6 against 8.2 us per layer and the step 2.10 against 2.15 ms (benchmarks/RESULTS.md,
     session 23; H200 alone, session 12: 4.96 against 5.63 us at slot 128 of 256). At batch 16 (512
-    programs) 128-slot steps were slower (3.02 against 2.98 ms), so many programs keep 64.
+    programs) 128-slot steps were slower (3.02 against 2.98 ms); with at least two programs per SM
+    and no split, the steps take 32 slots: in the 7B step at batch 16 (context 128-148) the H100
+    took 2.62 against 2.74 ms per step (bf16 5.84 against 5.93), and alone, at slot 128 / 255 of
+    256, 14.8 / 25.7 against 15.4 / 25.9 us (benchmarks/RESULTS.md, session 25).
     ``splits`` forces the split count (it must divide the 64-slot steps); the 128-slot rule then
     applies to it as to a chosen one."""
     bs = 64
@@ -118,6 +121,8 @@ def default_config(b: int, kvh: int, s: int, num_sms: int | None = None, *,
                 break
     if bs == 64 and b * kvh * splits < num_sms and (s // splits) % 128 == 0:
         bs = 128
+    elif bs == 64 and splits == 1 and b * kvh >= 2 * num_sms:
+        bs = 32
     return DecodeAttentionConfig(block_s=bs, splits=splits)
 
 

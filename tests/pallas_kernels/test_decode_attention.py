@@ -103,13 +103,17 @@ def test_rows_without_an_allowed_slot_are_zero():
 def test_default_config_splits_long_caches_only():
     # fewer programs than SMs: 128-slot steps (batch 1 of a 7B model: 32 programs)
     assert da.default_config(1, 32, 256, num_sms=132) == da.DecodeAttentionConfig(block_s=128, splits=1)
-    assert da.default_config(16, 32, 256, num_sms=132) == da.DecodeAttentionConfig(block_s=64, splits=1)
+    # at least two programs per SM and no split: 32-slot steps (batch 16 of a 7B model: 512 programs)
+    assert da.default_config(16, 32, 256, num_sms=132) == da.DecodeAttentionConfig(block_s=32, splits=1)
+    assert da.default_config(9, 32, 256, num_sms=132).block_s == 32  # 288 programs >= 2 x 132 ...
+    assert da.default_config(8, 32, 256, num_sms=132).block_s == 64  # ... 256 are not
+    assert da.default_config(16, 32, 48, num_sms=132).block_s == 16  # 48 slots: 16 divides, 32 does not
     assert da.default_config(4, 32, 256, num_sms=132).block_s == 128  # 128 programs on 132 SMs
     assert da.default_config(5, 32, 256, num_sms=132).block_s == 64  # 160 programs on 132 SMs ...
     assert da.default_config(5, 32, 256, num_sms=192).block_s == 128  # ... and on 192
     long = da.default_config(1, 32, 4096, num_sms=132)  # split 16 ways: 512 programs, 64-slot steps
     assert long.block_s == 64 and long.splits == 16 and 4096 // 64 // long.splits >= 4
-    assert da.default_config(16, 32, 4096, num_sms=132) == da.DecodeAttentionConfig(block_s=64, splits=1)
+    assert da.default_config(16, 32, 4096, num_sms=132) == da.DecodeAttentionConfig(block_s=32, splits=1)
     assert da.default_config(1, 8, 80, num_sms=132).block_s == 16  # largest power of two dividing 80
     assert da.default_config(1, 8, 192, num_sms=132).block_s == 64  # 192 slots: no whole 128-slot steps
     # a forced split count takes the same slot-step rule
@@ -252,6 +256,7 @@ def _check_update(out, qkv, kc, vc, valid, index, cos, sin, tol=2e-2, exact_v=Tr
     (2, 16, 2, 64, 128, 77, None),                                             # G = 8, default tiles (128 slots a step)
     (1, 6, 2, 128, 48, 20, da.DecodeAttentionConfig(block_s=16, splits=3)),    # hd = 128, mid split
     (1, 4, 4, 32, 256, 200, da.DecodeAttentionConfig(block_s=128, splits=2)),  # 128-slot steps, 2 splits
+    (3, 4, 4, 32, 96, 70, da.DecodeAttentionConfig(block_s=32)),               # 32-slot steps (many programs)
 ])
 @pytest.mark.parametrize("n_parts", [0, 3])
 def test_update_matches_float64_reference(b, h, kvh, hd, s, index, cfg, n_parts):
