@@ -1000,8 +1000,8 @@ def bench_e2e(args) -> list[dict]:
 
     Every timed stretch (``--e2e-steps`` steps, one scan, each trace) starts from ``--e2e-context``
     tokens of context (:func:`e2e_rewind`). All models stay on the device and are timed in
-    ``--e2e-rounds`` interleaved rounds (the model order rotates each round); a row's ``ms_per_step`` is the median over rounds, ``ms_rounds``
-    each round's. A model timed alone, once, after the others moved by 10 % between runs on the
+    ``--e2e-rounds`` interleaved rounds (the model order rotates each round); a row's
+    ``ms_per_step`` is the median over rounds, ``ms_rounds`` each round's. A model timed alone, once, after the others moved by 10 % between runs on the
     H200 (benchmarks/RESULTS.md, session 6); interleaving spreads such drift over all models.
     """
     from jgptq.models.config import LlamaConfig
