@@ -961,10 +961,8 @@ def e2e_cache(model, batch: int, slots: int, context: int) -> dict:
             raise SystemExit(f"--e2e-context must be in [0, {slots}); got {context}")
         key = jax.random.key(context)
         fill = lambda x, i: jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)  # noqa: E731
-        cache = dict(cache, k=[fill(x, i) for i, x in enumerate(cache["k"])],
-                     v=[fill(x, 1000 + i) for i, x in enumerate(cache["v"])],
-                     valid=jnp.broadcast_to(jnp.arange(slots) < context, (batch, slots)),
-                     index=jnp.asarray(context, jnp.int32))
+        cache = e2e_rewind(dict(cache, k=[fill(x, i) for i, x in enumerate(cache["k"])],
+                                v=[fill(x, 1000 + i) for i, x in enumerate(cache["v"])]), context)
     return cache
 
 
@@ -979,10 +977,14 @@ def e2e_rewind(cache: dict, context: int) -> dict:
     return dict(cache, valid=valid, index=jnp.asarray(context, cache["index"].dtype))
 
 
-def e2e_check_slots(args, trace_steps_n: int = 5, trace_scans: int = 2) -> int:
+E2E_TRACE_STEPS = 5  # --e2e-trace: profiled single steps (after one warm call) ...
+E2E_TRACE_SCANS = 2  # ... and profiled scan calls (after one warm call)
+
+
+def e2e_check_slots(args) -> int:
     """The most steps one timed stretch runs from ``--e2e-context``; exits when they pass the cache."""
-    longest = max(args.e2e_steps, args.e2e_scan, 1 + trace_steps_n if args.e2e_trace else 0,
-                  (1 + trace_scans) * args.e2e_scan if args.e2e_trace else 0)
+    longest = max(args.e2e_steps, args.e2e_scan, 1 + E2E_TRACE_STEPS if args.e2e_trace else 0,
+                  (1 + E2E_TRACE_SCANS) * args.e2e_scan if args.e2e_trace else 0)
     if args.e2e_context + longest > args.e2e_slots:
         raise SystemExit(f"--e2e-context {args.e2e_context} + {longest} decode steps per timed stretch pass the "
                          f"--e2e-slots {args.e2e_slots} of the cache; raise --e2e-slots")
@@ -1180,13 +1182,13 @@ def bench_e2e(args) -> list[dict]:
             if args.e2e_trace and batch == args.e2e_trace_batch:  # where a decode step's GPU time goes
                 ids, mask, cache = state[batch]
                 cache = e2e_rewind(cache, args.e2e_context)
-                state[batch][2], row["gpu_time"] = trace_steps(lambda c: step(leaves, ids, mask, c), cache, 5,
-                                                           os.path.join(args.out, f"trace_{len(rows)}"))
+                state[batch][2], row["gpu_time"] = trace_steps(lambda c: step(leaves, ids, mask, c), cache,
+                                                           E2E_TRACE_STEPS, os.path.join(args.out, f"trace_{len(rows)}"))
                 if scan is not None:  # the same inside one scan call (its fields are per call of scan_steps)
                     ids, mask, cache = state[batch]
                     cache = e2e_rewind(cache, args.e2e_context)
-                    state[batch][2], tr = trace_steps(lambda c: scan(leaves, ids, mask, c), cache, 2,
-                                                  os.path.join(args.out, f"trace_scan_{len(rows)}"))
+                    state[batch][2], tr = trace_steps(lambda c: scan(leaves, ids, mask, c), cache, E2E_TRACE_SCANS,
+                                                      os.path.join(args.out, f"trace_scan_{len(rows)}"))
                     row["gpu_time_scan_call"] = tr
                     if "gpu_busy_us_per_step" in tr:
                         row["scan_busy_us_per_step"] = tr["gpu_busy_us_per_step"] / args.e2e_scan

@@ -88,9 +88,9 @@ def supported(q_shape: tuple[int, ...], cache_shape: tuple[int, ...], dtype) -> 
 def default_config(b: int, kvh: int, s: int, num_sms: int | None = None, *,
                    splits: int | None = None) -> DecodeAttentionConfig:
     """Tiles for ``b`` rows, ``kvh`` key/value heads and ``s`` cache slots: 64-slot steps (the
-    largest power of two <= 64 dividing ``s``; 32 with many programs, below), and the slots split until there are about two
-    programs per SM, each with at least 4 steps (short caches are not split: a split costs an
-    XLA combine). With fewer programs than SMs (batch 1 of a 7B model: 32) each program's chain of
+    largest power of two <= 64 dividing ``s``; 32 with many programs, below), and the slots split
+    until there are about two programs per SM, each with at least 4 steps (short caches are not
+    split: a split costs an XLA combine). With fewer programs than SMs (batch 1 of a 7B model: 32) each program's chain of
     dependent loads is the cost, so the steps take 128 slots where a split's range allows it (half
     the loop iterations over the same slots): in the 7B step at batch 1 on the H100 the kernel
     took 6.6 against 8.2 us per layer and the step 2.10 against 2.15 ms (benchmarks/RESULTS.md,
