@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import json
 import pathlib
 import random
 import sys
@@ -498,3 +499,80 @@ def test_mgpu_default_is_timed_again_after_the_other_configs(bench_kernels, monk
     assert [r["variant"] for r in run()] == names[:1]
     nan_first, nan_again = bench_kernels.default_times(rows[:1])
     assert nan_first == rows[0]["us"] and nan_again != nan_again
+
+
+@pytest.fixture(scope="module")
+def decode_budget():
+    spec = importlib.util.spec_from_file_location("decode_budget", ROOT / "benchmarks" / "decode_budget.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _budget_rows(decode_budget, rng, r, f, shared_ops, outside, bits, layers=32, bf16_ms=5.3, label="gptq4_g128[auto]"):
+    """A bf16 row and a traced quantized row whose matmuls take exactly MB / r + f (us)."""
+    mb = decode_budget.layer_mb(bits)
+    mm = [b / r + f for b in mb]
+    ops = []
+    for t, (name, s) in zip(mm, shared_ops):  # matmul, then the ops up to the next matmul
+        ops += [["scoped_mosaic_gpu_kernel", t], [name, s]]
+    step_us = outside + layers * (sum(mm) + sum(s for _, s in shared_ops))
+    common = dict(batch=1, layers=layers, attention="fused", norm="auto", cmdbuf="on", scan_steps=20)
+    bf16 = dict(e2e="bf16", ms_per_step_scan=bf16_ms, **common)
+    q = dict(e2e=label, ms_per_step_scan=step_us / 1e3, bits_per_quantized_weight=bits,
+             gpu_time_scan_call={"layer_mosaic": {"layer_ops": ops}}, **common)
+    return bf16, q, mm, step_us
+
+
+def test_decode_budget_recovers_the_fit_and_the_target_arithmetic(decode_budget, tmp_path):
+    """On rows built from a known r, f, shared and outside time: the fit recovers r and f, the
+    f = 0 step is the step less 4 f per layer, and the allowed f gives exactly the target ratio."""
+    rng = np.random.default_rng(26)
+    for _ in range(5):
+        r, f = float(rng.uniform(2.0, 3.3)), float(rng.uniform(0.5, 4.0))
+        shared_ops = [(n, float(rng.uniform(1.0, 8.0))) for n in ("decode_attention_update", "add_rms_norm",
+                                                                 "loop_multiply_fusion", "add_rms_norm__1")]
+        outside, bits = float(rng.uniform(20, 200)), float(rng.uniform(4.1, 4.4))
+        bf16, q, mm, step = _budget_rows(decode_budget, rng, r, f, shared_ops, outside, bits)
+        b = decode_budget.budget(q, bf16["ms_per_step_scan"], bits, target=3.0)
+        assert b["r_tbps"] == pytest.approx(r, rel=1e-3) and b["f_us"] == pytest.approx(f, abs=2e-3)
+        assert b["shared_us"] == pytest.approx(sum(s for _, s in shared_ops), abs=0.006)  # rounded to 0.01
+        assert b["outside_us"] == pytest.approx(outside, abs=0.1)
+        assert b["ideal_step_us"] == pytest.approx(step - 32 * 4 * f, abs=0.2)
+        # put the allowed fixed cost back in: the step is then bf16 / target
+        allowed = step - 32 * 4 * (f - b["f_allowed_us"])
+        assert bf16["ms_per_step_scan"] * 1e3 / allowed == pytest.approx(3.0, rel=1e-3)
+        # a given (r, f) overrides the row's own fit
+        b2 = decode_budget.budget(q, bf16["ms_per_step_scan"], bits, fit=(r * 1.1, 0.0))
+        assert b2["r_tbps"] == pytest.approx(r * 1.1, rel=1e-3) and b2["f_us"] == 0.0
+    # main(): pairs each traced quantized row with the bf16 row of its variant; a lm_head4 row takes the
+    # bits of a row without the 4-bit head; pooled fit over all rows
+    bf16, q, _, _ = _budget_rows(decode_budget, rng, 2.7, 2.2, shared_ops, 80.0, 4.27)
+    _, q2, _, _ = _budget_rows(decode_budget, rng, 2.7, 2.2, shared_ops, 40.0, 4.27, label="gptq4_g128[auto,lm_head4]")
+    q2["bits_per_quantized_weight"] = 4.36  # counts the head: must not be used
+    other = dict(bf16, attention="fused-bs64", ms_per_step_scan=9.9)  # another variant's bf16: must not pair
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps([other, bf16, q, q2]))
+    out = decode_budget.main([str(path), "--out", str(tmp_path / "b.json")])
+    assert [b["e2e"] for b in out] == ["gptq4_g128[auto]", "gptq4_g128[auto,lm_head4]"]
+    assert all(b["bf16_us"] == pytest.approx(bf16["ms_per_step_scan"] * 1e3) for b in out)
+    assert all(b["pooled"]["r_tbps"] == pytest.approx(2.7, rel=1e-3) for b in out)
+    assert out[1]["matmul_mb"] == out[0]["matmul_mb"]
+    assert json.loads((tmp_path / "b.json").read_text())[0]["e2e"] == "gptq4_g128[auto]"
+
+
+def test_decode_budget_refuses_rows_it_cannot_read(decode_budget, tmp_path):
+    with pytest.raises(ValueError, match="no per-layer ops"):
+        decode_budget.layer_split({"e2e": "gptq", "batch": 1})
+    row = {"e2e": "gptq", "gpu_time_scan_call": {"layer_mosaic": {"layer_ops": [["scoped_mosaic_gpu_kernel", 5.0],
+                                                                                 ["add_rms_norm", 2.0]]}}}
+    with pytest.raises(ValueError, match="1 matmul ops in a layer, expected 4"):
+        decode_budget.layer_split(row)
+    with pytest.raises(ValueError, match="different sizes"):
+        decode_budget.fit_stream([8.0, 8.0], [5.0, 6.0])
+    with pytest.raises(ValueError, match="do not grow"):
+        decode_budget.fit_stream([8.0, 48.0], [9.0, 5.0])
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps([{"e2e": "bf16", "batch": 1, "ms_per_step_scan": 5.0}]))
+    with pytest.raises(SystemExit, match="no traced quantized batch-1 row"):
+        decode_budget.main([str(path)])
