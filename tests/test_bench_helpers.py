@@ -13,12 +13,20 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench_kernels():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
+def _script(relpath: str):
+    """A benchmark script under ``benchmarks/`` loaded as a module (registered under its name: a
+    dataclass in it looks its module up)."""
+    path = ROOT / "benchmarks" / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def bench_kernels():
+    return _script("bench_kernels.py")
 
 
 def test_gpu_timeline_busy_idle_and_gap_attribution(bench_kernels):
@@ -327,9 +335,7 @@ def test_e2e_attention_variants_patch_and_restore_the_kernel_tiles(bench_kernels
 
 def test_l2_residency_busy_time_and_op_kinds():
     """bench_l2_residency: busy time is the union of overlapping spans; ops are told apart by name."""
-    spec = importlib.util.spec_from_file_location("bench_l2_residency", ROOT / "benchmarks" / "bench_l2_residency.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("bench_l2_residency.py")
     rng = random.Random(13)
     spans, covered = [], set()
     for _ in range(40):
@@ -345,11 +351,7 @@ def test_l2_residency_busy_time_and_op_kinds():
 
 @pytest.fixture(scope="module")
 def persistent_phases():
-    spec = importlib.util.spec_from_file_location("persistent_phases",
-                                                  ROOT / "benchmarks" / "probes" / "persistent_phases.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _script("probes/persistent_phases.py")
 
 
 def test_persistent_phases_probe_variants(persistent_phases):
@@ -389,11 +391,7 @@ def test_persistent_phases_probe_variants(persistent_phases):
 
 @pytest.fixture(scope="module")
 def ring_stream():
-    spec = importlib.util.spec_from_file_location("ring_stream", ROOT / "benchmarks" / "probes" / "ring_stream.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["ring_stream"] = mod  # its dataclass looks its module up
-    spec.loader.exec_module(mod)
-    return mod
+    return _script("probes/ring_stream.py")
 
 
 def test_ring_stream_probe_variants(ring_stream):
@@ -503,10 +501,7 @@ def test_mgpu_default_is_timed_again_after_the_other_configs(bench_kernels, monk
 
 @pytest.fixture(scope="module")
 def decode_budget():
-    spec = importlib.util.spec_from_file_location("decode_budget", ROOT / "benchmarks" / "decode_budget.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _script("decode_budget.py")
 
 
 def _budget_rows(decode_budget, rng, r, f, shared_ops, outside, bits, layers=32, bf16_ms=5.3, label="gptq4_g128[auto]"):
