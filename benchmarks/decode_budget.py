@@ -139,8 +139,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         b["file"] = name
         out.append(b)
     if not out:
-        raise SystemExit("decode_budget: no traced quantized batch-1 row with a bf16 batch-1 row beside it in "
-                         f"{args.files} (bench_kernels.py --e2e-trace --e2e-scan N, batch 1 traced).")
+        raise SystemExit("decode_budget: no traced quantized batch-1 row with a bf16 batch-1 row of the same "
+                         "variant beside it, and a quantized row without a 4-bit lm_head for the bits per weight, "
+                         f"in {args.files} (bench_kernels.py --e2e-trace --e2e-scan N, batch 1 traced).")
     # one (r, f) over every picked row's matmuls: steadier than four points per row
     pooled = fit_stream(np.concatenate([layer_mb(bits, args.hidden, args.ffn) for _, _, _, bits in picked]),
                         np.concatenate([layer_split(r)[0] for _, r, _, _ in picked]))

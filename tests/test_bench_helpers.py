@@ -571,3 +571,9 @@ def test_decode_budget_refuses_rows_it_cannot_read(decode_budget, tmp_path):
     path.write_text(json.dumps([{"e2e": "bf16", "batch": 1, "ms_per_step_scan": 5.0}]))
     with pytest.raises(SystemExit, match="no traced quantized batch-1 row"):
         decode_budget.main([str(path)])
+    # a traced lm_head4 row alone: its bits per weight count the head, so no row gives the layers' bits
+    bf16, q, _, _ = _budget_rows(decode_budget, None, 2.7, 2.2, [("decode_attention_update", 6.0)] * 4, 50.0, 4.36,
+                                 label="gptq4_g128[auto,lm_head4]")
+    path.write_text(json.dumps([bf16, q]))
+    with pytest.raises(SystemExit, match="without a 4-bit lm_head"):
+        decode_budget.main([str(path)])
